@@ -1,0 +1,1 @@
+"""ipaflow flows: the Prefect render flow, scheduled generation and the command line."""

@@ -1,0 +1,1 @@
+"""ipaflow specs: the declarative layer (spec and manifest schemas, bundled specs)."""

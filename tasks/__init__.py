@@ -1,0 +1,1 @@
+"""ipaflow tasks: storage I/O, media, model resolution, pipeline building, rendering, writers."""
