@@ -1,0 +1,31 @@
+"""Shared fixtures: an offline environment, the tiny model zoo, one Prefect test harness per session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Offline and quiet before anything imports huggingface_hub or prefect (both read these at import).
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="ipaflow-tests-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["HF_HUB_CACHE"] = str(_SESSION_TMP / "hf-cache")
+os.environ.setdefault("PREFECT_HOME", str(_SESSION_TMP / "prefect-home"))
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def zoo_dir() -> Path:
+    """The tiny model zoo, built once per session, also registered in the (fake, offline) HF cache so
+    that the guide's code with bare hub ids loads it unchanged."""
+    from tasks.zoo import build_zoo, link_into_hf_cache
+
+    root = _SESSION_TMP / "zoo"
+    build_zoo(root)
+    link_into_hf_cache(root, Path(os.environ["HF_HUB_CACHE"]))
+    return root
