@@ -29,3 +29,33 @@ def zoo_dir() -> Path:
     build_zoo(root)
     link_into_hf_cache(root, Path(os.environ["HF_HUB_CACHE"]))
     return root
+
+
+@pytest.fixture(scope="session")
+def models_env(zoo_dir):
+    """Specs resolve hub ids to the zoo, as `--models` / IPAFLOW_MODELS does for users."""
+    os.environ["IPAFLOW_MODELS"] = str(zoo_dir)
+    return zoo_dir
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One Prefect API for the whole session (a real server subprocess behind the test harness)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def inputs_dir() -> Path:
+    """The demo's synthetic input images (diner, bear, gummy, face, mask, depth, style/img0..3)."""
+    from flows.demo import draw_inputs
+
+    root = _SESSION_TMP / "inputs"
+    for name, image in draw_inputs().items():
+        path = root / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+    return root
+

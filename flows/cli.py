@@ -1,0 +1,250 @@
+"""The ``ipaflow`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_ZOO = Path("~/.cache/ipaflow/zoo").expanduser()
+
+
+def _quiet_environment() -> None:
+    """Defaults that keep a command-line run quiet and offline-friendly; the user's settings win."""
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def _storage_options(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError:
+        raise SystemExit("ipaflow: --storage-options must be a JSON object") from None
+    if not isinstance(options, dict):
+        raise SystemExit("ipaflow: --storage-options must be a JSON object")
+    return options
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--specs", action="append", default=[], metavar="DIR", help="extra spec folder (repeatable)")
+    parser.add_argument("--storage-options", metavar="JSON", help="fsspec keyword arguments, as JSON")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ipaflow", description="Batch renders with diffusers IP-Adapter pipelines.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="render a demo manifest covering every bundled spec")
+    demo.add_argument("--out", default="ipaflow-demo", help="output folder (default ./ipaflow-demo)")
+    demo.add_argument("--models", help=f"model folder (default $IPAFLOW_MODELS or the tiny zoo in {DEFAULT_ZOO})")
+
+    render = commands.add_parser("render", help="render a manifest")
+    render.add_argument("manifest", help="manifest URI or path (.parquet, .csv, .jsonl)")
+    render.add_argument("--out", required=True, help="output URI or path")
+    _add_common(render)
+    render.add_argument("--models", help="folder of models in hub layout (default $IPAFLOW_MODELS)")
+    render.add_argument("--batch-size", type=int, default=4, help="rows per pipeline call (default 4)")
+    render.add_argument("--shard-size", type=int, help="rows per task (default: automatic)")
+    cluster = render.add_mutually_exclusive_group()
+    cluster.add_argument("--dask-address", help="existing Dask scheduler, e.g. tcp://host:8786")
+    cluster.add_argument("--workers", type=int, help="start a local Dask cluster with N GPU workers")
+    render.add_argument("--overwrite", action="store_true", help="render every row, even those already done")
+    render.add_argument("--max-failures", type=int, help="stop submitting work once N rows failed")
+    render.add_argument("--limit", type=int, help="only the first N manifest rows")
+    render.add_argument("--dry-run", action="store_true", help="render a sample and estimate the whole run")
+
+    validate = commands.add_parser("validate", help="check every row without rendering")
+    validate.add_argument("manifest")
+    _add_common(validate)
+    validate.add_argument("--no-inputs", action="store_true", help="skip reading and decoding the inputs")
+
+    zoo = commands.add_parser("zoo", help="the tiny model zoo").add_subparsers(dest="zoo_command", required=True)
+    build = zoo.add_parser("build", help="write the tiny zoo in hub layout")
+    build.add_argument("dir", nargs="?", default=str(DEFAULT_ZOO))
+    build.add_argument("--force", action="store_true")
+    build.add_argument("--full-size-sd15", action="store_true",
+                       help="write a shape-true SD1.5 + IP-Adapter (random weights, float16) instead")
+
+    specs = commands.add_parser("specs", help="bundled and user specs").add_subparsers(dest="specs_command", required=True)
+    listing = specs.add_parser("list")
+    listing.add_argument("--specs", action="append", default=[], metavar="DIR")
+    show = specs.add_parser("show")
+    show.add_argument("name")
+    show.add_argument("--specs", action="append", default=[], metavar="DIR")
+
+    from flows.serve import add_serve_arguments
+
+    add_serve_arguments(commands.add_parser("serve", help="serve the render flow on a cron schedule"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_environment()  # before anything imports prefect, which reads its settings once
+    args = _parser().parse_args(argv)
+    handler = {
+        "demo": cmd_demo,
+        "render": cmd_render,
+        "validate": cmd_validate,
+        "zoo": cmd_zoo,
+        "specs": cmd_specs,
+        "serve": cmd_serve,
+    }[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("ipaflow: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+def cmd_zoo(args) -> int:
+    import time
+
+    from tasks.zoo import build_full_size_sd15, build_zoo
+
+    started = time.perf_counter()
+    root = build_full_size_sd15(args.dir) if args.full_size_sd15 else build_zoo(args.dir, force=args.force)
+    size = sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
+    print(f"zoo ready in {root} ({size / 1e6:.1f} MB, {time.perf_counter() - started:.1f}s)")
+    print(f"use it with: export IPAFLOW_MODELS={root}")
+    return 0
+
+
+def cmd_specs(args) -> int:
+    import yaml
+
+    from specs.registry import SpecError, SpecRegistry
+
+    try:
+        registry = SpecRegistry(args.specs)
+    except SpecError as exc:
+        print(f"ipaflow: {exc}", file=sys.stderr)
+        return 1
+    if args.specs_command == "list":
+        for name in registry.names():
+            spec = registry.get(name)
+            print(f"{name:24} {spec.task:10} {spec.model:48} {spec.description}")
+        return 0
+    try:
+        spec = registry.get(args.name)
+    except SpecError as exc:
+        print(f"ipaflow: {exc}", file=sys.stderr)
+        return 1
+    print(f"# {registry.source(args.name)}")
+    print(yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=True), sort_keys=False).rstrip())
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from flows.validate import validate_manifest
+    from specs.manifest import ManifestError
+    from specs.registry import SpecError
+
+    try:
+        problems, rows = validate_manifest(args.manifest, args.specs, _storage_options(args.storage_options),
+                                           check_inputs=not args.no_inputs)
+    except (ManifestError, SpecError) as exc:
+        print(f"ipaflow: {exc}", file=sys.stderr)
+        return 1
+    for problem in problems:
+        print(problem)
+    bad_rows = len({p.row for p in problems})
+    print(f"{rows} rows checked: {rows - bad_rows} ok, {bad_rows} with problems", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _render(args, manifest: str, out: str, models: str | None) -> dict:
+    from pydantic import SecretStr
+
+    from flows.progress import terminal_progress
+    from flows.render import render_manifest
+    from flows.runners import make_task_runner
+
+    options = _storage_options(getattr(args, "storage_options", None))
+    runner, in_flight = make_task_runner(getattr(args, "dask_address", None), getattr(args, "workers", None))
+    with terminal_progress():
+        return render_manifest.with_options(task_runner=runner)(
+            manifest=manifest,
+            out=out,
+            specs=getattr(args, "specs", []),
+            models=models,
+            batch_size=getattr(args, "batch_size", 4),
+            shard_size=getattr(args, "shard_size", None),
+            storage_options=SecretStr(json.dumps(options)) if options else None,
+            overwrite=getattr(args, "overwrite", False),
+            max_failures=getattr(args, "max_failures", None),
+            limit=getattr(args, "limit", None),
+            max_in_flight=in_flight,
+        )
+
+
+def print_summary(summary: dict) -> None:
+    from tasks.storage import redact
+
+    print(
+        f"{summary['rows']} rows: {summary['rendered']} rendered, {summary['skipped']} already done, "
+        f"{summary['failed']} failed ({summary['images']} images in {summary['seconds']:.1f}s)"
+    )
+    for failure in summary["failures"][:20]:
+        print(f"  failed: {failure['id']}, {redact(failure['error'])}")
+    if len(summary["failures"]) > 20:
+        print(f"  ... and {len(summary['failures']) - 20} more (see the metadata)")
+    print(f"outputs:  {redact(summary['out'])}")
+    print(f"gallery:  {redact(summary['gallery'])}")
+
+
+def cmd_render(args) -> int:
+    from specs.manifest import ManifestError
+    from specs.registry import SpecError
+
+    if args.models:
+        os.environ["IPAFLOW_MODELS"] = str(Path(args.models).expanduser().resolve())
+    try:
+        if args.dry_run:
+            from flows.estimate import estimate_manifest, print_estimate
+
+            print_estimate(estimate_manifest(args.manifest, args.specs, args.models, args.batch_size,
+                                             _storage_options(args.storage_options)))
+            return 0
+        summary = _render(args, args.manifest, args.out, args.models)
+    except (ManifestError, SpecError) as exc:
+        print(f"ipaflow: {exc}", file=sys.stderr)
+        return 1
+    print_summary(summary)
+    return 0 if summary["failed"] == 0 else 1
+
+
+def cmd_demo(args) -> int:
+    import time
+
+    from flows.demo import write_demo
+    from tasks.zoo import build_zoo
+
+    models = args.models or os.environ.get("IPAFLOW_MODELS")
+    if not models:
+        started = time.perf_counter()
+        models = str(build_zoo(DEFAULT_ZOO))
+        print(f"tiny model zoo: {models} ({time.perf_counter() - started:.1f}s)")
+    os.environ["IPAFLOW_MODELS"] = str(Path(models).expanduser().resolve())
+    out = Path(args.out).resolve()
+    manifest = write_demo(out)
+    print(f"demo manifest: {manifest}")
+    summary = _render(args, str(manifest), str(out), os.environ["IPAFLOW_MODELS"])
+    print_summary(summary)
+    print(f"open {out / 'index.html'} in a browser; records in {out / 'metadata'}")
+    return 0 if summary["failed"] == 0 else 1
+
+
+def cmd_serve(args) -> int:
+    from flows.serve import serve_from_args
+
+    return serve_from_args(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

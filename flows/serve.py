@@ -1,0 +1,89 @@
+"""Scheduled dataset generation: the render flow served as a Prefect deployment on a cron schedule.
+
+    ipaflow serve --manifest s3://bucket/nightly.parquet --out 's3://bucket/renders/{date}' --cron '0 2 * * *'
+
+Parameters are a pydantic model, validated by the Prefect API when a run is created, so a bad parameter is
+rejected before any worker starts. ``{date}`` (YYYY-MM-DD) and ``{datetime}`` (YYYYMMDDTHHMMSS) in ``out``
+are filled from the run's scheduled time.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import datetime, timezone
+
+from prefect import flow
+from pydantic import BaseModel, ConfigDict, Field
+
+from flows.render import render_manifest
+
+
+class ScheduledRender(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    manifest: str = Field(min_length=1, description="manifest URI")
+    out: str = Field(min_length=1, description="output URI; {date} and {datetime} are filled in")
+    specs: list[str] = Field(default_factory=list, description="extra spec folders")
+    models: str | None = Field(default=None, description="models folder on the workers")
+    batch_size: int = Field(default=4, ge=1, le=256)
+    shard_size: int | None = Field(default=None, ge=1)
+    overwrite: bool = False
+    max_failures: int | None = Field(default=None, ge=1)
+    limit: int | None = Field(default=None, ge=1)
+
+
+def fill_template(template: str, when: datetime) -> str:
+    """Only the two known placeholders are replaced (no str.format on user text)."""
+    return template.replace("{date}", when.strftime("%Y-%m-%d")).replace("{datetime}", when.strftime("%Y%m%dT%H%M%S"))
+
+
+@flow(name="ipaflow-scheduled-render", log_prints=False, validate_parameters=True)
+def scheduled_render(job: ScheduledRender) -> dict:
+    """One scheduled run: the output folder named after the scheduled time, then the render flow."""
+    from prefect.runtime import flow_run
+
+    when = flow_run.scheduled_start_time or datetime.now(timezone.utc)
+    return render_manifest(
+        manifest=job.manifest,
+        out=fill_template(job.out, when),
+        specs=job.specs,
+        models=job.models,
+        batch_size=job.batch_size,
+        shard_size=job.shard_size,
+        overwrite=job.overwrite,
+        max_failures=job.max_failures,
+        limit=job.limit,
+    )
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--manifest", required=True, help="manifest URI")
+    parser.add_argument("--out", required=True, help="output URI; {date} and {datetime} are filled in per run")
+    parser.add_argument("--cron", default="0 2 * * *", help="cron schedule (default: every day at 02:00)")
+    parser.add_argument("--timezone", default="UTC", help="time zone of the cron schedule")
+    parser.add_argument("--name", default="nightly", help="deployment name")
+    parser.add_argument("--specs", action="append", default=[], metavar="DIR")
+    parser.add_argument("--models", help="models folder (on this machine)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-failures", type=int)
+
+
+def make_deployment(args):
+    from prefect.schedules import Cron
+
+    job = ScheduledRender(manifest=args.manifest, out=args.out, specs=args.specs, models=args.models,
+                          batch_size=args.batch_size, max_failures=args.max_failures)
+    return scheduled_render.to_deployment(
+        name=args.name,
+        schedule=Cron(args.cron, timezone=args.timezone),
+        parameters={"job": job.model_dump(mode="json")},
+        tags=["ipaflow"],
+        description="ipaflow scheduled dataset generation",
+    )
+
+
+def serve_from_args(args) -> int:
+    from prefect import serve
+
+    serve(make_deployment(args))
+    return 0

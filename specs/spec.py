@@ -1,0 +1,158 @@
+"""The spec: how a row is rendered (base model, adapters, scheduler, LoRA, ControlNet, motion adapter).
+
+Specs are YAML files parsed with ``yaml.safe_load`` and validated by the strict pydantic models below:
+unknown keys, wrong types and inconsistent combinations are errors that name the offending field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Task = Literal["text2img", "img2img", "inpaint", "video", "controlnet"]
+
+# A hub id (org/name) or a local folder; resolved by tasks.models.resolve_model.
+_MODEL_REF = r"^[^\s]{1,512}$"
+SPEC_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+# An IP-Adapter scale: a float, or an InstantStyle per-block dict such as {"up": {"block_0": [0, 1, 0]}}.
+AdapterScale = Union[float, dict[str, Any]]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SchedulerSpec(StrictModel):
+    """A diffusers scheduler class, built with ``Class.from_config(pipeline.scheduler.config, **config)``."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9]*Scheduler$")
+    config: dict[str, Union[bool, int, float, str, None]] = {}
+
+
+class ModelRef(StrictModel):
+    model: str = Field(pattern=_MODEL_REF)
+    subfolder: str | None = None
+
+
+class IPAdapterSpec(ModelRef):
+    weight_name: str = Field(pattern=r"^[\w.-]+\.(bin|safetensors)$")
+    scale: AdapterScale = 1.0
+    image_column: Literal["ip_image", "style_folder", "image", "control_image"] = "ip_image"
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_blocks(cls, value: AdapterScale) -> AdapterScale:
+        if isinstance(value, dict):
+            unknown = set(value) - {"down", "mid", "up"}
+            if unknown:
+                raise ValueError(f"per-block scale keys must be down/mid/up, not {sorted(unknown)}")
+        return value
+
+
+class LoraSpec(ModelRef):
+    weight_name: str | None = Field(default=None, pattern=r"^[\w.-]+\.(bin|safetensors)$")
+    adapter_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    weight: float = 1.0
+
+
+class ControlNetSpec(ModelRef):
+    conditioning_scale: float = 1.0
+
+
+class MemorySpec(StrictModel):
+    """Memory savers. ``cpu_offload`` is applied after the adapters are loaded and only where a GPU is present."""
+
+    cpu_offload: bool = False
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+
+
+class Params(StrictModel):
+    """Per-row parameters: spec ``defaults`` and manifest columns of the same names."""
+
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = Field(default=None, ge=1, le=1000)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=100.0, allow_inf_nan=False)
+    strength: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    width: int | None = Field(default=None, ge=8, le=8192)
+    height: int | None = Field(default=None, ge=8, le=8192)
+    num_frames: int | None = Field(default=None, ge=1, le=512)
+    num_images: int | None = Field(default=None, ge=1, le=64)
+    controlnet_conditioning_scale: float | None = Field(default=None, ge=0.0, le=10.0, allow_inf_nan=False)
+
+
+class OutputSpec(StrictModel):
+    format: Literal["png", "jpeg", "webp", "gif"] = "png"
+    quality: int = Field(default=95, ge=1, le=100)
+    fps: int = Field(default=8, ge=1, le=60)
+
+
+class Spec(StrictModel):
+    name: str
+    description: str = ""
+    task: Task
+    model: str = Field(pattern=_MODEL_REF)
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    variant: str | None = None
+    scheduler: SchedulerSpec | None = None
+    image_encoder: ModelRef | None = None
+    ip_adapters: list[IPAdapterSpec] = Field(min_length=1, max_length=8)
+    loras: list[LoraSpec] = []
+    controlnet: ControlNetSpec | None = None
+    motion_adapter: ModelRef | None = None
+    memory: MemorySpec = MemorySpec()
+    defaults: Params = Params()
+    output: OutputSpec | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not SPEC_NAME.match(value):
+            raise ValueError("spec names are 1-64 characters of a-z, 0-9, '.', '_', '-', starting alphanumeric")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Spec":
+        if (self.task == "video") != (self.motion_adapter is not None):
+            raise ValueError("task 'video' needs a motion_adapter, and a motion_adapter needs task 'video'")
+        if (self.task == "controlnet") != (self.controlnet is not None):
+            raise ValueError("task 'controlnet' needs a controlnet, and a controlnet needs task 'controlnet'")
+        fmt = self.output_format
+        if (fmt == "gif") != (self.task == "video"):
+            raise ValueError("output format 'gif' is for task 'video' only, and video specs write gif")
+        return self
+
+    @property
+    def output_format(self) -> str:
+        if self.output is not None:
+            return self.output.format
+        return "gif" if self.task == "video" else "png"
+
+    @property
+    def image_columns(self) -> list[str]:
+        """The manifest column feeding each IP-Adapter, in adapter order."""
+        return [adapter.image_column for adapter in self.ip_adapters]
+
+    @property
+    def required_columns(self) -> set[str]:
+        """Manifest columns a row of this spec must fill."""
+        needed = set(self.image_columns)
+        if self.task in ("img2img", "inpaint"):
+            needed.add("image")
+        if self.task == "inpaint":
+            needed.add("mask")
+        if self.task == "controlnet":
+            needed.add("control_image")
+        return needed
+
+    def fingerprint(self) -> str:
+        """A content hash of everything in the spec that can change an output (not its name or description)."""
+        payload = self.model_dump(mode="json", exclude={"name", "description"})
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,70 @@
+"""``index.html``: a self-contained gallery of the outputs with their prompts, and the failed rows' reasons.
+
+Every manifest value is HTML-escaped (prompts are untrusted input); links are relative, so the folder can be
+browsed from disk, copied, or served from a bucket.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections import defaultdict
+from urllib.parse import quote
+
+from tasks.storage import Storage, join
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5rem;background:#fafafa;color:#222}
+h1{margin:0 0 .3rem}.meta{color:#666;margin-bottom:1rem}
+section{margin:1.5rem 0}.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(180px,1fr));gap:.8rem}
+figure{margin:0;background:#fff;border:1px solid #ddd;border-radius:6px;padding:.4rem}
+figure img{width:100%;image-rendering:pixelated;border-radius:4px}
+figcaption{font-size:.8rem;overflow-wrap:anywhere}.id{font-weight:600}.prompt{color:#444}
+table{border-collapse:collapse;font-size:.85rem}td,th{border:1px solid #ddd;padding:.3rem .5rem;text-align:left}
+"""
+
+
+def _relative(uri: str) -> str:
+    parts = uri.rstrip("/").split("/")
+    return "/".join(quote(p) for p in parts[-2:])  # images/<file> or videos/<file>
+
+
+def render_gallery(records: list[dict], title: str = "ipaflow renders") -> str:
+    by_spec: dict[str, list[dict]] = defaultdict(list)
+    failed = []
+    for record in sorted(records, key=lambda r: r["id"]):
+        (by_spec[record["spec"]] if record["status"] == "ok" else failed).append(record)
+    ok = sum(len(v) for v in by_spec.values())
+    out = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1><div class='meta'>{ok} rendered, {len(failed)} failed</div>",
+    ]
+    for spec in sorted(by_spec):
+        out.append(f"<section><h2>{html.escape(spec)}</h2><div class='grid'>")
+        for record in by_spec[spec]:
+            prompt = json.loads(record["params"] or "{}").get("prompt", "")
+            for uri in record["outputs"]:
+                out.append(
+                    f"<figure><a href='{_relative(uri)}'><img loading='lazy' src='{_relative(uri)}' "
+                    f"alt='{html.escape(record['id'], quote=True)}'></a><figcaption>"
+                    f"<div class='id'>{html.escape(record['id'])}</div>"
+                    f"<div class='prompt'>{html.escape(prompt[:300])}</div></figcaption></figure>"
+                )
+        out.append("</div></section>")
+    if failed:
+        out.append("<section><h2>Failed rows</h2><table><tr><th>id</th><th>spec</th><th>reason</th></tr>")
+        for record in failed:
+            out.append(
+                f"<tr><td>{html.escape(record['id'])}</td><td>{html.escape(str(record['spec']))}</td>"
+                f"<td>{html.escape(str(record['error']))}</td></tr>"
+            )
+        out.append("</table></section>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def write_gallery(storage: Storage, out: str, records: list[dict]) -> str:
+    uri = join(out, "index.html")
+    storage.write_atomic(uri, render_gallery(records).encode("utf-8"))
+    return uri

@@ -1,0 +1,196 @@
+"""Building a diffusers pipeline from a spec, the way the IP-Adapter guide builds it, and caching it per process.
+
+Order matters and follows the guide: base pipeline (with image encoder / ControlNet / motion adapter passed
+in), scheduler, IP-Adapters, then LoRAs (after the IP-Adapters), then memory savers (CPU offload last, and
+only where a GPU is present). Everything is loaded through the public diffusers/transformers API.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from specs.spec import Spec
+from tasks.embeddings import EmbeddingCache
+from tasks.models import pick_device, pick_dtype, resolve_model
+
+log = logging.getLogger("ipaflow.pipelines")
+CACHE_SIZE_ENV = "IPAFLOW_PIPELINE_CACHE_SIZE"
+
+
+@dataclass
+class LoadedPipeline:
+    """A ready pipeline plus what rendering needs to know about it."""
+
+    spec: Spec
+    pipe: object
+    device: torch.device
+    dtype: torch.dtype
+    embeddings: EmbeddingCache = field(default_factory=EmbeddingCache)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def adapter_hidden_states(self) -> list[bool]:
+        """Per IP-Adapter: whether it takes the encoder's hidden states (plus, full-face) or image embeds."""
+        from diffusers.models.embeddings import ImageProjection
+
+        layers = self.pipe.unet.encoder_hid_proj.image_projection_layers
+        return [not isinstance(layer, ImageProjection) for layer in layers]
+
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        """Classifier-free guidance is on when guidance > 1 and the unet is not guidance-distilled."""
+        return guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(width, height) the pipeline renders at when a row gives none."""
+        pipe = self.pipe
+        sample = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
+        return sample * pipe.vae_scale_factor, sample * pipe.vae_scale_factor
+
+    @property
+    def default_guidance(self) -> float:
+        import inspect
+
+        return float(inspect.signature(type(self.pipe).__call__).parameters["guidance_scale"].default)
+
+
+def _scheduler_class(name: str):
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
+        raise ValueError(f"scheduler.name: {name!r} is not a diffusers scheduler")
+    return cls
+
+
+def quiet_libraries() -> None:
+    """Batch renders log through ipaflow: no per-load progress bars or advisory warnings from the libraries."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def build_pipeline(spec: Spec, models_dir: str | None = None, device: torch.device | None = None) -> LoadedPipeline:
+    """Load the spec's pipeline with the real diffusers loaders."""
+    import diffusers
+    from transformers import CLIPVisionModelWithProjection
+
+    quiet_libraries()
+
+    device = device or pick_device()
+    dtype = pick_dtype(spec.dtype, device)
+    resolve = lambda model_id: resolve_model(model_id, models_dir)  # noqa: E731
+    common = {"dtype": dtype}
+    if spec.variant:
+        common["variant"] = spec.variant
+
+    extra = {}
+    if spec.image_encoder is not None:
+        extra["image_encoder"] = CLIPVisionModelWithProjection.from_pretrained(
+            resolve(spec.image_encoder.model), subfolder=spec.image_encoder.subfolder, dtype=dtype
+        )
+    if spec.controlnet is not None:
+        extra["controlnet"] = diffusers.ControlNetModel.from_pretrained(
+            resolve(spec.controlnet.model), subfolder=spec.controlnet.subfolder, **common
+        )
+    model = resolve(spec.model)
+    if spec.task == "video":
+        adapter = diffusers.MotionAdapter.from_pretrained(
+            resolve(spec.motion_adapter.model), subfolder=spec.motion_adapter.subfolder, dtype=dtype
+        )
+        pipe = diffusers.AnimateDiffPipeline.from_pretrained(model, motion_adapter=adapter, **extra, **common)
+    else:
+        auto = {
+            "text2img": diffusers.AutoPipelineForText2Image,
+            "controlnet": diffusers.AutoPipelineForText2Image,
+            "img2img": diffusers.AutoPipelineForImage2Image,
+            "inpaint": diffusers.AutoPipelineForInpainting,
+        }[spec.task]
+        pipe = auto.from_pretrained(model, **extra, **common)
+
+    if spec.scheduler is not None:
+        cls = _scheduler_class(spec.scheduler.name)
+        pipe.scheduler = cls.from_config(pipe.scheduler.config, **spec.scheduler.config)
+
+    adapters = spec.ip_adapters
+    pipe.load_ip_adapter(
+        [resolve(a.model) for a in adapters],
+        subfolder=[a.subfolder or "" for a in adapters],
+        weight_name=[a.weight_name for a in adapters],
+    )
+
+    if spec.loras:
+        names = []
+        for index, lora in enumerate(spec.loras):
+            name = lora.adapter_name or f"lora_{index}"
+            kwargs = {"weight_name": lora.weight_name} if lora.weight_name else {}
+            if lora.subfolder:
+                kwargs["subfolder"] = lora.subfolder
+            pipe.load_lora_weights(resolve(lora.model), adapter_name=name, **kwargs)
+            names.append(name)
+        if len(names) > 1 or any(lora.weight != 1.0 for lora in spec.loras):
+            pipe.set_adapters(names, [lora.weight for lora in spec.loras])
+
+    if spec.memory.vae_slicing:
+        pipe.vae.enable_slicing()
+    if spec.memory.vae_tiling:
+        pipe.vae.enable_tiling()
+    if spec.memory.cpu_offload and device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=device)
+    elif device.type != "cpu":  # loaded on the CPU already
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedPipeline(spec=spec, pipe=pipe, device=device, dtype=dtype)
+
+
+class PipelineCache:
+    """At most ``capacity`` loaded pipelines per process, least recently used evicted first.
+
+    Lives at module level (``PIPELINES``) so that it survives across shard tasks and flow runs in a worker
+    process; never pickled.
+    """
+
+    def __init__(self, capacity: int | None = None):
+        self.capacity = capacity or int(os.environ.get(CACHE_SIZE_ENV, "2"))
+        self._items: OrderedDict[tuple, LoadedPipeline] = OrderedDict()
+        self._lock = threading.Lock()
+        self.builds = 0
+
+    def get(self, spec: Spec, models_dir: str | None = None, device: torch.device | None = None) -> LoadedPipeline:
+        device = device or pick_device()
+        key = (spec.fingerprint(), str(models_dir or os.environ.get("IPAFLOW_MODELS", "")), str(device))
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            while len(self._items) >= self.capacity:
+                _, evicted = self._items.popitem(last=False)
+                log.info("evicting pipeline %s", evicted.spec.name)
+                del evicted
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            log.info("building pipeline for spec %s on %s", spec.name, device)
+            loaded = build_pipeline(spec, models_dir, device)
+            self.builds += 1
+            self._items[key] = loaded
+            return loaded
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+        gc.collect()
+
+
+PIPELINES = PipelineCache()

@@ -1,0 +1,232 @@
+"""Storage I/O through fsspec: local paths, file://, s3:// (s3fs), http(s)://, and any other fsspec protocol.
+
+- Reads are retried with backoff on transient errors (connection resets, timeouts, 5xx, throttling).
+- Writes are atomic: an object appears whole or not at all (object stores PUT atomically; local files are
+  written aside and renamed into place).
+- Credentials come the standard ways (AWS_* variables, ``--storage-options``, fsspec config) and are
+  redacted from every message ipaflow writes (``redact``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import posixpath
+import random
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger("ipaflow.storage")
+T = TypeVar("T")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CONTENT_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".webp": "image/webp",
+    ".gif": "image/gif",
+    ".html": "text/html; charset=utf-8",
+    ".parquet": "application/vnd.apache.parquet",
+    ".json": "application/json",
+}
+SECRET_KEYS = re.compile(r"(secret|token|password|passwd|key|credential|signature|auth)", re.I)
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+_SIGNED_QUERY = re.compile(r"(?i)((?:x-amz-(?:signature|credential|security-token)|signature|sig|token)=)[^&\s]+")
+_known_secrets: set[str] = set()
+_secrets_lock = threading.Lock()
+
+
+class TransientStorageError(OSError):
+    """Storage kept failing after every retry."""
+
+
+def _collect_secrets(options: Any, parent_key: str = "") -> None:
+    if isinstance(options, dict):
+        for key, value in options.items():
+            _collect_secrets(value, str(key))
+    elif isinstance(options, (list, tuple)):
+        for value in options:
+            _collect_secrets(value, parent_key)
+    elif isinstance(options, str) and len(options) >= 4 and SECRET_KEYS.search(parent_key):
+        with _secrets_lock:
+            _known_secrets.add(options)
+
+
+def redact(text: Any) -> str:
+    """``text`` with credentials removed: known secret values, URL user-info and signed query strings."""
+    text = str(text)
+    secrets = set(_known_secrets)
+    secrets.update(v for v in (os.environ.get(name) for name in SECRET_ENV) if v and len(v) >= 4)
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    text = _USERINFO.sub(r"\g<scheme>***@", text)
+    return _SIGNED_QUERY.sub(r"\1***", text)
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def join(root: str, *parts: str) -> str:
+    """Join path parts under a URI or path root (always with '/')."""
+    return posixpath.join(root.rstrip("/"), *parts) if root else posixpath.join(*parts)
+
+
+_TRANSIENT_TYPES = ("EndpointConnectionError", "ReadTimeout", "ConnectTimeout", "ClientOSError",
+                    "ServerDisconnected", "ResponseStreamingError", "ClientPayloadError", "IncompleteRead")
+_TRANSIENT_WORDS = ("timeout", "timed out", "connection", "reset by peer", "throttl", "slow down", "slowdown",
+                    "internalerror", "internal error", "serviceunavailable", "service unavailable", "bad gateway",
+                    "503", "500", "502", "504", "temporarily")
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a storage error is worth retrying (the network or the service), not a final answer."""
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in _TRANSIENT_TYPES:
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    return isinstance(exc, OSError) and any(word in text for word in _TRANSIENT_WORDS)
+
+
+def _identity(info: dict) -> str | None:
+    for key in ("ETag", "etag", "md5Hash", "crc32c"):
+        if info.get(key):
+            return f"{key}:{str(info[key]).strip(chr(34))}:{info.get('size')}"
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("updated")
+    if mtime is not None:
+        return f"mtime:{mtime}:{info.get('size')}"
+    return None
+
+
+@dataclass
+class Storage:
+    """fsspec access with ipaflow's retry, atomic-write and redaction rules.
+
+    ``options`` are fsspec keyword arguments; either one dict applied to every remote protocol, or a dict
+    per protocol, e.g. ``{"s3": {"endpoint_url": ...}, "http": {...}}``.
+    """
+
+    options: dict = field(default_factory=dict)
+    retries: int = 5
+    backoff_s: float = 0.2
+    local_staging: str | None = None  # where local writes are staged before their rename
+
+    def __post_init__(self) -> None:
+        _collect_secrets(self.options)
+
+    def _options_for(self, protocol: str) -> dict:
+        if not self.options or protocol in ("file", "local"):
+            return {}
+        per_protocol = all(isinstance(v, dict) for v in self.options.values()) and set(self.options) <= set(
+            fsspec.available_protocols()
+        )
+        if per_protocol:
+            return dict(self.options.get(protocol, {}))
+        return dict(self.options)
+
+    def fs(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        protocol = fsspec.utils.get_protocol(uri)
+        return fsspec.core.url_to_fs(uri, **self._options_for(protocol))
+
+    def retry(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn``, retrying transient storage errors with jittered exponential backoff."""
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if not _transient(exc):
+                    raise
+                if attempt == self.retries:
+                    raise TransientStorageError(f"{what}: still failing after {attempt + 1} tries: {redact(exc)}") from None
+                delay = self.backoff_s * (2**attempt) * (0.5 + random.random())
+                log.warning("%s failed (%s); retrying in %.2fs", what, redact(exc), delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    # -- reading -----------------------------------------------------------------------------------------
+    def read_bytes(self, uri: str) -> bytes:
+        fs, path = self.fs(uri)
+        return self.retry(f"read {redact(uri)}", lambda: fs.cat_file(path))
+
+    def exists(self, uri: str) -> bool:
+        fs, path = self.fs(uri)
+        return self.retry(f"stat {redact(uri)}", lambda: fs.exists(path))
+
+    def identity(self, uri: str) -> str:
+        """What identifies the current content of ``uri``: an object's ETag (or size and mtime) without
+        reading it; a local file's content hash."""
+        fs, path = self.fs(uri)
+        info = self.retry(f"stat {redact(uri)}", lambda: fs.info(path))
+        if info.get("type") == "directory":
+            raise IsADirectoryError(uri)
+        if isinstance(fs, LocalFileSystem) or not _identity(info):  # local reads are cheap: hash the content
+            return "sha256:" + hashlib.sha256(self.read_bytes(uri)).hexdigest()
+        return _identity(info)
+
+    def list_images(self, folder_uri: str) -> list[tuple[str, str]]:
+        """(URI, identity) of the image files directly under a folder or prefix, sorted by name; other
+        files are ignored. One listing, no per-file requests."""
+        fs, path = self.fs(folder_uri)
+        entries = self.retry(f"list {redact(folder_uri)}", lambda: fs.ls(path.rstrip("/"), detail=True))
+        local = fsspec.utils.get_protocol(folder_uri) in ("file", "local")
+        found = [
+            (e["name"] if local else fs.unstrip_protocol(e["name"]), _identity(e) or "")
+            for e in entries
+            if e.get("type") != "directory" and e["name"].lower().endswith(IMAGE_SUFFIXES)
+        ]
+        return sorted(found, key=lambda item: posixpath.basename(item[0]))
+
+    def list_files(self, folder_uri: str) -> list[str]:
+        """Every file under a folder (recursively) as a path relative to it; [] when the folder is missing."""
+        fs, path = self.fs(folder_uri)
+        root = path.rstrip("/")
+        try:
+            found = self.retry(f"list {redact(folder_uri)}", lambda: fs.find(root))
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.relpath(name, root) for name in found)
+
+    # -- writing -----------------------------------------------------------------------------------------
+    def write_atomic(self, uri: str, data: bytes) -> None:
+        """Write ``data`` so that readers see either nothing or the whole object, never a part of it.
+
+        Object stores publish a PUT whole. Local files are written into ``local_staging`` (on the same
+        filesystem) and renamed into place.
+        """
+        fs, path = self.fs(uri)
+        if isinstance(fs, LocalFileSystem):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            staging = self.local_staging or os.path.dirname(path)
+            os.makedirs(staging, exist_ok=True)
+            temp = os.path.join(staging, f".{uuid.uuid4().hex}.partial")
+            try:
+                with open(temp, "wb") as handle:
+                    handle.write(data)
+                os.replace(temp, path)
+            finally:
+                if os.path.exists(temp):
+                    os.unlink(temp)
+            return
+        kwargs = {}
+        content_type = CONTENT_TYPES.get(posixpath.splitext(path)[1].lower())
+        if content_type and fsspec.utils.get_protocol(uri) in ("s3", "s3a"):
+            kwargs["ContentType"] = content_type
+        self.retry(f"write {redact(uri)}", lambda: fs.pipe_file(path, data, **kwargs))
+
+    def delete(self, uri: str) -> None:
+        fs, path = self.fs(uri)
+        try:
+            self.retry(f"delete {redact(uri)}", lambda: fs.rm_file(path))
+        except FileNotFoundError:
+            pass

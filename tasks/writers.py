@@ -1,0 +1,121 @@
+"""Writing a shard's results: outputs encoded and uploaded in background threads while the model computes,
+then their records journaled; a record is journaled only after every output it names exists."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from specs.jobs import Job
+from specs.spec import Spec
+from tasks.media import EXTENSIONS, encode_gif, encode_image
+from tasks.metadata import MetadataStore, make_record
+from tasks.render import Rendered
+from tasks.storage import Storage, join
+
+
+def output_paths(job: Job, spec: Spec) -> list[str]:
+    """Output paths relative to ``--out``. The id is validated (no separators, no leading dot), so these
+    never leave the output folder."""
+    if spec.task == "video":
+        return [f"videos/{job.id}.gif"]
+    ext = EXTENSIONS[spec.output_format]
+    if job.num_images == 1:
+        return [f"images/{job.id}{ext}"]
+    return [f"images/{job.id}-{k}{ext}" for k in range(job.num_images)]
+
+
+def embedded_params(job: Job, spec: Spec) -> dict:
+    """What an output file carries about itself."""
+    return {"id": job.id, "spec": spec.name, "model": spec.model, "seed": job.seed, **job.params}
+
+
+class ShardWriter:
+    """Encodes and uploads outputs off the render thread and journals the finished records."""
+
+    def __init__(self, storage: Storage, out: str, run_id: str, shard: str, spec: Spec, keys: dict[str, str],
+                 threads: int = 4, flush_every_s: float = 10.0, max_pending: int = 64):
+        self.storage, self.out, self.run_id, self.shard, self.spec, self.keys = storage, out, run_id, shard, spec, keys
+        self.metadata = MetadataStore(storage, out)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ipaflow-write")
+        self._pending: list[Future] = []
+        self._ready: list[dict] = []
+        self._lock = threading.Lock()
+        self._parts = 0
+        self._last_flush = time.monotonic()
+        self.flush_every_s = flush_every_s
+        self._slots = threading.BoundedSemaphore(max_pending)
+        self.ok = self.failed = self.images = 0
+        self.failures: list[tuple[str, str]] = []
+
+    def _record(self, job: Job, status: str, **fields) -> dict:
+        return make_record(job_id=job.id, spec=job.spec, status=status, run_id=self.run_id, seed=job.seed,
+                           params=job.params, key=self.keys.get(job.id), extra=job.extra, **fields)
+
+    def _write(self, rendered: Rendered) -> dict:
+        job, spec = rendered.job, self.spec
+        params = embedded_params(job, spec)
+        paths = output_paths(job, spec)
+        if spec.task == "video":
+            blobs = [encode_gif(rendered.images, spec.output.fps if spec.output else 8, params)]
+        else:
+            quality = spec.output.quality if spec.output else 95
+            blobs = [encode_image(image, spec.output_format, params, quality) for image in rendered.images]
+        uris = [join(self.out, path) for path in paths]
+        for uri, blob in zip(uris, blobs):
+            self.storage.write_atomic(uri, blob)
+        return self._record(job, "ok", outputs=uris, elapsed_s=rendered.seconds, batch_size=rendered.batch_size)
+
+    def _done(self, future: Future, job: Job) -> None:
+        self._slots.release()
+        try:
+            record = future.result()
+        except Exception as exc:  # noqa: BLE001 - an upload that failed after retries fails its row
+            record = self._record(job, "failed", error=f"write: {type(exc).__name__}: {exc}")
+        with self._lock:
+            self._ready.append(record)
+            if record["status"] == "ok":
+                self.ok += 1
+                self.images += len(record["outputs"])
+            else:
+                self.failed += 1
+                self.failures.append((job.id, record["error"]))
+
+    def submit(self, rendered: Rendered) -> None:
+        """Queue a rendered row (or a failed one) for writing; blocks when too many are in flight."""
+        if rendered.error is not None:
+            self.fail(rendered.job, rendered.error)
+            return
+        self._slots.acquire()
+        future = self._pool.submit(self._write, rendered)
+        future.add_done_callback(lambda f, job=rendered.job: self._done(f, job))
+        self._pending.append(future)
+
+    def fail(self, job: Job, reason: str) -> None:
+        record = self._record(job, "failed", error=reason)
+        with self._lock:
+            self._ready.append(record)
+            self.failed += 1
+            self.failures.append((job.id, record["error"]))
+
+    def flush(self, force: bool = False) -> None:
+        """Journal the records whose outputs are written (at most every ``flush_every_s`` unless forced)."""
+        if not force and time.monotonic() - self._last_flush < self.flush_every_s:
+            return
+        with self._lock:
+            records, self._ready = self._ready, []
+        if records:
+            self.metadata.journal(self.run_id, f"{self.shard}-{self._parts:05d}", records)
+            self._parts += 1
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        """Wait for every upload, then journal what is left."""
+        for future in self._pending:
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001 - already turned into a failed record by _done
+                pass
+        self._pool.shutdown(wait=True)
+        self.flush(force=True)
