@@ -67,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     zoo = commands.add_parser("zoo", help="the tiny model zoo").add_subparsers(dest="zoo_command", required=True)
     build = zoo.add_parser("build", help="write the tiny zoo in hub layout")
     build.add_argument("dir", nargs="?", default=str(DEFAULT_ZOO))
-    build.add_argument("--force", action="store_true")
+    build.add_argument("--force", action="store_true", help="rebuild even if a complete zoo is there")
+    build.add_argument("--hf-cache", metavar="DIR",
+                       help="also register the zoo in this HF hub cache, so bare hub ids load offline")
     build.add_argument("--full-size-sd15", action="store_true",
                        help="write a shape-true SD1.5 + IP-Adapter (random weights, float16) instead")
 
@@ -105,10 +107,13 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_zoo(args) -> int:
     import time
 
-    from tasks.zoo import build_full_size_sd15, build_zoo
+    from tasks.zoo import build_full_size_sd15, build_zoo, link_into_hf_cache
 
     started = time.perf_counter()
     root = build_full_size_sd15(args.dir) if args.full_size_sd15 else build_zoo(args.dir, force=args.force)
+    if args.hf_cache:
+        link_into_hf_cache(root, args.hf_cache)
+        print(f"registered in the HF cache {args.hf_cache} (use HF_HUB_CACHE={args.hf_cache} HF_HUB_OFFLINE=1)")
     size = sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
     print(f"zoo ready in {root} ({size / 1e6:.1f} MB, {time.perf_counter() - started:.1f}s)")
     print(f"use it with: export IPAFLOW_MODELS={root}")

@@ -1,10 +1,11 @@
 """IP-Adapter image-prompt embeddings: computed once per distinct content, assembled per row for a batch.
 
 diffusers' public API cannot give each prompt of one call its own IP-Adapter image (upstream issue #9813): a
-list of images for one adapter is seen by every prompt. What is exact instead: per adapter, a tensor ordered
-``[negatives of the rows; positives of the rows]`` of shape ``(2B, n_images, ...)`` passed as
-``ip_adapter_image_embeds``. The pipeline splits it into halves and puts them back in the same order as the
-prompt embeddings, so row i sees only its own image(s). With guidance off, only the positives are passed.
+list of images for one adapter is seen by every prompt, and per-row ``ip_adapter_image_embeds`` are repeated
+once per row. What is exact instead: per adapter, a tensor ordered ``[negatives of the rows; positives of the
+rows]`` of shape ``(2B, n_images, ...)``, the order of the prompt embeddings, handed to the unet unchanged
+(``tasks.render.per_row_ip_embeds``), so row i sees only its own image(s). With guidance off, only the
+positives are passed.
 
 The encoding is the pipeline's own ``encode_image`` (what ``prepare_ip_adapter_image_embeds`` calls), so the
 result is bit-identical to passing ``ip_adapter_image``.
@@ -44,6 +45,11 @@ class EmbeddingCache:
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
         return embeds
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.encoded = 0
 
 
 def batch_embeds(per_row: Sequence[Sequence[torch.Tensor]], cfg: bool) -> list[torch.Tensor]:

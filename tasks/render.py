@@ -7,6 +7,7 @@ of several passes lists and per-row generators, which gives the same pixels row 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import traceback
@@ -105,9 +106,34 @@ def _scales(job: Job) -> list:
     return list(job.params["ip_adapter_scale"])
 
 
+@contextlib.contextmanager
+def per_row_ip_embeds(pipe, rows: int):
+    """Make the pipeline use ``ip_adapter_image_embeds`` exactly as given for a batch of several rows.
+
+    The pipelines call ``prepare_ip_adapter_image_embeds(..., batch_size * num_images_per_prompt, ...)``, which
+    repeats the embeddings once per row: with per-row embeddings of shape (2B, ...) the unet then receives
+    2B*B of them, and each row attends to every row's image tokens (upstream #9813). For the duration of the
+    call, the bound method is shadowed on the instance by one that hands the per-row tensors through
+    unchanged (they are already ordered like the prompt embeddings). A single row keeps the stock method,
+    so it is the guide's call exactly.
+    """
+    if rows == 1:
+        yield
+        return
+
+    def as_given(ip_adapter_image, ip_adapter_image_embeds, device, num_images_per_prompt, do_classifier_free_guidance):
+        return [embeds.to(device=device) for embeds in ip_adapter_image_embeds]
+
+    pipe.prepare_ip_adapter_image_embeds = as_given
+    try:
+        yield
+    finally:
+        del pipe.prepare_ip_adapter_image_embeds
+
+
 def render_batch(loaded: LoadedPipeline, jobs: Sequence[Job], inputs: Sequence[RowInputs]) -> list[list[PIL.Image.Image]]:
     """One pipeline call; per row its images (or its video's frames)."""
-    with loaded.lock, torch.inference_mode():
+    with loaded.lock, torch.inference_mode(), per_row_ip_embeds(loaded.pipe, len(jobs)):
         loaded.pipe.set_ip_adapter_scale(_scales(jobs[0]))
         output = loaded.pipe(**call_kwargs(loaded, jobs, inputs), output_type="pil")
     if loaded.spec.task == "video":

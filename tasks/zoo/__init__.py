@@ -6,7 +6,7 @@ guide uses, so the guide's code runs offline through the real diffusers / transf
     build_full_size_sd15(root, dtype=float16)       # real SD1.5 + IP-Adapter shapes, random (GPU benchmarks)
     ZOO_REPOS, ZOO_ALIASES
 
-`python -m tasks.zoo DIR [--hf-cache DIR] [--force] [--full-size]` does the same from a shell.
+`ipaflow zoo build DIR [--hf-cache DIR] [--force] [--full-size-sd15]` does the same from a shell.
 """
 
 from .build import MARKER, ZOO_ALIASES, ZOO_REPOS, build_zoo, read_marker
