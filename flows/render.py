@@ -33,7 +33,8 @@ from tasks.keys import identify_inputs, row_key
 from tasks.metadata import MetadataStore, make_record
 from tasks.shards import ShardPlan, plan_shards
 from tasks.storage import Storage, is_local, join, redact
-from tasks.worker import RunSettings, render_shard
+from tasks.prefect_tasks import render_shard
+from tasks.worker import RunSettings
 from tasks.writers import output_paths
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -114,8 +115,8 @@ def render_manifest(
         bad = [(index, problems) for index, problems in bad if index < limit]
     failed_early: dict[int, tuple[str, str, str]] = {}  # index -> (id, spec, reason)
     for index, problems in bad:
-        first = problems[0]
-        failed_early[index] = (first.row, "", f"{first.column}: {first.reason}")
+        reason = "; ".join(f"{p.column}: {p.reason}" for p in problems)  # every problem, as validate lists them
+        failed_early[index] = (problems[0].row, "", reason)
 
     specs_used = {job.spec: registry.get(job.spec) for job in jobs}
     identities = identify_inputs(storage, jobs)

@@ -3,7 +3,7 @@
 For each window of rows: inputs are fetched ahead (background threads), rows are grouped into micro-batches
 that can share one pipeline call, rendered on the cached pipeline, and handed to the writer, which encodes and
 uploads in the background and journals the records. A retried task skips the rows its earlier attempt
-already journaled.
+already journaled. Plain Python (no Prefect): tasks/prefect_tasks.py wraps it as the Prefect task.
 """
 
 from __future__ import annotations
@@ -11,17 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, SecretStr
 
 from specs.jobs import Job
 from tasks.inputs import InputError, InputFetcher, RowInputs
 from tasks.metadata import MetadataStore
 from tasks.pipelines import PIPELINES
-from tasks.render import batch_key, describe_error, render_rows
+from tasks.render import batch_key, render_rows
 from tasks.shards import ShardPlan
 from tasks.storage import Storage, join, redact
 from tasks.writers import ShardWriter
@@ -112,9 +109,3 @@ def run_shard(shard: ShardPlan, settings: RunSettings) -> ShardStats:
         stats.failures = writer.failures
         stats.seconds = time.perf_counter() - started
     return stats
-
-
-@task(name="render-shard", task_run_name="{shard.name}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def render_shard(shard: ShardPlan, settings: RunSettings) -> dict[str, Any]:
-    """Prefect task around ``run_shard``; a worker that dies mid-shard has the shard re-run (retries)."""
-    return run_shard(shard, settings).model_dump()

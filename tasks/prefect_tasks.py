@@ -1,0 +1,22 @@
+"""The Prefect task of ipaflow: a thin wrapper around the shard worker, named per spec and shard.
+
+Its inputs are small (rows as text, URIs, settings); ``NO_CACHE`` because hashing inputs is wasted work here
+and results must never be reused across runs (the metadata decides what is done).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.shards import ShardPlan
+from tasks.worker import RunSettings, run_shard
+
+
+@task(name="render-shard", task_run_name="{shard.name}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def render_shard(shard: ShardPlan, settings: RunSettings) -> dict[str, Any]:
+    """Render one shard; a worker that dies mid-shard has the shard re-run (retries), which skips the rows
+    its earlier attempt already journaled."""
+    return run_shard(shard, settings).model_dump()
