@@ -15,7 +15,7 @@ def _quiet_environment() -> None:
     """Defaults that keep a command-line run quiet and offline-friendly; the user's settings win."""
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")  # run logs still reach the UI
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
@@ -141,7 +141,7 @@ def cmd_specs(args) -> int:
         print(f"ipaflow: {exc}", file=sys.stderr)
         return 1
     print(f"# {registry.source(args.name)}")
-    print(yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=True), sort_keys=False).rstrip())
+    print(yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True), sort_keys=False).rstrip())
     return 0
 
 

@@ -1,0 +1,55 @@
+"""The command line as a user meets it: specs, dry-run estimates, the demo."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from flows.cli import main
+from util import read_records, write_manifest
+
+
+def test_specs_list_and_show(capsys):
+    assert main(["specs", "list"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("sdxl-text2img", "sdxl-img2img", "sdxl-inpaint", "animatediff-video", "sd15-full-face",
+                 "sd15-plus-face", "sdxl-multi-style-face", "lcm-instant", "sd15-controlnet-depth"):
+        assert name in listed
+    assert main(["specs", "show", "lcm-instant"]) == 0
+    shown = capsys.readouterr().out
+    assert "latent-consistency/lcm-lora-sdv1-5" in shown and "LCMScheduler" in shown
+    assert main(["specs", "show", "no-such-spec"]) == 1
+
+
+def test_user_spec_folder(tmp_path, capsys):
+    (tmp_path / "mine.yaml").write_text(
+        "name: my-face\ntask: text2img\nmodel: stable-diffusion-v1-5/stable-diffusion-v1-5\n"
+        "ip_adapters:\n  - {model: h94/IP-Adapter, subfolder: models, weight_name: ip-adapter_sd15.bin, scale: 0.8}\n"
+    )
+    assert main(["specs", "list", "--specs", str(tmp_path)]) == 0
+    assert "my-face" in capsys.readouterr().out
+
+
+def test_dry_run_estimates_without_writing(tmp_path, models_env, inputs_dir, capsys):
+    rows = [{"id": f"r{i}", "spec": "sdxl-text2img", "prompt": "p", "ip_image": str(inputs_dir / "diner.png"),
+             "num_inference_steps": 2} for i in range(6)]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    assert main(["render", str(manifest), "--out", str(tmp_path / "out"), "--dry-run", "--batch-size", "2"]) == 0
+    printed = capsys.readouterr().out
+    line = next(line for line in printed.splitlines() if line.startswith("sdxl-text2img"))
+    assert line.split()[1:3] == ["6", "2"]  # 6 rows, a sample of 2 rendered
+    assert "estimated total" in printed
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_renders_every_bundled_spec(tmp_path, models_env, prefect_api, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    records = read_records(tmp_path / "demo")
+    specs = set(pd.read_parquet(tmp_path / "demo" / "manifest.parquet")["spec"])
+    assert len(specs) == 9 and set(records["spec"]) == specs
+    assert set(records["status"]) == {"ok"}
+    assert (tmp_path / "demo" / "index.html").exists()
+    assert (tmp_path / "demo" / "videos" / "gummy-video.gif").exists()
+    assert "gallery" in capsys.readouterr().out
+    # a second demo run finds everything done
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    assert "0 rendered, 11 already done" in capsys.readouterr().out
