@@ -1,5 +1,6 @@
 """``ipaflow validate``: every check that ``render`` makes before rendering, plus reading and decoding every
-input, without loading a model. One problem per line: ``row id, column, reason``."""
+input, without loading a model (nothing here imports torch). One problem per line: ``row id, column, reason``;
+the reasons are the ones ``render`` records for the same rows."""
 
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ WINDOW = 64
 def validate_manifest(manifest: str, spec_dirs: list[str] | None = None, storage_options: dict | None = None,
                       check_inputs: bool = True) -> tuple[list[Problem], int]:
     """The problems of every row, in manifest order, and the number of rows checked."""
+    storage = Storage(options=storage_options or {})  # first: it registers the secrets that messages redact
     registry = SpecRegistry(spec_dirs or [], storage_options=storage_options)
     opened = open_manifest(manifest, storage_options=storage_options)
     jobs, bad = resolve_manifest(opened, registry)
     found: list[tuple[int, Problem]] = [(index, p) for index, problems in bad for p in problems]
     if check_inputs and jobs:
         specs = {job.spec: registry.get(job.spec) for job in jobs}
-        fetcher = InputFetcher(Storage(options=storage_options or {}), jobs, specs)
+        fetcher = InputFetcher(storage, jobs, specs)
         try:
             for start in range(0, len(jobs), WINDOW):
                 window = jobs[start:start + WINDOW]

@@ -28,7 +28,8 @@ MAX_PROMPT_CHARS = 100_000
 MAX_INPUTS_PER_CELL = 64
 URI_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
-# Which per-row parameters each task uses; others are ignored (and left out of the key).
+# Which per-row parameters each task uses. Others are ignored (and left out of the key): manifests mixing
+# specs share columns, and a value a task has no use for harms nothing.
 TASK_PARAMS = {
     "text2img": {"width", "height", "num_images"},
     "img2img": {"strength", "num_images"},
@@ -37,7 +38,12 @@ TASK_PARAMS = {
     "controlnet": {"width", "height", "num_images", "controlnet_conditioning_scale"},
 }
 COMMON_PARAMS = {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale"}
-SIZE_FACTOR = 8  # width and height must be multiples of the VAE scale factor of SD-family models
+# ... except where ignoring would render something other than what the row asks for.
+CANNOT_HONOUR = {
+    ("img2img", "width"): "img2img renders at the size of `image`; resize the input instead",
+    ("img2img", "height"): "img2img renders at the size of `image`; resize the input instead",
+    ("video", "num_images"): "video specs render one video per row",
+}
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,8 @@ class Problem:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.row}, {self.column}, {self.reason}"
+        """One line, whatever an exception message held."""
+        return f"{self.row}, {self.column}, {' '.join(self.reason.split())}"
 
 
 class Job(BaseModel):
@@ -86,25 +93,45 @@ def default_seed(row_id: str) -> int:
 
 
 def row_label(row: dict, index: int) -> str:
-    value = row.get("id")
-    if isinstance(value, str) and ROW_ID.match(value):
-        return value
-    return f"#{index}"
+    """How problems name a row: its id when that is a valid id, else ``#<index>`` (0-based manifest row)."""
+    try:
+        return check_id(row.get("id"))
+    except RowError:
+        return f"#{index}"
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A cell's value for an error message: repr (one line, control characters escaped), shortened."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def check_id(value: Any) -> str:
+    """The row's id; it names the output files, so it can never address a path outside ``--out``."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str) or not value:
-        raise RowError("id", "required, a non-empty string")
+        raise RowError("id", f"required, a non-empty string (got {_shown(value)})")
     if not ROW_ID.match(value):
-        raise RowError("id", "must match [A-Za-z0-9._-]{1,128} and not start with '.'")
+        raise RowError("id", f"{_shown(value)} must match [A-Za-z0-9._-]{{1,128}} and not start with '.'")
     if value.split(".", 1)[0].lower() in RESERVED_IDS:
         raise RowError("id", f"{value!r} is a reserved file name")
     return value
 
 
+def _from_text(value: Any) -> Any:
+    """A number written as text (every cell of a CSV column holding one bad cell) as that number."""
+    if isinstance(value, str):
+        for parse in (int, float):
+            try:
+                return parse(value.strip())
+            except ValueError:
+                pass
+    return value
+
+
 def _integral(column: str, value: Any) -> int:
+    value = _from_text(value)
     if isinstance(value, bool):
         raise RowError(column, "must be an integer, not a boolean")
     if isinstance(value, float):
@@ -115,15 +142,25 @@ def _integral(column: str, value: Any) -> int:
         return int(value)
     if isinstance(value, int):
         return value
-    raise RowError(column, f"must be an integer, got {type(value).__name__}")
+    raise RowError(column, f"must be an integer, got {_shown(value)}")
 
 
 def _number(column: str, value: Any) -> float:
+    value = _from_text(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RowError(column, f"must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise RowError(column, f"must be a finite number, got {value}")
-    return float(value)
+        raise RowError(column, f"must be a number, got {_shown(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        number = math.inf
+    if not math.isfinite(number):
+        raise RowError(column, f"must be a finite number, got {_shown(value)}")
+    return number
+
+
+def _is_list_cell(value: Any) -> bool:
+    """Whether a cell holds a list (or a JSON list, as text) rather than one value."""
+    return isinstance(value, (list, tuple)) or (isinstance(value, str) and value.lstrip().startswith("["))
 
 
 def _as_list(column: str, value: Any) -> list:
@@ -143,8 +180,8 @@ def _as_list(column: str, value: Any) -> list:
 
 def resolve_uri(column: str, value: Any, base: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise RowError(column, "must be a URI or path string")
-    if "\x00" in value or len(value) > 4096:
+        raise RowError(column, f"must be a URI or path string, got {_shown(value)}")
+    if "\x00" in value or len(value) > 4096 or _not_unicode(value):
         raise RowError(column, "is not a valid URI or path")
     value = value.strip()
     if URI_SCHEME.match(value) or value.startswith("/") or not base:
@@ -152,39 +189,64 @@ def resolve_uri(column: str, value: Any, base: str) -> str:
     return posixpath.join(base, value)  # relative paths are relative to the manifest's folder
 
 
+def _text(column: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise RowError(column, f"must be a string, got {_shown(value)}")
+    if _not_unicode(value):
+        raise RowError(column, "is not valid Unicode text (it holds a lone surrogate)")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise RowError(column, f"longer than {MAX_PROMPT_CHARS} characters")
+    return value
+
+
+def _not_unicode(text: str) -> bool:
+    """JSON can escape half a surrogate pair (``"\\ud800"``), which no UTF-8 file, image chunk or record holds."""
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _cannot_honour(task: str, column: str, value: Any) -> str | None:
+    reason = CANNOT_HONOUR.get((task, column))
+    if reason and column == "num_images" and _from_text(value) == 1:
+        return None  # one video is what the row gets
+    return reason
+
+
+def _param(column: str, value: Any) -> Any:
+    if column in ("prompt", "negative_prompt"):
+        return _text(column, value)
+    return _integral(column, value) if column in INT_COLUMNS else _number(column, value)
+
+
 def _params(row: dict, spec: Spec) -> dict[str, Any]:
-    """Spec defaults overlaid with the row's values, checked by the same model that checks spec defaults."""
+    """Spec defaults overlaid with the row's values, checked by the same model that checks spec defaults.
+    Raises RowProblems naming every column at fault."""
     allowed = COMMON_PARAMS | TASK_PARAMS[spec.task]
     merged = {k: v for k, v in spec.defaults.model_dump().items() if v is not None and k in allowed}
-    for column in ("prompt", "negative_prompt"):
-        value = row.get(column)
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            raise RowError(column, f"must be a string, got {type(value).__name__}")
-        if len(value) > MAX_PROMPT_CHARS:
-            raise RowError(column, f"longer than {MAX_PROMPT_CHARS} characters")
-        merged[column] = value
-    for column in INT_COLUMNS + FLOAT_COLUMNS:
+    errors: list[RowError] = []
+    for column in ("prompt", "negative_prompt") + INT_COLUMNS + FLOAT_COLUMNS:
         value = row.get(column)
         if column == "seed" or value is None:
             continue
-        if column not in allowed:
-            if column in ("width", "height") and spec.task == "img2img":
-                raise RowError(column, "img2img renders at the size of `image`; resize the input instead")
-            continue
-        merged[column] = _integral(column, value) if column in INT_COLUMNS else _number(column, value)
+        try:
+            if column in allowed:
+                merged[column] = _param(column, value)
+            elif reason := _cannot_honour(spec.task, column, value):
+                raise RowError(column, reason)
+        except RowError as exc:
+            errors.append(exc)
     try:
         Params.model_validate(merged)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise RowError(str(first["loc"][0]), first["msg"].lower()) from None
-    for column in ("width", "height"):
-        if column in merged and merged[column] % SIZE_FACTOR:
-            raise RowError(column, f"must be a multiple of {SIZE_FACTOR}, got {merged[column]}")
+        for item in exc.errors():
+            column = str(item["loc"][0])
+            errors.append(RowError(column, f"{item['msg'].lower()}, got {_shown(item['input'])}"))
+    if errors:
+        raise RowProblems(errors)
     merged.setdefault("prompt", "")
-    if spec.task == "video" and merged.get("num_images", 1) != 1:
-        raise RowError("num_images", "video specs render one video per row")
     return merged
 
 
@@ -192,32 +254,42 @@ def _ip_scales(row: dict, spec: Spec) -> list:
     value = row.get("ip_scale")
     if value is None:
         return [adapter.scale for adapter in spec.ip_adapters]
+    count = len(spec.ip_adapters)
     items = _as_list("ip_scale", value)
-    if len(items) == 1 and len(spec.ip_adapters) > 1:
-        items = items * len(spec.ip_adapters)
-    if len(items) != len(spec.ip_adapters):
-        raise RowError("ip_scale", f"has {len(items)} values for {len(spec.ip_adapters)} IP-Adapters")
+    if not _is_list_cell(value):
+        items = items * count  # one number scales every adapter
+    if len(items) != count:
+        raise RowError("ip_scale", f"a list of {len(items)} values for {count} IP-Adapter(s); give one per adapter")
     scales = [_number("ip_scale", item) for item in items]
     if any(not 0.0 <= s <= 10.0 for s in scales):
         raise RowError("ip_scale", "values must lie in [0, 10]")
     return scales
 
 
+def _input(column: str, value: Any, base: str) -> str | list[str]:
+    if column in ("ip_image", "ip_mask"):
+        return [resolve_uri(column, item, base) for item in _as_list(column, value)]
+    return resolve_uri(column, value, base)
+
+
 def _inputs(row: dict, spec: Spec, base: str) -> dict[str, Any]:
+    """The row's input URIs by column; raises RowProblems naming every missing or malformed one. Input
+    columns the spec does not read are ignored, like unused parameters."""
     inputs: dict[str, Any] = {}
-    used = spec.required_columns | {"ip_mask"}
+    errors: list[RowError] = []
+    required = spec.required_columns
     for column in INPUT_COLUMNS:
         value = row.get(column)
         if value is None:
-            if column in spec.required_columns:
-                raise RowError(column, f"required by spec {spec.name!r}")
-            continue
-        if column not in used:
-            continue
-        if column in ("ip_image", "ip_mask"):
-            inputs[column] = [resolve_uri(column, item, base) for item in _as_list(column, value)]
-        else:
-            inputs[column] = resolve_uri(column, value, base)
+            if column in required:
+                errors.append(RowError(column, f"required by spec {spec.name!r}: {required[column]}"))
+        elif column in required or column == "ip_mask":
+            try:
+                inputs[column] = _input(column, value, base)
+            except RowError as exc:
+                errors.append(exc)
+    if errors:
+        raise RowProblems(errors)
     if "ip_mask" in inputs:
         if "ip_image" not in spec.image_columns:
             raise RowError("ip_mask", "the spec has no IP-Adapter fed by ip_image to mask")
@@ -235,7 +307,9 @@ def resolve_row(row: dict, index: int, registry: SpecRegistry, base: str = "") -
             return check(*args)
         except RowError as exc:
             problems.append(exc)
-            return None
+        except RowProblems as exc:
+            problems.extend(exc.errors)
+        return None
 
     row_id = attempt(check_id, row.get("id"))
     spec = attempt(_spec_of, row, registry)
@@ -254,16 +328,16 @@ def resolve_row(row: dict, index: int, registry: SpecRegistry, base: str = "") -
         seed=seed,
         params=params,
         inputs=inputs,
-        extra={k: _jsonable(v) for k, v in row.items() if k not in KNOWN_COLUMNS},
+        extra={k: _storable(v) for k, v in row.items() if k not in KNOWN_COLUMNS},
     )
 
 
 def _spec_of(row: dict, registry: SpecRegistry) -> Spec:
     name = row.get("spec")
     if not isinstance(name, str) or not name:
-        raise RowError("spec", "required, the name of a spec")
+        raise RowError("spec", f"required, the name of a spec (got {_shown(name)})")
     if name not in registry:
-        raise RowError("spec", f"unknown spec {name!r}")
+        raise RowError("spec", f"unknown spec {_shown(name)}; `ipaflow specs list` shows the known ones")
     return registry.get(name)
 
 
@@ -277,19 +351,59 @@ def _seed_of(row: dict, row_id: str | None) -> int:
     return seed
 
 
-def _jsonable(value: Any) -> Any:
-    try:
-        json.dumps(value, allow_nan=False)
+def _storable(value: Any) -> Any:
+    """A passthrough cell as the metadata can keep it: unchanged when it is a plain scalar or list (finite
+    numbers, 64-bit integers, valid Unicode), mappings as JSON text, anything else as text. A NaN, a huge
+    integer, half a surrogate pair or an empty mapping (Parquet has no empty struct) must not fail the run."""
+    if _plain(value):
         return value
-    except (TypeError, ValueError):
-        return str(value)
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, default=str)  # ASCII: valid UTF-8 whatever the text held
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**63
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, str):
+        return not _not_unicode(value)
+    return isinstance(value, list) and all(_plain(item) for item in value)
+
+
+def _output_names(job: Job, spec: Spec) -> list[tuple[str, str]]:
+    """(format, file stem) of each output the row writes, as ``tasks.writers.output_paths`` names them."""
+    if spec.task == "video" or job.num_images == 1:
+        return [(spec.output_format, job.id)]
+    return [(spec.output_format, f"{job.id}-{k}") for k in range(job.num_images)]
+
+
+def _colliding_outputs(jobs: list[Job], registry: SpecRegistry) -> dict[int, list[Problem]]:
+    """Rows with distinct ids that would still write the same file: ``a`` with two images writes ``a-0``,
+    which is also the output of a row ``a-0``. Both fail; otherwise one would silently overwrite the other."""
+    writers: dict[tuple[str, str], list[Job]] = {}
+    for job in jobs:
+        for name in _output_names(job, registry.get(job.spec)):
+            writers.setdefault(name, []).append(job)
+    bad: dict[int, list[Problem]] = {}
+    for (fmt, stem), owners in writers.items():
+        if len(owners) == 1:
+            continue
+        for job in owners:
+            others = ", ".join(f"{other.index} ({other.id})" for other in owners if other is not job)
+            reason = f"its output {stem} ({fmt}) is also written by manifest row {others}; rename one"
+            bad.setdefault(job.index, []).append(Problem(job.id, "id", reason))
+    return bad
 
 
 def resolve_rows(rows: Iterable[dict], registry: SpecRegistry, base: str = "") -> tuple[list[Job], list[tuple[int, list[Problem]]]]:
     """Resolve every row. Returns the jobs and, per bad row, its manifest index and problems.
 
     Rows sharing an id all fail: their outputs and metadata record would collide, and which one was meant
-    cannot be known.
+    cannot be known. So do rows whose output files would collide.
     """
     jobs: list[Job] = []
     bad: dict[int, list[Problem]] = {}
@@ -308,8 +422,10 @@ def resolve_rows(rows: Iterable[dict], registry: SpecRegistry, base: str = "") -
             for index in where:
                 bad.setdefault(index, []).insert(0, Problem(row_id, "id", reason))
     jobs = [job for job in jobs if job.index not in bad]
+    for index, problems in _colliding_outputs(jobs, registry).items():
+        bad[index] = problems
+    jobs = [job for job in jobs if job.index not in bad]
     return jobs, sorted(bad.items())
-    return jobs, bad
 
 
 def resolve_manifest(manifest: Manifest, registry: SpecRegistry):

@@ -1,9 +1,15 @@
-"""Reading manifests: Parquet (or CSV / JSON Lines) through fsspec, one plain dict per row, streamed."""
+"""Reading manifests: Parquet (or CSV / JSON Lines) through fsspec, one plain dict per row, streamed.
+
+Cells are handed on as they are; judging them is row validation's job (``specs.jobs``), so that one bad cell
+fails its row, never the manifest. Hence CSV keeps the text ``nan`` (a NaN, reported) apart from an empty
+cell (missing), and JSON Lines are parsed line by line in Python, where a column may hold a number in one
+row and a string in the next (Arrow's JSON reader rejects the whole file for that).
+"""
 
 from __future__ import annotations
 
 import csv
-import math
+import json
 import posixpath
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -11,8 +17,9 @@ from typing import Any, Iterator
 import fsspec
 import pyarrow as pa
 import pyarrow.csv as pa_csv
-import pyarrow.json as pa_json
 import pyarrow.parquet as pq
+
+from tasks.storage import redact
 
 # Columns with a meaning (DESIGN.md, "Manifest columns"); every other column passes through to the metadata.
 STRING_COLUMNS = ("id", "spec", "prompt", "negative_prompt", "image", "mask", "control_image", "style_folder")
@@ -23,6 +30,8 @@ INPUT_COLUMNS = ("image", "mask", "control_image", "ip_image", "style_folder", "
 KNOWN_COLUMNS = frozenset(STRING_COLUMNS + LIST_COLUMNS + INT_COLUMNS + FLOAT_COLUMNS)
 REQUIRED_COLUMNS = ("id", "spec")
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+# Empty CSV cells and the usual spellings of "missing"; not "nan", which a user typed as a number.
+CSV_NULLS = ["", "NA", "N/A", "n/a", "NULL", "null"]
 
 
 class ManifestError(ValueError):
@@ -48,17 +57,19 @@ class Manifest:
 
     def iter_rows(self, batch_rows: int = 4096) -> Iterator[dict[str, Any]]:
         """Rows in manifest order as plain Python values (None for nulls), read batch by batch."""
-        for batch in _iter_batches(self, batch_rows):
+        fs, path = fsspec.core.url_to_fs(self.uri, **(self.storage_options or {}))
+        if self.format == "jsonl":
+            for row in _iter_jsonl(fs, path, self.uri):
+                yield {column: row.get(column) for column in self.columns}
+            return
+        for batch in _iter_batches(fs, path, self.format, batch_rows):
             for row in batch.to_pylist():
                 yield {key: _plain(value) for key, value in row.items()}
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return value  # kept: a NaN is reported by row validation, not silently treated as missing
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return value
+    """Binary cells as text; anything else as it is (a NaN too: row validation reports it)."""
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
 
 
 def _format_of(uri: str) -> str:
@@ -66,34 +77,51 @@ def _format_of(uri: str) -> str:
     for suffix, fmt in FORMATS.items():
         if path.endswith(suffix):
             return fmt
-    raise ManifestError(f"{uri}: unknown manifest format; use .parquet, .csv or .jsonl")
+    raise ManifestError(f"{redact(uri)}: unknown manifest format; use .parquet, .csv or .jsonl")
 
 
-def _string_schema(names: list[str]) -> dict[str, pa.DataType]:
-    return {name: pa.string() for name in names if name in STRING_COLUMNS}
-
-
-def _read_text_table(fs, path: str, fmt: str) -> pa.Table:
+def _read_csv(fs, path: str) -> pa.Table:
+    """A CSV file; the text columns ipaflow knows stay text (an id ``007`` keeps its zeros)."""
     with fs.open(path, "rb") as handle:
-        if fmt == "csv":
-            header = next(csv.reader([handle.readline().decode("utf-8-sig")]), [])
-            handle.seek(0)
-            options = pa_csv.ConvertOptions(column_types=_string_schema(header), strings_can_be_null=True)
-            return pa_csv.read_csv(handle, convert_options=options)
-        schema = pa.schema([(name, pa.string()) for name in STRING_COLUMNS])
-        options = pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="infer")
-        table = pa_json.read_json(handle, parse_options=options)
-        present = [name for name in table.column_names if table.column(name).null_count < len(table)]
-        return table.select([n for n in table.column_names if n in present or n in REQUIRED_COLUMNS])
+        header = next(csv.reader([handle.readline().decode("utf-8-sig")]), [])
+        handle.seek(0)
+        types = {name: pa.string() for name in header if name in STRING_COLUMNS}
+        options = pa_csv.ConvertOptions(column_types=types, null_values=CSV_NULLS, strings_can_be_null=True)
+        return pa_csv.read_csv(handle, convert_options=options)
 
 
-def _iter_batches(manifest: Manifest, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    fs, path = fsspec.core.url_to_fs(manifest.uri, **(manifest.storage_options or {}))
-    if manifest.format == "parquet":
+def _iter_jsonl(fs, path: str, uri: str) -> Iterator[dict[str, Any]]:
+    """One dict per non-blank line. A line that is not a JSON object makes the file unreadable as a whole:
+    which row it was meant to be (and its id) cannot be known."""
+    with fs.open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)  # bytes: a UTF-8 byte order mark is accepted
+            except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+                raise ManifestError(f"{redact(uri)}: line {number} is not valid JSON ({exc.__class__.__name__})") from None
+            if not isinstance(row, dict):
+                raise ManifestError(f"{redact(uri)}: line {number} is not a JSON object")
+            yield row
+
+
+def _jsonl_shape(fs, path: str, uri: str) -> tuple[tuple[str, ...], int]:
+    """The columns (every key seen, in first-seen order) and the number of rows of a JSON Lines file."""
+    columns: dict[str, None] = {}
+    count = 0
+    for row in _iter_jsonl(fs, path, uri):
+        columns.update(dict.fromkeys(row))
+        count += 1
+    return tuple(columns), count
+
+
+def _iter_batches(fs, path: str, fmt: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    if fmt == "parquet":
         with fs.open(path, "rb") as handle:
             yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_rows)
     else:
-        yield from _read_text_table(fs, path, manifest.format).to_batches(max_chunksize=batch_rows)
+        yield from _read_csv(fs, path).to_batches(max_chunksize=batch_rows)
 
 
 def open_manifest(uri: str, storage_options: dict | None = None) -> Manifest:
@@ -102,19 +130,21 @@ def open_manifest(uri: str, storage_options: dict | None = None) -> Manifest:
     try:
         fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         if not fs.exists(path):
-            raise ManifestError(f"{uri}: manifest not found")
+            raise ManifestError(f"{redact(uri)}: manifest not found")
         if fmt == "parquet":
             with fs.open(path, "rb") as handle:
                 meta = pq.ParquetFile(handle).metadata
                 columns, num_rows = tuple(meta.schema.to_arrow_schema().names), meta.num_rows
-        else:
-            table = _read_text_table(fs, path, fmt)
+        elif fmt == "csv":
+            table = _read_csv(fs, path)
             columns, num_rows = tuple(table.column_names), table.num_rows
+        else:
+            columns, num_rows = _jsonl_shape(fs, path, uri)
     except ManifestError:
         raise
     except (OSError, pa.ArrowException, ValueError) as exc:
-        raise ManifestError(f"{uri}: cannot read manifest ({exc.__class__.__name__}: {exc})") from None
+        raise ManifestError(f"{redact(uri)}: cannot read manifest ({exc.__class__.__name__}: {redact(exc)})") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
-        raise ManifestError(f"{uri}: missing required column(s) {', '.join(missing)}")
+        raise ManifestError(f"{redact(uri)}: missing required column(s) {', '.join(missing)}")
     return Manifest(uri=uri, format=fmt, columns=columns, num_rows=num_rows, storage_options=storage_options)

@@ -1,4 +1,8 @@
-"""Finding specs: the bundled ones shipped in ``specs/bundled`` plus any ``--specs`` folders (local or fsspec)."""
+"""Finding specs: the bundled ones shipped in ``specs/bundled`` plus any ``--specs`` folders (local or fsspec).
+
+A spec is data, never code: ``yaml.safe_load`` constructs plain mappings, lists and scalars only (a
+``!!python/...`` tag is an error), and the strict pydantic models reject unknown keys.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from specs.spec import Spec
+from tasks.storage import redact
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 MAX_SPEC_BYTES = 1 << 20
@@ -32,7 +37,7 @@ def parse_spec(text: str, source: str) -> Spec:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise SpecError(f"{source}: not valid YAML ({exc.__class__.__name__})") from None
+        raise SpecError(f"{source}: not valid YAML ({_yaml_problem(exc)})") from None
     if not isinstance(data, dict):
         raise SpecError(f"{source}: a spec is a YAML mapping")
     try:
@@ -41,17 +46,27 @@ def parse_spec(text: str, source: str) -> Spec:
         raise SpecError(f"{source}: {format_validation_error(exc)}") from None
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong and where, e.g. 'could not determine a constructor for the tag ... at line 3, column 7'."""
+    problem = getattr(exc, "problem", None) or exc.__class__.__name__
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def _read_folder(uri: str, storage_options: dict | None) -> list[tuple[str, str]]:
     fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     if not fs.isdir(root):
-        raise SpecError(f"{uri}: spec folder not found")
+        raise SpecError(f"{redact(uri)}: spec folder not found")
     found = []
     for path in sorted(fs.find(root)):
         if not path.endswith((".yaml", ".yml")):
             continue
         if fs.size(path) > MAX_SPEC_BYTES:
-            raise SpecError(f"{path}: spec file larger than {MAX_SPEC_BYTES} bytes")
-        found.append((path, fs.cat_file(path).decode("utf-8")))
+            raise SpecError(f"{redact(path)}: spec file larger than {MAX_SPEC_BYTES} bytes")
+        try:
+            found.append((redact(path), fs.cat_file(path).decode("utf-8")))
+        except UnicodeDecodeError:
+            raise SpecError(f"{redact(path)}: not UTF-8 text") from None
     return found
 
 

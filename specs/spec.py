@@ -21,6 +21,9 @@ SPEC_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 # An IP-Adapter scale: a float, or an InstantStyle per-block dict such as {"up": {"block_0": [0, 1, 0]}}.
 AdapterScale = Union[float, dict[str, Any]]
+# Output sizes must be multiples of this: the SD-family pipelines reject others (their `check_inputs`), since
+# the VAE scales by 8. Checked here so that a bad spec default and a bad row cell get the same message.
+SIZE_FACTOR = 8
 
 
 class StrictModel(BaseModel):
@@ -80,8 +83,8 @@ class Params(StrictModel):
     num_inference_steps: int | None = Field(default=None, ge=1, le=1000)
     guidance_scale: float | None = Field(default=None, ge=0.0, le=100.0, allow_inf_nan=False)
     strength: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
-    width: int | None = Field(default=None, ge=8, le=8192)
-    height: int | None = Field(default=None, ge=8, le=8192)
+    width: int | None = Field(default=None, ge=SIZE_FACTOR, le=8192, multiple_of=SIZE_FACTOR)
+    height: int | None = Field(default=None, ge=SIZE_FACTOR, le=8192, multiple_of=SIZE_FACTOR)
     num_frames: int | None = Field(default=None, ge=1, le=512)
     num_images: int | None = Field(default=None, ge=1, le=64)
     controlnet_conditioning_scale: float | None = Field(default=None, ge=0.0, le=10.0, allow_inf_nan=False)
@@ -140,15 +143,17 @@ class Spec(StrictModel):
         return [adapter.image_column for adapter in self.ip_adapters]
 
     @property
-    def required_columns(self) -> set[str]:
-        """Manifest columns a row of this spec must fill."""
-        needed = set(self.image_columns)
+    def required_columns(self) -> dict[str, str]:
+        """Manifest columns a row of this spec must fill, each with what needs it (for the row's error)."""
+        needed = {}
         if self.task in ("img2img", "inpaint"):
-            needed.add("image")
+            needed["image"] = f"the init image of task {self.task}"
         if self.task == "inpaint":
-            needed.add("mask")
+            needed["mask"] = "the mask of task inpaint"
         if self.task == "controlnet":
-            needed.add("control_image")
+            needed["control_image"] = "the conditioning image of task controlnet"
+        for number, adapter in enumerate(self.ip_adapters, 1):
+            needed.setdefault(adapter.image_column, f"the image prompt of IP-Adapter {number} ({adapter.weight_name})")
         return needed
 
     def fingerprint(self) -> str:

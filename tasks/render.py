@@ -131,11 +131,22 @@ def per_row_ip_embeds(pipe, rows: int):
         del pipe.prepare_ip_adapter_image_embeds
 
 
+def _restore_vae_dtype(loaded: LoadedPipeline) -> None:
+    """SDXL pipelines upcast a float16 VAE to float32 to decode, and cast it back after; a call that fails in
+    between (out of GPU memory in the decoder) leaves it float32, and every later call fails on the mismatch."""
+    vae = getattr(loaded.pipe, "vae", None)
+    if vae is not None and vae.dtype != loaded.dtype:
+        vae.to(dtype=loaded.dtype)
+
+
 def render_batch(loaded: LoadedPipeline, jobs: Sequence[Job], inputs: Sequence[RowInputs]) -> list[list[PIL.Image.Image]]:
     """One pipeline call; per row its images (or its video's frames)."""
     with loaded.lock, torch.inference_mode(), per_row_ip_embeds(loaded.pipe, len(jobs)):
         loaded.pipe.set_ip_adapter_scale(_scales(jobs[0]))
-        output = loaded.pipe(**call_kwargs(loaded, jobs, inputs), output_type="pil")
+        try:
+            output = loaded.pipe(**call_kwargs(loaded, jobs, inputs), output_type="pil")
+        finally:
+            _restore_vae_dtype(loaded)
     if loaded.spec.task == "video":
         return [list(frames) for frames in output.frames]
     per_row = len(output.images) // len(jobs)
@@ -161,19 +172,21 @@ def render_rows(loaded: LoadedPipeline, jobs: Sequence[Job], inputs: Sequence[Ro
     try:
         results = render_batch(loaded, jobs, inputs)
     except Exception as exc:  # noqa: BLE001 - every failure is turned into rows' reasons
+        oom, reason = _is_oom(exc), describe_error(exc)
+        log.debug("batch of %d from row %s failed:\n%s", len(jobs), jobs[0].id, traceback.format_exc())
+        results = None  # retried below, once the exception is gone: its traceback holds the call's tensors
+    if results is None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if len(jobs) > 1:
-            if not _is_oom(exc):
-                log.warning("batch of %d failed (%s); rendering its rows one by one", len(jobs), describe_error(exc))
-            half = len(jobs) // 2 if _is_oom(exc) else 1
+            if not oom:
+                log.warning("batch of %d failed (%s); rendering its rows one by one", len(jobs), reason)
+            half = len(jobs) // 2 if oom else 1
             parts = [(jobs[i:i + half], inputs[i:i + half]) for i in range(0, len(jobs), half)]
             for part_jobs, part_inputs in parts:
                 yield from render_rows(loaded, part_jobs, part_inputs)
             return
-        log.debug("row %s failed:\n%s", jobs[0].id, traceback.format_exc())
-        reason = "render: out of GPU memory even as a batch of one" if _is_oom(exc) else describe_error(exc)
-        yield Rendered(job=jobs[0], error=reason)
+        yield Rendered(job=jobs[0], error="render: out of GPU memory even as a batch of one" if oom else reason)
         return
     seconds = (time.perf_counter() - start) / len(jobs)
     for job, images in zip(jobs, results):

@@ -1,0 +1,116 @@
+"""Row validation across manifest formats: a bad cell fails its own row only, whatever the format; every
+problem of a row is listed; rules that depend on the spec (adapter count, task)."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flows.validate import validate_manifest
+from specs.manifest import ManifestError
+from specs.registry import SpecError, parse_spec
+
+ROW = {"spec": "sdxl-text2img", "ip_image": "in.png", "num_inference_steps": 1}
+
+
+def _problems(path) -> list[str]:
+    problems, _ = validate_manifest(str(path), check_inputs=False)
+    return [str(p) for p in problems]
+
+
+def test_csv_bad_cell_fails_its_row_only(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "id,spec,ip_image,num_inference_steps,guidance_scale,seed\n"
+        "007,sdxl-text2img,in.png,2,,\n"  # empty cells: the spec's defaults
+        "b,sdxl-text2img,in.png,ten,5,\n"
+        "c,sdxl-text2img,in.png,3,nan,\n"  # typed "nan": reported, not taken as missing
+        "d,sdxl-text2img,in.png,1,7.5,12\n"
+    )
+    assert _problems(manifest) == [
+        "b, num_inference_steps, must be an integer, got 'ten'",
+        "c, guidance_scale, must be a finite number, got nan",
+    ]
+
+
+def test_jsonl_column_may_change_type_between_rows(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    rows = [{**ROW, "id": "a"}, {**ROW, "id": "b", "num_inference_steps": "ten"}, {**ROW, "id": "c", "seed": "12"}]
+    manifest.write_text("\n".join(json.dumps(row) for row in rows) + "\n\n")
+    assert _problems(manifest) == ["b, num_inference_steps, must be an integer, got 'ten'"]
+
+    manifest.write_text(json.dumps(rows[0]) + "\n{not json\n")
+    with pytest.raises(ManifestError, match="line 2 is not valid JSON"):
+        validate_manifest(str(manifest), check_inputs=False)
+
+
+def test_parquet_integer_ids_and_nan(tmp_path):
+    table = pa.table({
+        "id": [1, 2, 2, 3],
+        "spec": ["sdxl-text2img"] * 4,
+        "ip_image": ["in.png"] * 4,
+        "guidance_scale": [5.0, 5.0, 5.0, float("nan")],
+    })
+    pq.write_table(table, tmp_path / "m.parquet")
+    assert _problems(tmp_path / "m.parquet") == [
+        "2, id, duplicate id (manifest rows 1, 2)",
+        "2, id, duplicate id (manifest rows 1, 2)",
+        "3, guidance_scale, must be a finite number, got nan",
+    ]
+
+
+def test_every_problem_of_a_row_is_listed(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    row = {"id": "r", "spec": "sdxl-inpaint", "num_inference_steps": 0, "strength": 2, "seed": -5}
+    manifest.write_text(json.dumps(row) + "\n")
+    assert [p.split(", ")[1] for p in _problems(manifest)] == [
+        "seed", "num_inference_steps", "strength", "image", "mask", "ip_image"]
+
+
+@pytest.mark.parametrize("ip_scale, problem", [
+    (0.4, None),  # one number scales every adapter
+    ([0.4, 0.6], None),
+    ("[0.4, 0.6]", None),  # a JSON list in a text cell (CSV)
+    ([0.4], "ip_scale, a list of 1 values for 2 IP-Adapter(s); give one per adapter"),
+    ([0.4, 0.6, 0.1], "ip_scale, a list of 3 values for 2 IP-Adapter(s); give one per adapter"),
+    ([0.4, 11], "ip_scale, values must lie in [0, 10]"),
+    ([0.4, None], "ip_scale, must be a number, got None"),
+])
+def test_ip_scale_per_adapter(tmp_path, ip_scale, problem):
+    from specs.jobs import resolve_rows
+    from specs.registry import SpecRegistry
+
+    row = {"id": "r", "spec": "sdxl-multi-style-face", "ip_image": "f.png", "style_folder": "s", "ip_scale": ip_scale}
+    jobs, bad = resolve_rows([row], SpecRegistry())
+    if problem is None:
+        assert len(jobs[0].params["ip_adapter_scale"]) == 2
+    else:
+        assert [str(p).split(", ", 1)[1] for p in bad[0][1]] == [problem]
+
+
+def test_parameters_a_task_cannot_use(tmp_path):
+    from specs.jobs import resolve_rows
+    from specs.registry import SpecRegistry
+
+    rows = [
+        {**ROW, "id": "ignored", "strength": 0.3, "num_frames": 99},  # text2img has no use for them
+        {**ROW, "id": "video-one", "spec": "animatediff-video", "num_images": 1},
+        {**ROW, "id": "img2img-size", "spec": "sdxl-img2img", "image": "i.png", "height": 64},
+    ]
+    jobs, bad = resolve_rows(rows, SpecRegistry())
+    assert [job.id for job in jobs] == ["ignored", "video-one"]
+    assert "strength" not in jobs[0].params and "num_frames" not in jobs[0].params
+    assert [str(p) for p in bad[0][1]] == [
+        "img2img-size, height, img2img renders at the size of `image`; resize the input instead"]
+
+
+def test_spec_defaults_are_checked_like_rows():
+    text = ("name: odd\ntask: text2img\nmodel: a/b\nip_adapters: [{model: h94/IP-Adapter, weight_name: a.bin}]\n"
+            "defaults: {width: 100, num_inference_steps: 0}\n")
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text, "odd.yaml")
+    assert "defaults.width: Input should be a multiple of 8" in str(caught.value)
+    assert "defaults.num_inference_steps: Input should be greater than or equal to 1" in str(caught.value)
