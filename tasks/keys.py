@@ -28,7 +28,9 @@ def _identify(storage: Storage, column: str, uri: str) -> str:
             files = storage.list_images(uri)
             if not files:
                 raise InputError(column, f"no images in {redact(uri)}")
-            if is_local(uri):  # as for single files: local content hashes, remote listing identities
+            if is_local(uri) or not all(identity for _, identity in files):
+                # as for single files: local content hashes; remote listing identities (an object store lists
+                # ETags), or each file's own where the listing has none (an http index page)
                 files = [(name, storage.identity(name)) for name, _ in files]
             return hashlib.sha256(repr([(n.rsplit("/", 1)[-1], i) for n, i in files]).encode()).hexdigest()
         return storage.identity(uri)

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.storage import Storage, join, redact
+from tasks.storage import Storage, join, redact, redact_url
 
 log = logging.getLogger("ipaflow.metadata")
 RECORDS_FILE = "metadata/records.parquet"
@@ -67,7 +67,7 @@ def make_record(
         "spec": spec,
         "status": status,
         "error": redact(error) if error else None,
-        "outputs": [redact(uri) for uri in outputs or []],
+        "outputs": [redact_url(uri) for uri in outputs or []],  # usable URIs: see redact_url
         "seed": seed,
         "params": json.dumps(params, sort_keys=True, ensure_ascii=False) if params is not None else None,
         "key": key,

@@ -1,6 +1,9 @@
 """Storage I/O through fsspec: local paths, file://, s3:// (s3fs), http(s)://, and any other fsspec protocol.
 
-- Reads are retried with backoff on transient errors (connection resets, timeouts, 5xx, throttling).
+- Every request is retried with backoff on transient errors (connection resets, timeouts, 5xx, throttling).
+  On S3, botocore retries first (its own config: AWS_MAX_ATTEMPTS, AWS_RETRY_MODE or ``config_kwargs``);
+  what still fails after that, and what http(s) and other protocols raise, is retried here.
+- Writes carry a content type on S3 (image/png, image/gif, text/html, parquet, ...).
 - Writes are atomic: an object appears whole or not at all (object stores PUT atomically; local files are
   written aside and renamed into place).
 - Credentials come the standard ways (AWS_* variables, ``--storage-options``, fsspec config) and are
@@ -9,7 +12,9 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import logging
 import os
 import posixpath
@@ -69,8 +74,14 @@ def redact(text: Any) -> str:
     secrets.update(v for v in (os.environ.get(name) for name in SECRET_ENV) if v and len(v) >= 4)
     for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, "***")
-    text = _USERINFO.sub(r"\g<scheme>***@", text)
-    return _SIGNED_QUERY.sub(r"\1***", text)
+    return redact_url(text)
+
+
+def redact_url(uri: Any) -> str:
+    """A URI without the credentials a URI itself may carry (user-info, a signed query), and otherwise intact:
+    for URIs that must stay usable, such as the outputs named in metadata, where replacing a known secret's
+    value would break a bucket or file name that merely contains it (a short key such as ``admin``)."""
+    return _SIGNED_QUERY.sub(r"\1***", _USERINFO.sub(r"\g<scheme>***@", str(uri)))
 
 
 def is_local(uri: str) -> bool:
@@ -82,18 +93,30 @@ def join(root: str, *parts: str) -> str:
     return posixpath.join(root.rstrip("/"), *parts) if root else posixpath.join(*parts)
 
 
-_TRANSIENT_TYPES = ("EndpointConnectionError", "ReadTimeout", "ConnectTimeout", "ClientOSError",
-                    "ServerDisconnected", "ResponseStreamingError", "ClientPayloadError", "IncompleteRead")
-_TRANSIENT_WORDS = ("timeout", "timed out", "connection", "reset by peer", "throttl", "slow down", "slowdown",
-                    "internalerror", "internal error", "serviceunavailable", "service unavailable", "bad gateway",
-                    "503", "500", "502", "504", "temporarily")
+# Exception classes (matched by name anywhere in the class hierarchy, so that botocore, aiohttp and urllib3 need
+# not be imported) that mean the connection failed or was cut: the request may succeed when sent again.
+_TRANSIENT_TYPES = frozenset({
+    "ConnectionError", "TimeoutError", "EndpointConnectionError", "HTTPClientError", "ConnectionClosedError",
+    "ReadTimeoutError", "ConnectTimeoutError", "ClientConnectionError", "ClientPayloadError", "ServerTimeoutError",
+    "IncompleteRead", "ResponseStreamingError", "FSTimeoutError", "ProtocolError",
+})
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# s3fs turns S3's 503 SlowDown / ServiceUnavailable into EBUSY and 500 InternalError into EREMOTEIO.
+_TRANSIENT_ERRNOS = frozenset({errno.EBUSY, errno.EREMOTEIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
+                               errno.ECONNREFUSED, errno.EPIPE, errno.EAGAIN})
+_TRANSIENT_WORDS = ("timeout", "timed out", "reset by peer", "throttl", "slow down", "slowdown", "internalerror",
+                    "internal error", "serviceunavailable", "service unavailable", "bad gateway", "temporarily")
 
 
 def _transient(exc: BaseException) -> bool:
     """Whether a storage error is worth retrying (the network or the service), not a final answer."""
-    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+    if isinstance(exc, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)):
         return False
-    if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in _TRANSIENT_TYPES:
+    if any(cls.__name__ in _TRANSIENT_TYPES for cls in type(exc).__mro__):
+        return True
+    if getattr(exc, "status", None) in _TRANSIENT_STATUS:  # aiohttp's ClientResponseError (http inputs)
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
         return True
     text = f"{type(exc).__name__} {exc}".lower()
     return isinstance(exc, OSError) and any(word in text for word in _TRANSIENT_WORDS)
@@ -109,15 +132,41 @@ def _identity(info: dict) -> str | None:
     return None
 
 
+_filesystems: dict[str, fsspec.AbstractFileSystem] = {}
+_filesystems_lock = threading.Lock()
+
+
+def _filesystem(protocol: str, options: dict) -> fsspec.AbstractFileSystem:
+    """The process's filesystem for a protocol, its options and the AWS_* environment, without a listings cache.
+
+    fsspec caches one instance per protocol and options, and each instance caches listings: a long-lived
+    process (a Dask worker, ``serve``, a test running the flow twice) would see a bucket as it was when first
+    listed, and keep the endpoint and credentials the environment had then. A new instance per run would
+    avoid both but costs a new S3 client (botocore loads its service models again) for every shard task.
+    """
+    environment = sorted((name, value) for name, value in os.environ.items() if name.startswith("AWS_"))
+    token = json.dumps([protocol, options, environment, os.getpid()], sort_keys=True, default=repr)
+    key = hashlib.sha256(token.encode()).hexdigest()
+    with _filesystems_lock:
+        if key not in _filesystems:
+            cls = fsspec.get_filesystem_class(protocol)
+            _filesystems[key] = cls(**{**options, "skip_instance_cache": True, "use_listings_cache": False})
+        return _filesystems[key]
+
+
 @dataclass
 class Storage:
     """fsspec access with ipaflow's retry, atomic-write and redaction rules.
 
-    ``options`` are fsspec keyword arguments; either one dict applied to every remote protocol, or a dict
-    per protocol, e.g. ``{"s3": {"endpoint_url": ...}, "http": {...}}``.
+    ``options`` are fsspec keyword arguments in fsspec's own forms: flat (``{"key": ..., "client_kwargs":
+    {"endpoint_url": ...}}``), keyed by protocol (``{"s3": {...}, "http": {...}}``), or both, the protocol's
+    own dict winning. Flat keys serve object stores; http(s) only gets its own dict, because HTTPFileSystem
+    passes unknown kwargs on to every request.
+
+    Filesystems come from ``_filesystem``: shared in the process, but never serving a stale listing.
     """
 
-    options: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict, repr=False)  # may hold credentials
     retries: int = 5
     backoff_s: float = 0.2
     local_staging: str | None = None  # where local writes are staged before their rename
@@ -125,19 +174,27 @@ class Storage:
     def __post_init__(self) -> None:
         _collect_secrets(self.options)
 
-    def _options_for(self, protocol: str) -> dict:
+    def options_for(self, protocol: str) -> dict:
+        """The fsspec kwargs for one protocol (see the class docstring)."""
         if not self.options or protocol in ("file", "local"):
             return {}
-        per_protocol = all(isinstance(v, dict) for v in self.options.values()) and set(self.options) <= set(
-            fsspec.available_protocols()
-        )
-        if per_protocol:
-            return dict(self.options.get(protocol, {}))
-        return dict(self.options)
+        names = fsspec.get_filesystem_class(protocol).protocol
+        names = (names,) if isinstance(names, str) else names
+        protocols = set(fsspec.available_protocols())
+        chosen = {} if "http" in names else {
+            k: v for k, v in self.options.items() if not (k in protocols and isinstance(v, dict))
+        }
+        for name in sorted(names, key=lambda n: n == protocol):  # the URI's own spelling last, so it wins
+            chosen.update(self.options.get(name) or {})
+        return chosen
 
     def fs(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         protocol = fsspec.utils.get_protocol(uri)
-        return fsspec.core.url_to_fs(uri, **self._options_for(protocol))
+        cls = fsspec.get_filesystem_class(protocol)
+        if issubclass(cls, LocalFileSystem):
+            return fsspec.core.url_to_fs(uri)
+        fs = _filesystem(protocol, self.options_for(protocol))
+        return fs, fs._strip_protocol(uri)
 
     def retry(self, what: str, fn: Callable[[], T]) -> T:
         """Run ``fn``, retrying transient storage errors with jittered exponential backoff."""
@@ -148,7 +205,9 @@ class Storage:
                 if not _transient(exc):
                     raise
                 if attempt == self.retries:
-                    raise TransientStorageError(f"{what}: still failing after {attempt + 1} tries: {redact(exc)}") from None
+                    raise TransientStorageError(
+                        f"{what}: still failing after {attempt + 1} tries: {type(exc).__name__}: {redact(exc)}"
+                    ) from None
                 delay = self.backoff_s * (2**attempt) * (0.5 + random.random())
                 log.warning("%s failed (%s); retrying in %.2fs", what, redact(exc), delay)
                 time.sleep(delay)
@@ -207,7 +266,7 @@ class Storage:
         fs, path = self.fs(uri)
         if isinstance(fs, LocalFileSystem):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            staging = self.local_staging or os.path.dirname(path)
+            staging = fs._strip_protocol(self.local_staging) if self.local_staging else os.path.dirname(path)
             os.makedirs(staging, exist_ok=True)
             temp = os.path.join(staging, f".{uuid.uuid4().hex}.partial")
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from specs.jobs import Job
@@ -43,6 +44,7 @@ class ShardWriter:
         self._ready: list[dict] = []
         self._lock = threading.Lock()
         self._parts = 0
+        self._attempt = uuid.uuid4().hex[:8]  # a retried shard task must not overwrite its earlier journal files
         self._last_flush = time.monotonic()
         self.flush_every_s = flush_every_s
         self._slots = threading.BoundedSemaphore(max_pending)
@@ -106,7 +108,7 @@ class ShardWriter:
         with self._lock:
             records, self._ready = self._ready, []
         if records:
-            self.metadata.journal(self.run_id, f"{self.shard}-{self._parts:05d}", records)
+            self.metadata.journal(self.run_id, f"{self.shard}-{self._attempt}-{self._parts:05d}", records)
             self._parts += 1
         self._last_flush = time.monotonic()
 

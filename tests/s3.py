@@ -1,0 +1,212 @@
+"""Real HTTP endpoints on loopback for the storage tests: moto's S3 server, a fault-injecting proxy in front
+of it, and a static file server for http:// inputs. Each runs in a daemon thread and stops on ``close()``."""
+
+from __future__ import annotations
+
+import http.server
+import logging
+import socket
+import struct
+import threading
+from dataclasses import dataclass
+from functools import partial
+from http.client import HTTPConnection
+from typing import Callable
+
+import boto3
+
+
+class MotoS3:
+    """moto's S3 server on 127.0.0.1 (a free port) and a boto3 client for arranging and inspecting buckets."""
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        self.client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                                   aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def bucket(self, name: str) -> str:
+        self.client.create_bucket(Bucket=name)
+        return name
+
+    def put(self, bucket: str, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=bucket, Key=key, Body=data)
+
+    def objects(self, bucket: str, prefix: str = "") -> dict[str, dict]:
+        """Key -> {ETag, LastModified, Size} of every object under ``prefix``."""
+        found = {}
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                found[item["Key"]] = {k: item[k] for k in ("ETag", "LastModified", "Size")}
+        return found
+
+    def get(self, bucket: str, key: str) -> tuple[bytes, str]:
+        """An object's bytes and content type."""
+        response = self.client.get_object(Bucket=bucket, Key=key)
+        return response["Body"].read(), response["ContentType"]
+
+    def close(self) -> None:
+        self._server.stop()
+
+
+@dataclass
+class Fault:
+    """Fail the requests that match (method, path substring): the first ``skip`` pass, then ``times`` fail,
+    cycling through ``kinds``: "503" (an S3 ServiceUnavailable answer), "reset" (the connection is cut before
+    any answer), "truncate" (the answer's headers and half its body, then the connection is cut)."""
+
+    method: str
+    path: str
+    times: int
+    kinds: tuple[str, ...] = ("503", "reset")
+    skip: int = 0
+    seen: int = 0
+    failed: int = 0
+
+    def take(self, method: str, path: str) -> str | None:
+        if method != self.method or self.path not in path or self.failed >= self.times:
+            return None
+        self.seen += 1
+        if self.seen <= self.skip:
+            return None
+        self.failed += 1
+        return self.kinds[(self.failed - 1) % len(self.kinds)]
+
+
+_UNAVAILABLE = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>ServiceUnavailable</Code>"
+                b"<Message>injected fault</Message></Error>")
+
+
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as clients expect from S3
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            raw = b""
+            while True:
+                size_line = self.rfile.readline()
+                raw += size_line
+                size = int(size_line.split(b";")[0].strip(), 16)
+                chunk = self.rfile.read(size + 2)
+                raw += chunk
+                if size == 0:
+                    while chunk not in (b"\r\n", b""):  # trailers end with an empty line
+                        chunk = self.rfile.readline()
+                        raw += chunk
+                    return raw
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _reset(self) -> None:
+        """Cut the connection the hard way (RST), as a failing load balancer does."""
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
+        self.connection.close()
+
+    def _forward(self) -> None:
+        proxy: FaultProxy = self.server.proxy  # type: ignore[attr-defined]
+        body = self._body()
+        fault = proxy.record(self.command, self.path)
+        if fault == "reset":
+            self._reset()
+            return
+        if fault == "503":
+            self.send_response(503)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(_UNAVAILABLE)))
+            self.end_headers()
+            self.wfile.write(_UNAVAILABLE)
+            return
+        upstream = HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=30)
+        try:
+            upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+            for name, value in self.headers.items():
+                upstream.putheader(name, value)
+            upstream.endheaders(body or None)
+            response = upstream.getresponse()
+            data = response.read()
+        finally:
+            upstream.close()
+        self.send_response(response.status)
+        for name, value in response.getheaders():
+            if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(name, value)
+        length = response.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+        self.send_header("Content-Length", length)
+        self.end_headers()
+        if fault == "truncate" and self.command == "GET" and len(data) > 1:
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self._reset()
+            return
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 in front of ``upstream`` that counts requests and injects ``faults``."""
+
+    def __init__(self, upstream: str):
+        host_port = upstream.split("://", 1)[1]
+        self.upstream_host, port = host_port.rsplit(":", 1)
+        self.upstream_port = int(port)
+        self.faults: list[Fault] = []
+        self.requests: list[tuple[str, str]] = []
+        self.on_request: Callable[[str, str], None] | None = None  # called with (method, path) before forwarding
+        self._lock = threading.Lock()
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ProxyHandler)
+        self._server.daemon_threads = True
+        self._server.proxy = self  # type: ignore[attr-defined]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def record(self, method: str, path: str) -> str | None:
+        if self.on_request:
+            self.on_request(method, path)
+        with self._lock:
+            self.requests.append((method, path))
+            for fault in self.faults:
+                kind = fault.take(method, path)
+                if kind:
+                    return kind
+        return None
+
+    def count(self, method: str, path: str) -> int:
+        """Requests seen so far with this method whose path (query included) contains ``path``."""
+        with self._lock:
+            return sum(1 for m, p in self.requests if m == method and path in p)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class StaticServer:
+    """A threaded http.server serving ``folder`` on 127.0.0.1."""
+
+    def __init__(self, folder: str):
+        handler = partial(_QuietFiles, directory=str(folder))
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class _QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
