@@ -14,12 +14,11 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import fsspec
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from tasks.storage import redact
+from tasks.storage import Storage, redact
 
 # Columns with a meaning (DESIGN.md, "Manifest columns"); every other column passes through to the metadata.
 STRING_COLUMNS = ("id", "spec", "prompt", "negative_prompt", "image", "mask", "control_image", "style_folder")
@@ -57,7 +56,7 @@ class Manifest:
 
     def iter_rows(self, batch_rows: int = 4096) -> Iterator[dict[str, Any]]:
         """Rows in manifest order as plain Python values (None for nulls), read batch by batch."""
-        fs, path = fsspec.core.url_to_fs(self.uri, **(self.storage_options or {}))
+        fs, path = Storage(options=self.storage_options or {}).fs(self.uri)
         if self.format == "jsonl":
             for row in _iter_jsonl(fs, path, self.uri):
                 yield {column: row.get(column) for column in self.columns}
@@ -128,7 +127,7 @@ def open_manifest(uri: str, storage_options: dict | None = None) -> Manifest:
     """Open a manifest and check what makes it usable as a whole; rows are checked one by one later."""
     fmt = _format_of(uri)
     try:
-        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        fs, path = Storage(options=storage_options or {}).fs(uri)
         if not fs.exists(path):
             raise ManifestError(f"{redact(uri)}: manifest not found")
         if fmt == "parquet":

@@ -9,12 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-import fsspec
 import yaml
 from pydantic import ValidationError
 
 from specs.spec import Spec
-from tasks.storage import redact
+from tasks.storage import Storage, redact
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 MAX_SPEC_BYTES = 1 << 20
@@ -54,7 +53,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 
 def _read_folder(uri: str, storage_options: dict | None) -> list[tuple[str, str]]:
-    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs, root = Storage(options=storage_options or {}).fs(uri)
     if not fs.isdir(root):
         raise SpecError(f"{redact(uri)}: spec folder not found")
     found = []
