@@ -1,13 +1,19 @@
-"""What a run shows while in flight and at the end: Prefect artifacts (progress, failed rows, summary), the run
-logger, and an optional in-process listener (the CLI's terminal progress bar)."""
+"""What a run shows while in flight and at the end: Prefect artifacts (progress, failed rows, summary, contact
+sheet), tags on the flow run, the run logger, and an optional in-process listener (the CLI's progress bar)."""
 
 from __future__ import annotations
 
+import io
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tasks.storage import redact
+from tasks.storage import Storage, join, redact
+
+CONTACT_SHEET_IMAGES = 64  # the first outputs by id
+CONTACT_SHEET_CELL = 128  # pixels per thumbnail
+CONTACT_SHEET_COLUMNS = 8
 
 ProgressListener = Callable[[int, int], None]  # (rows finished, rows to finish)
 _listeners: list[ProgressListener] = []
@@ -58,6 +64,7 @@ class RunMonitor:
     images: int = 0
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (id, spec, reason)
     per_spec: dict[str, SpecTally] = field(default_factory=dict)
+    shards: list[dict] = field(default_factory=list)  # per finished shard: where, when, how many rows
     _artifact_id: object = None
 
     @property
@@ -72,6 +79,18 @@ class RunMonitor:
         )
         self._notify()
 
+    def tag_flow_run(self, tags: list[str]) -> None:
+        """Add ``tags`` to this flow run, so the UI's run list filters by manifest and spec: a ``tags()``
+        context tags only the runs created inside it (the shard tasks), not the flow run already running."""
+        from prefect.client.orchestration import get_client
+        from prefect.runtime import flow_run
+
+        if not flow_run.id:
+            return
+        with get_client(sync_client=True) as client:
+            current = client.read_flow_run(flow_run.id).tags
+            client.update_flow_run(flow_run.id, tags=sorted(set(current) | set(tags)))
+
     def _progress_text(self) -> str:
         return f"{self.done}/{self.total} rows finished ({self.ok} ok, {self.failed} failed)"
 
@@ -80,11 +99,14 @@ class RunMonitor:
             listener(self.done, self.total)
 
     def row_failed(self, row_id: str, spec: str, reason: str) -> None:
-        """A row that failed before reaching a worker (validation, missing input)."""
+        """A row that failed outside a finished shard: before reaching a worker (validation, missing input),
+        or in a shard task that failed after its retries or never started."""
         self.done += 1
         self.failed += 1
         self.failures.append((row_id, spec, redact(reason)))
-        self.per_spec.setdefault(spec, SpecTally()).failed += 1
+        tally = self.per_spec.setdefault(spec, SpecTally())
+        tally.rows += 1
+        tally.failed += 1
 
     def shard_finished(self, stats: dict) -> None:
         from prefect.artifacts import update_progress_artifact
@@ -100,15 +122,20 @@ class RunMonitor:
         self.failed += stats["failed"]
         self.images += stats["images"]
         self.failures.extend((row_id, stats["spec"], reason) for row_id, reason in stats["failures"])
-        self.log.info("%s: %d ok, %d failed in %.1fs", stats["name"], stats["ok"], stats["failed"], stats["seconds"])
+        self.shards.append({key: stats[key] for key in ("name", "spec", "worker", "rows", "ok", "failed", "seconds",
+                                                         "started_at", "finished_at")})
+        self.log.info("%s on %s: %d ok, %d failed in %.1fs", stats["name"], stats["worker"], stats["ok"],
+                      stats["failed"], stats["seconds"])
         if self._artifact_id is not None and self.total:
             update_progress_artifact(self._artifact_id, progress=100.0 * self.done / self.total,
                                      description=self._progress_text())
         self._notify()
 
     def finish(self, summary: dict) -> None:
-        """Final artifacts: failed rows as a table, the run summary as markdown."""
-        from prefect.artifacts import create_markdown_artifact, create_table_artifact, update_progress_artifact
+        """Final artifacts: failed rows as a table, the run summary as markdown, and the contact sheet as an
+        image where the UI can load it (an http(s) URL; it cannot read s3:// or local files)."""
+        from prefect.artifacts import (create_image_artifact, create_markdown_artifact, create_table_artifact,
+                                       update_progress_artifact)
 
         if self._artifact_id is not None:
             update_progress_artifact(self._artifact_id, progress=100.0, description=self._progress_text())
@@ -118,12 +145,28 @@ class RunMonitor:
                 key=_artifact_key(f"{self.name}-failed-rows"),
                 description=f"{len(self.failures)} failed rows" + (" (first 1000)" if len(self.failures) > 1000 else ""),
             )
+        sheet = summary["contact_sheet"]
+        if sheet and shown_in_ui(sheet):
+            create_image_artifact(image_url=sheet, key=_artifact_key(f"{self.name}-contact-sheet"),
+                                  description=f"the first {CONTACT_SHEET_IMAGES} outputs")
         create_markdown_artifact(markdown=summary_markdown(summary, self.per_spec),
                                  key=_artifact_key(f"{self.name}-summary"), description="ipaflow run summary")
 
 
+def shown_in_ui(uri: str) -> bool:
+    """The Prefect UI displays image artifacts by URL, fetched by the browser: only http(s) works."""
+    return uri.startswith(("http://", "https://"))
+
+
 def summary_markdown(summary: dict, per_spec: dict[str, SpecTally]) -> str:
     rate = summary["images"] / summary["seconds"] if summary["seconds"] else 0.0
+    sheet = summary["contact_sheet"]
+    if not sheet:
+        sheet_line = "- contact sheet: none (no image rendered yet)"
+    elif shown_in_ui(sheet):
+        sheet_line = f"- contact sheet: ![contact sheet]({sheet})"
+    else:
+        sheet_line = f"- contact sheet: `{redact(sheet)}` (open it from storage: the UI shows only http(s) images)"
     lines = [
         f"# ipaflow run `{summary['run_id']}`",
         "",
@@ -132,6 +175,7 @@ def summary_markdown(summary: dict, per_spec: dict[str, SpecTally]) -> str:
         f"- rows: {summary['rows']} = {summary['rendered']} rendered + {summary['skipped']} skipped (already done)"
         f" + {summary['failed']} failed",
         f"- images: {summary['images']} in {summary['seconds']:.1f}s ({rate:.2f} images/s)",
+        sheet_line,
         "",
         "| spec | rows | ok | failed | images | worker seconds |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -139,4 +183,45 @@ def summary_markdown(summary: dict, per_spec: dict[str, SpecTally]) -> str:
     for spec in sorted(per_spec):
         t = per_spec[spec]
         lines.append(f"| {spec} | {t.rows} | {t.ok} | {t.failed} | {t.images} | {t.seconds:.1f} |")
+    lines += ["", "| worker | shards | rows | busy seconds |", "| --- | ---: | ---: | ---: |"]
+    for worker, done in sorted(_by_worker(summary["shards"]).items()):
+        lines.append(f"| {worker} | {len(done)} | {sum(s['rows'] for s in done)} | "
+                     f"{sum(s['seconds'] for s in done):.1f} |")
     return "\n".join(lines)
+
+
+def _by_worker(shards: list[dict]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = {}
+    for shard in shards:
+        grouped.setdefault(shard["worker"], []).append(shard)
+    return grouped
+
+
+def write_contact_sheet(storage: Storage, out: str, records: list[dict]) -> str | None:
+    """``<out>/contact-sheet.png``: the first outputs (by row id) as one PNG grid, to judge a run at a glance
+    in any image viewer or bucket browser; the first frame of a video. None when nothing is rendered."""
+    import PIL.Image
+    import PIL.ImageOps
+
+    ok = sorted((r for r in records if r["status"] == "ok"), key=lambda r: r["id"])
+    uris = [uri for record in ok for uri in record["outputs"]][:CONTACT_SHEET_IMAGES]
+    thumbs = []
+    for uri in uris:
+        try:
+            with PIL.Image.open(io.BytesIO(storage.read_bytes(uri))) as image:
+                thumbs.append(PIL.ImageOps.contain(image.convert("RGB"), (CONTACT_SHEET_CELL, CONTACT_SHEET_CELL)))
+        except Exception as exc:  # noqa: BLE001 - one unreadable output must not cost the sheet
+            _logger().warning("contact sheet: skipping %s: %s", redact(uri), redact(exc))
+    if not thumbs:
+        return None
+    columns = min(CONTACT_SHEET_COLUMNS, len(thumbs))
+    cell = CONTACT_SHEET_CELL
+    sheet = PIL.Image.new("RGB", (columns * cell, math.ceil(len(thumbs) / columns) * cell), "white")
+    for number, thumb in enumerate(thumbs):
+        row, column = divmod(number, columns)
+        sheet.paste(thumb, (column * cell + (cell - thumb.width) // 2, row * cell + (cell - thumb.height) // 2))
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    uri = join(out, "contact-sheet.png")
+    storage.write_atomic(uri, buffer.getvalue())
+    return uri

@@ -1,4 +1,5 @@
-"""A terminal progress bar for ``ipaflow render`` (rich), shown only when stderr is a terminal."""
+"""A terminal progress bar for ``ipaflow render`` (rich), drawn on stderr and only when stderr is a terminal
+(stdout keeps the run summary, clean for pipes)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ def terminal_progress():
     if not sys.stderr.isatty():
         yield
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = (TextColumn("rendering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as progress:
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         bar = progress.add_task("rows", total=None)
 
         def listener(done: int, total: int) -> None:

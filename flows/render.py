@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger, tags
 from prefect.futures import as_completed
 from pydantic import Field, SecretStr
 
-from flows.monitoring import RunMonitor
+from flows.monitoring import RunMonitor, write_contact_sheet
 from flows.runners import gpu_routing
 from specs.jobs import Job, resolve_manifest
 from specs.manifest import open_manifest
@@ -166,16 +166,17 @@ def render_manifest(
     metadata.compact()
     all_records = list(metadata.load().values())
     gallery = write_gallery(storage, out, all_records)
+    contact_sheet = write_contact_sheet(storage, out, all_records)
     this_run = [r for r in all_records if r["run_id"] == run_id]
     rendered_ok = sum(1 for r in this_run if r["status"] == "ok")
-    failed = sum(1 for r in this_run if r["status"] == "failed") + sum(
-        1 for row_id, _, _ in failed_early.values() if row_id.startswith("#")
-    )
+    # rows without a record of their own (an invalid id, or a repeated one) count too
+    failed = sum(1 for r in this_run if r["status"] == "failed") + len(failed_early) - len(early_records)
     summary = {
         "run_id": run_id,
         "manifest": manifest,
         "out": out,
         "gallery": gallery,
+        "contact_sheet": contact_sheet,
         "rows": monitor.total,
         "rendered": rendered_ok,
         "skipped": skipped,
@@ -183,6 +184,7 @@ def render_manifest(
         "images": sum(len(r["outputs"]) for r in this_run if r["status"] == "ok"),
         "seconds": round(time.perf_counter() - started, 3),
         "failures": [{"id": i, "spec": s, "error": e} for i, s, e in monitor.failures],
+        "shards": monitor.shards,
     }
     monitor.finish(summary)
     logger.info("done: %d rendered, %d skipped, %d failed in %.1fs; gallery %s",
@@ -197,8 +199,9 @@ def _run_shards(shards: list[ShardPlan], settings: RunSettings, monitor: RunMoni
     pending = deque(shards)
     running: dict[Any, ShardPlan] = {}
     results: list[dict] = []
-    spec_tags = sorted({f"spec:{s.spec.name}" for s in shards})
-    with tags("ipaflow", f"manifest:{manifest_name}", *spec_tags), gpu_routing():
+    run_tags = ["ipaflow", f"manifest:{manifest_name}", *sorted({f"spec:{s.spec.name}" for s in shards})]
+    monitor.tag_flow_run(run_tags)
+    with tags(*run_tags), gpu_routing():
         while pending or running:
             while pending and len(running) < max_in_flight and not _too_many(monitor, max_failures):
                 shard = pending.popleft()

@@ -4,7 +4,9 @@
 
 Parameters are a pydantic model, validated by the Prefect API when a run is created, so a bad parameter is
 rejected before any worker starts. ``{date}`` (YYYY-MM-DD) and ``{datetime}`` (YYYYMMDDTHHMMSS) in ``out``
-are filled from the run's scheduled time.
+are filled from the run's scheduled time. Each run renders through the task runner its parameters name: the
+serving process itself (default), a local Dask cluster (``workers``) or an existing one (``dask_address``).
+The same flow deploys to a work pool with ``prefect deploy`` (see prefect.yaml).
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import argparse
 from datetime import datetime, timezone
 
 from prefect import flow
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows.render import render_manifest
+from flows.runners import make_task_runner
 
 
 class ScheduledRender(BaseModel):
+    """The parameters of a scheduled run: the deployment's parameter schema, which the API enforces."""
+
     model_config = ConfigDict(extra="forbid")
 
     manifest: str = Field(min_length=1, description="manifest URI")
@@ -30,6 +35,14 @@ class ScheduledRender(BaseModel):
     overwrite: bool = False
     max_failures: int | None = Field(default=None, ge=1)
     limit: int | None = Field(default=None, ge=1)
+    dask_address: str | None = Field(default=None, description="existing Dask scheduler, e.g. tcp://host:8786")
+    workers: int | None = Field(default=None, ge=1, description="or: a local Dask cluster of N GPU workers")
+
+    @model_validator(mode="after")
+    def _one_cluster(self) -> "ScheduledRender":
+        if self.dask_address and self.workers:
+            raise ValueError("give dask_address or workers, not both")
+        return self
 
 
 def fill_template(template: str, when: datetime) -> str:
@@ -43,7 +56,8 @@ def scheduled_render(job: ScheduledRender) -> dict:
     from prefect.runtime import flow_run
 
     when = flow_run.scheduled_start_time or datetime.now(timezone.utc)
-    return render_manifest(
+    runner, in_flight = make_task_runner(job.dask_address, job.workers)
+    return render_manifest.with_options(task_runner=runner)(
         manifest=job.manifest,
         out=fill_template(job.out, when),
         specs=job.specs,
@@ -53,6 +67,7 @@ def scheduled_render(job: ScheduledRender) -> dict:
         overwrite=job.overwrite,
         max_failures=job.max_failures,
         limit=job.limit,
+        max_in_flight=in_flight,
     )
 
 
@@ -65,20 +80,28 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--specs", action="append", default=[], metavar="DIR")
     parser.add_argument("--models", help="models folder (on this machine)")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--shard-size", type=int)
     parser.add_argument("--max-failures", type=int)
+    cluster = parser.add_mutually_exclusive_group()
+    cluster.add_argument("--dask-address", help="existing Dask scheduler, e.g. tcp://host:8786")
+    cluster.add_argument("--workers", type=int, help="a local Dask cluster with N GPU workers per run")
 
 
 def make_deployment(args):
+    """The deployment ``ipaflow serve`` serves; its parameters are validated here and again by the API."""
     from prefect.schedules import Cron
+    from prefect.types.entrypoint import EntrypointType
 
     job = ScheduledRender(manifest=args.manifest, out=args.out, specs=args.specs, models=args.models,
-                          batch_size=args.batch_size, max_failures=args.max_failures)
+                          batch_size=args.batch_size, shard_size=args.shard_size, max_failures=args.max_failures,
+                          dask_address=args.dask_address, workers=args.workers)
     return scheduled_render.to_deployment(
         name=args.name,
         schedule=Cron(args.cron, timezone=args.timezone),
         parameters={"job": job.model_dump(mode="json")},
         tags=["ipaflow"],
         description="ipaflow scheduled dataset generation",
+        entrypoint_type=EntrypointType.MODULE_PATH,  # runs import the installed package, whatever the cwd
     )
 
 

@@ -6,6 +6,10 @@ and results must never be reused across runs (the metadata decides what is done)
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
+import time
 from typing import Any
 
 from prefect import task
@@ -15,8 +19,23 @@ from tasks.shards import ShardPlan
 from tasks.worker import RunSettings, run_shard
 
 
+def worker_name() -> str:
+    """Where this shard runs: the Dask worker's address on a cluster, else host:pid (threads in the flow's
+    process). The run summary lists it per shard, so an operator sees which GPU did what."""
+    if "distributed" in sys.modules:  # without it imported this cannot be a Dask worker
+        from distributed import get_worker
+
+        try:
+            return get_worker().address
+        except ValueError:  # not inside a Dask worker
+            pass
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 @task(name="render-shard", task_run_name="{shard.name}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def render_shard(shard: ShardPlan, settings: RunSettings) -> dict[str, Any]:
     """Render one shard; a worker that dies mid-shard has the shard re-run (retries), which skips the rows
     its earlier attempt already journaled."""
-    return run_shard(shard, settings).model_dump()
+    started = time.time()
+    stats = run_shard(shard, settings).model_dump()
+    return {**stats, "worker": worker_name(), "started_at": started, "finished_at": time.time()}
