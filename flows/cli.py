@@ -16,6 +16,7 @@ def _quiet_environment() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")  # run logs still reach the UI
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "ipaflow")  # ipaflow's own loggers too
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
@@ -80,9 +81,20 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("name")
     show.add_argument("--specs", action="append", default=[], metavar="DIR")
 
-    from flows.serve import add_serve_arguments
-
-    add_serve_arguments(commands.add_parser("serve", help="serve the render flow on a cron schedule"))
+    serve = commands.add_parser("serve", help="serve the render flow as a deployment on a cron schedule")
+    serve.add_argument("--manifest", required=True, help="manifest URI")
+    serve.add_argument("--out", required=True, help="output URI; {date} and {datetime} are filled in per run")
+    serve.add_argument("--cron", default="0 2 * * *", help="cron schedule (default: every day at 02:00)")
+    serve.add_argument("--timezone", default="UTC", help="time zone of the cron schedule")
+    serve.add_argument("--name", default="nightly", help="deployment name")
+    serve.add_argument("--specs", action="append", default=[], metavar="DIR")
+    serve.add_argument("--models", help="models folder (on the machines that render)")
+    serve.add_argument("--batch-size", type=int, default=4)
+    serve.add_argument("--shard-size", type=int)
+    serve.add_argument("--max-failures", type=int)
+    serve_cluster = serve.add_mutually_exclusive_group()
+    serve_cluster.add_argument("--dask-address", help="existing Dask scheduler, e.g. tcp://host:8786")
+    serve_cluster.add_argument("--workers", type=int, help="a local Dask cluster with N GPU workers per run")
     return parser
 
 
@@ -158,7 +170,7 @@ def cmd_validate(args) -> int:
         return 1
     for problem in problems:
         print(problem)
-    bad_rows = len({p.row for p in problems})
+    bad_rows = len({p.index for p in problems})
     print(f"{rows} rows checked: {rows - bad_rows} ok, {bad_rows} with problems", file=sys.stderr)
     return 1 if problems else 0
 

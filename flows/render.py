@@ -16,6 +16,7 @@ import posixpath
 import time
 import uuid
 from collections import deque
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
@@ -28,12 +29,14 @@ from flows.runners import gpu_routing
 from specs.jobs import Job, resolve_manifest
 from specs.manifest import open_manifest
 from specs.registry import SpecRegistry
+from specs.spec import Spec
+from tasks.inputs import InputError
 from tasks.gallery import write_gallery
 from tasks.keys import identify_inputs, row_key
 from tasks.metadata import MetadataStore, make_record
 from tasks.shards import ShardPlan, plan_shards
-from tasks.storage import Storage, is_local, join, redact
 from tasks.prefect_tasks import render_shard
+from tasks.storage import Storage, is_local, join, redact
 from tasks.worker import RunSettings
 from tasks.writers import output_paths
 
@@ -101,23 +104,76 @@ def render_manifest(
     run_id = new_run_id()
     settings = RunSettings(run_id=run_id, out=out, batch_size=batch_size, models=models, storage_options=storage_options)
     storage = settings.storage()
+    storage.clean_staging()  # partial files of a run that was killed mid-write
     options = json.loads(storage_options.get_secret_value()) if storage_options else None
     registry = SpecRegistry(specs or [], storage_options=options)
     opened = open_manifest(manifest, storage_options=options)
     metadata = MetadataStore(storage, out)
-    recovered = metadata.compact()  # journals of runs that died fold in first
-    if recovered:
+    if recovered := metadata.compact():  # journals of runs that died fold in first
         logger.info("folded %d journal file(s) left by an earlier run", recovered)
 
+    plan = plan_rows(opened, registry, storage, metadata, limit, overwrite)
+    name = posixpath.basename(manifest).rsplit(".", 1)[0] or "manifest"
+    monitor = RunMonitor(name=name, total=plan.total)
+    monitor.start()
+    monitor.done = monitor.ok = plan.skipped
+    recorded = _journal_rejected(plan, metadata, monitor, run_id)
+    logger.info("%d rows: %d to render, %d already done, %d failed validation",
+                plan.total, len(plan.todo), plan.skipped, len(plan.rejected))
+
+    shards = plan_shards(plan.todo, plan.specs, plan.keys, batch_size, shard_size)
+    stats = _run_shards(shards, settings, monitor, max_failures, max_in_flight, name)
+    _journal_unfinished(shards, stats, plan.keys, metadata, monitor, run_id)
+
+    metadata.compact()
+    all_records = list(metadata.load().values())
+    this_run = [r for r in all_records if r["run_id"] == run_id]
+    summary = {
+        "run_id": run_id,
+        "manifest": manifest,
+        "out": out,
+        "gallery": write_gallery(storage, out, all_records),
+        "contact_sheet": write_contact_sheet(storage, out, all_records),
+        "rows": plan.total,
+        "rendered": sum(1 for r in this_run if r["status"] == "ok"),
+        "skipped": plan.skipped,
+        # rows without a record of their own (an invalid id, or a repeated one) count too
+        "failed": sum(1 for r in this_run if r["status"] == "failed") + len(plan.rejected) - recorded,
+        "images": sum(len(r["outputs"]) for r in this_run if r["status"] == "ok"),
+        "seconds": round(time.perf_counter() - started, 3),
+        "failures": [{"id": i, "spec": s, "error": e} for i, s, e in monitor.failures],
+        "shards": monitor.shards,
+    }
+    monitor.finish(summary)
+    logger.info("done: %d rendered, %d skipped, %d failed in %.1fs; gallery %s", summary["rendered"],
+                summary["skipped"], summary["failed"], summary["seconds"], redact(summary["gallery"]))
+    return summary
+
+
+@dataclass
+class RowPlan:
+    """What a run does with each manifest row: render it, skip it (done), or reject it (with the reason)."""
+
+    todo: list[Job]
+    keys: dict[str, str]  # id -> key, for every row that can run
+    specs: dict[str, Spec]
+    skipped: int
+    rejected: dict[int, tuple[str, str, str]]  # manifest index -> (id, spec, reason)
+
+    @property
+    def total(self) -> int:
+        return len(self.todo) + self.skipped + len(self.rejected)
+
+
+def plan_rows(opened, registry: SpecRegistry, storage: Storage, metadata: MetadataStore, limit: int | None,
+              overwrite: bool) -> RowPlan:
+    """Resolve and key every row; rows whose key matches an ``ok`` record with its outputs present are done."""
     jobs, bad = resolve_manifest(opened, registry)
     if limit is not None:
         jobs = [job for job in jobs if job.index < limit]
         bad = [(index, problems) for index, problems in bad if index < limit]
-    failed_early: dict[int, tuple[str, str, str]] = {}  # index -> (id, spec, reason)
-    for index, problems in bad:
-        reason = "; ".join(f"{p.column}: {p.reason}" for p in problems)  # every problem, as validate lists them
-        failed_early[index] = (problems[0].row, "", reason)
-
+    rejected = {index: (problems[0].row, "", "; ".join(f"{p.column}: {p.reason}" for p in problems))
+                for index, problems in bad}  # every problem, as validate lists them
     specs_used = {job.spec: registry.get(job.spec) for job in jobs}
     identities = identify_inputs(storage, jobs)
     keys: dict[str, str] = {}
@@ -126,70 +182,41 @@ def render_manifest(
         try:
             keys[job.id] = row_key(job, specs_used[job.spec], identities)
             runnable.append(job)
-        except Exception as exc:  # an InputError: missing or unreadable input
-            failed_early[job.index] = (job.id, job.spec, f"{exc.column}: {exc.reason}")
-
+        except InputError as exc:  # a missing or unreadable input
+            rejected[job.index] = (job.id, job.spec, f"{exc.column}: {exc.reason}")
     previous = metadata.load()
-    present = _existing_outputs(storage, out) if previous and not overwrite else set()
-    todo = [j for j in runnable if overwrite or not _is_done(previous.get(j.id), keys[j.id], j, specs_used[j.spec], present)]
-    skipped = len(runnable) - len(todo)
+    present = _existing_outputs(storage, out=metadata.out) if previous and not overwrite else set()
+    todo = [job for job in runnable
+            if overwrite or not _is_done(previous.get(job.id), keys[job.id], job, specs_used[job.spec], present)]
+    return RowPlan(todo=todo, keys=keys, specs=specs_used, skipped=len(runnable) - len(todo), rejected=rejected)
 
-    name = posixpath.basename(manifest).rsplit(".", 1)[0] or "manifest"
-    monitor = RunMonitor(name=name, total=len(runnable) + len(failed_early))
-    monitor.start()
-    monitor.done = monitor.ok = skipped
-    early_records = {}
-    for index, (row_id, spec, reason) in sorted(failed_early.items()):
+
+def _journal_rejected(plan: RowPlan, metadata: MetadataStore, monitor: RunMonitor, run_id: str) -> int:
+    """Record the rows that failed before rendering; returns how many records (one per usable id)."""
+    records = {}
+    for index, (row_id, spec, reason) in sorted(plan.rejected.items()):
         monitor.row_failed(row_id, spec or "-", reason)
-        if not row_id.startswith("#") and row_id not in early_records:  # one record per id
-            early_records[row_id] = make_record(job_id=row_id, spec=spec, status="failed", run_id=run_id, error=reason)
-    metadata.journal(run_id, "invalid-rows", list(early_records.values()))
-    logger.info("%d rows: %d to render, %d already done, %d failed validation",
-                monitor.total, len(todo), skipped, len(failed_early))
+        if not row_id.startswith("#") and row_id not in records:
+            records[row_id] = make_record(job_id=row_id, spec=spec, status="failed", run_id=run_id, error=reason)
+    metadata.journal(run_id, "invalid-rows", list(records.values()))
+    return len(records)
 
-    shards = plan_shards(todo, specs_used, keys, batch_size, shard_size)
-    stats = _run_shards(shards, settings, monitor, max_failures, max_in_flight, name)
 
-    finished_ids = metadata.journaled_ids(run_id)
+def _journal_unfinished(shards: list[ShardPlan], stats: list[dict], keys: dict[str, str], metadata: MetadataStore,
+                        monitor: RunMonitor, run_id: str) -> None:
+    """Rows of shard tasks that failed after their retries, or that never started, fail with the reason."""
+    finished = metadata.journaled_ids(run_id)
     reasons = {s["name"]: s["error"] for s in stats if "error" in s}
     records = []
-    for shard in shards:  # rows of shard tasks that failed after their retries, or never started
+    for shard in shards:
         for job in shard.jobs:
-            if job.id not in finished_ids:
+            if job.id not in finished:
                 reason = reasons.get(shard.name, "not rendered: the run stopped early (--max-failures)")
                 monitor.row_failed(job.id, job.spec, reason)
                 records.append(make_record(job_id=job.id, spec=job.spec, status="failed", run_id=run_id,
                                            error=reason, seed=job.seed, params=job.params, key=keys[job.id],
                                            extra=job.extra))
     metadata.journal(run_id, "unfinished-rows", records)
-
-    metadata.compact()
-    all_records = list(metadata.load().values())
-    gallery = write_gallery(storage, out, all_records)
-    contact_sheet = write_contact_sheet(storage, out, all_records)
-    this_run = [r for r in all_records if r["run_id"] == run_id]
-    rendered_ok = sum(1 for r in this_run if r["status"] == "ok")
-    # rows without a record of their own (an invalid id, or a repeated one) count too
-    failed = sum(1 for r in this_run if r["status"] == "failed") + len(failed_early) - len(early_records)
-    summary = {
-        "run_id": run_id,
-        "manifest": manifest,
-        "out": out,
-        "gallery": gallery,
-        "contact_sheet": contact_sheet,
-        "rows": monitor.total,
-        "rendered": rendered_ok,
-        "skipped": skipped,
-        "failed": failed,
-        "images": sum(len(r["outputs"]) for r in this_run if r["status"] == "ok"),
-        "seconds": round(time.perf_counter() - started, 3),
-        "failures": [{"id": i, "spec": s, "error": e} for i, s, e in monitor.failures],
-        "shards": monitor.shards,
-    }
-    monitor.finish(summary)
-    logger.info("done: %d rendered, %d skipped, %d failed in %.1fs; gallery %s",
-                rendered_ok, skipped, failed, summary["seconds"], redact(gallery))
-    return summary
 
 
 def _run_shards(shards: list[ShardPlan], settings: RunSettings, monitor: RunMonitor, max_failures: int | None,

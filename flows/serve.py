@@ -11,7 +11,6 @@ The same flow deploys to a work pool with ``prefect deploy`` (see prefect.yaml).
 
 from __future__ import annotations
 
-import argparse
 from datetime import datetime, timezone
 
 from prefect import flow
@@ -69,22 +68,6 @@ def scheduled_render(job: ScheduledRender) -> dict:
         limit=job.limit,
         max_in_flight=in_flight,
     )
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--manifest", required=True, help="manifest URI")
-    parser.add_argument("--out", required=True, help="output URI; {date} and {datetime} are filled in per run")
-    parser.add_argument("--cron", default="0 2 * * *", help="cron schedule (default: every day at 02:00)")
-    parser.add_argument("--timezone", default="UTC", help="time zone of the cron schedule")
-    parser.add_argument("--name", default="nightly", help="deployment name")
-    parser.add_argument("--specs", action="append", default=[], metavar="DIR")
-    parser.add_argument("--models", help="models folder (on this machine)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--shard-size", type=int)
-    parser.add_argument("--max-failures", type=int)
-    cluster = parser.add_mutually_exclusive_group()
-    cluster.add_argument("--dask-address", help="existing Dask scheduler, e.g. tcp://host:8786")
-    cluster.add_argument("--workers", type=int, help="a local Dask cluster with N GPU workers per run")
 
 
 def make_deployment(args):

@@ -32,7 +32,7 @@ def validate_manifest(manifest: str, spec_dirs: list[str] | None = None, storage
                     try:
                         fetcher.get(job)
                     except InputError as exc:
-                        found.append((job.index, Problem(job.id, exc.column, exc.reason)))
+                        found.append((job.index, Problem(job.id, exc.column, exc.reason, job.index)))
         finally:
             fetcher.close()
     found.sort(key=lambda item: item[0])

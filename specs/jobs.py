@@ -48,9 +48,10 @@ CANNOT_HONOUR = {
 
 @dataclass(frozen=True)
 class Problem:
-    row: str
+    row: str  # the row's id, or #<index> when it has no usable id
     column: str
     reason: str
+    index: int = -1  # the row's position in the manifest (0-based)
 
     def __str__(self) -> str:
         """One line, whatever an exception message held."""
@@ -395,7 +396,7 @@ def _colliding_outputs(jobs: list[Job], registry: SpecRegistry) -> dict[int, lis
         for job in owners:
             others = ", ".join(f"{other.index} ({other.id})" for other in owners if other is not job)
             reason = f"its output {stem} ({fmt}) is also written by manifest row {others}; rename one"
-            bad.setdefault(job.index, []).append(Problem(job.id, "id", reason))
+            bad.setdefault(job.index, []).append(Problem(job.id, "id", reason, job.index))
     return bad
 
 
@@ -415,12 +416,12 @@ def resolve_rows(rows: Iterable[dict], registry: SpecRegistry, base: str = "") -
         try:
             jobs.append(resolve_row(row, index, registry, base))
         except RowProblems as exc:
-            bad[index] = [Problem(label, e.column, e.reason) for e in exc.errors]
+            bad[index] = [Problem(label, e.column, e.reason, index) for e in exc.errors]
     for row_id, where in indexes.items():
         if len(where) > 1:
             reason = f"duplicate id (manifest rows {', '.join(str(i) for i in where)})"
             for index in where:
-                bad.setdefault(index, []).insert(0, Problem(row_id, "id", reason))
+                bad.setdefault(index, []).insert(0, Problem(row_id, "id", reason, index))
     jobs = [job for job in jobs if job.index not in bad]
     for index, problems in _colliding_outputs(jobs, registry).items():
         bad[index] = problems

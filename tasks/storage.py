@@ -283,6 +283,18 @@ class Storage:
             kwargs["ContentType"] = content_type
         self.retry(f"write {redact(uri)}", lambda: fs.pipe_file(path, data, **kwargs))
 
+    def clean_staging(self) -> int:
+        """Remove the partial files a killed run left in ``local_staging``; returns how many."""
+        if not self.local_staging or not is_local(self.local_staging):
+            return 0
+        folder = fsspec.core.url_to_fs(self.local_staging)[1]
+        if not os.path.isdir(folder):
+            return 0
+        stale = [name for name in os.listdir(folder) if name.endswith(".partial")]
+        for name in stale:
+            os.unlink(os.path.join(folder, name))
+        return len(stale)
+
     def delete(self, uri: str) -> None:
         fs, path = self.fs(uri)
         try:

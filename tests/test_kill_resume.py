@@ -83,3 +83,4 @@ def test_killed_render_resumes_without_loss_or_repeats(tmp_path, inputs_dir, mod
             assert image.size == (64, 64) and f'"id":"{path.stem}"' in image.text["parameters"]
     assert not [p for p in (out / "images").iterdir() if p.suffix != ".png"]
     assert [p.name for p in (out / "metadata").iterdir()] == ["records.parquet"]
+    assert not list(out.rglob("*.partial"))  # what the kill left half-written is cleaned up
