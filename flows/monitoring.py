@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -205,13 +206,17 @@ def write_contact_sheet(storage: Storage, out: str, records: list[dict]) -> str 
 
     ok = sorted((r for r in records if r["status"] == "ok"), key=lambda r: r["id"])
     uris = [uri for record in ok for uri in record["outputs"]][:CONTACT_SHEET_IMAGES]
-    thumbs = []
-    for uri in uris:
+
+    def thumbnail(uri: str):
         try:
             with PIL.Image.open(io.BytesIO(storage.read_bytes(uri))) as image:
-                thumbs.append(PIL.ImageOps.contain(image.convert("RGB"), (CONTACT_SHEET_CELL, CONTACT_SHEET_CELL)))
+                return PIL.ImageOps.contain(image.convert("RGB"), (CONTACT_SHEET_CELL, CONTACT_SHEET_CELL))
         except Exception as exc:  # noqa: BLE001 - one unreadable output must not cost the sheet
             _logger().warning("contact sheet: skipping %s: %s", redact(uri), redact(exc))
+            return None
+
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="ipaflow-sheet") as pool:  # remote reads overlap
+        thumbs = [thumb for thumb in pool.map(thumbnail, uris) if thumb is not None]
     if not thumbs:
         return None
     columns = min(CONTACT_SHEET_COLUMNS, len(thumbs))

@@ -128,12 +128,13 @@ def render_manifest(
     metadata.compact()
     all_records = list(metadata.load().values())
     this_run = [r for r in all_records if r["run_id"] == run_id]
+    contact_sheet = write_contact_sheet(storage, out, all_records)
     summary = {
         "run_id": run_id,
         "manifest": manifest,
         "out": out,
-        "gallery": write_gallery(storage, out, all_records),
-        "contact_sheet": write_contact_sheet(storage, out, all_records),
+        "gallery": write_gallery(storage, out, all_records, contact_sheet),
+        "contact_sheet": contact_sheet,
         "rows": plan.total,
         "rendered": sum(1 for r in this_run if r["status"] == "ok"),
         "skipped": plan.skipped,

@@ -29,7 +29,7 @@ def _relative(uri: str) -> str:
     return "/".join(quote(p) for p in parts[-2:])  # images/<file> or videos/<file>
 
 
-def render_gallery(records: list[dict], title: str = "ipaflow renders") -> str:
+def render_gallery(records: list[dict], title: str = "ipaflow renders", contact_sheet: str | None = None) -> str:
     by_spec: dict[str, list[dict]] = defaultdict(list)
     failed = []
     for record in sorted(records, key=lambda r: r["id"]):
@@ -38,7 +38,8 @@ def render_gallery(records: list[dict], title: str = "ipaflow renders") -> str:
     out = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1><div class='meta'>{ok} rendered, {len(failed)} failed</div>",
+        f"<h1>{html.escape(title)}</h1><div class='meta'>{ok} rendered, {len(failed)} failed"
+        + (f" &middot; <a href='{quote(contact_sheet)}'>contact sheet</a>" if contact_sheet else "") + "</div>",
     ]
     for spec in sorted(by_spec):
         out.append(f"<section><h2>{html.escape(spec)}</h2><div class='grid'>")
@@ -64,7 +65,9 @@ def render_gallery(records: list[dict], title: str = "ipaflow renders") -> str:
     return "\n".join(out)
 
 
-def write_gallery(storage: Storage, out: str, records: list[dict]) -> str:
+def write_gallery(storage: Storage, out: str, records: list[dict], contact_sheet: str | None = None) -> str:
+    """Write ``<out>/index.html``; ``contact_sheet`` is the sheet's URI, linked when there is one."""
     uri = join(out, "index.html")
-    storage.write_atomic(uri, render_gallery(records).encode("utf-8"))
+    sheet = contact_sheet.rsplit("/", 1)[-1] if contact_sheet else None
+    storage.write_atomic(uri, render_gallery(records, contact_sheet=sheet).encode("utf-8"))
     return uri

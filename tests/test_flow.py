@@ -66,6 +66,7 @@ def test_renders_outputs_and_one_record_per_row(tmp_path, inputs_dir, render):
     assert params["prompt"] == "a picture number 0" and params["num_inference_steps"] == STEPS
     gallery = (tmp_path / "out" / "index.html").read_text()
     assert "row-5" in gallery and "a picture number 5" in gallery
+    assert "href='contact-sheet.png'" in gallery and (tmp_path / "out" / "contact-sheet.png").exists()
     assert not list((tmp_path / "out").rglob("*.partial"))
 
 
