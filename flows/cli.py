@@ -119,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_zoo(args) -> int:
     import time
 
+    from tasks.pipelines import quiet_libraries
     from tasks.zoo import build_full_size_sd15, build_zoo, link_into_hf_cache
 
+    quiet_libraries()
     started = time.perf_counter()
     root = build_full_size_sd15(args.dir) if args.full_size_sd15 else build_zoo(args.dir, force=args.force)
     if args.hf_cache:
@@ -240,8 +242,10 @@ def cmd_demo(args) -> int:
     import time
 
     from flows.demo import write_demo
+    from tasks.pipelines import quiet_libraries
     from tasks.zoo import build_zoo
 
+    quiet_libraries()
     models = args.models or os.environ.get("IPAFLOW_MODELS")
     if not models:
         started = time.perf_counter()
