@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from tasks.shards import DEFAULT_BATCH_SIZE
+
 DEFAULT_ZOO = Path("~/.cache/ipaflow/zoo").expanduser()
 
 
@@ -50,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--out", required=True, help="output URI or path")
     _add_common(render)
     render.add_argument("--models", help="folder of models in hub layout (default $IPAFLOW_MODELS)")
-    render.add_argument("--batch-size", type=int, default=4, help="rows per pipeline call (default 4)")
+    render.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help=f"rows per pipeline call (default {DEFAULT_BATCH_SIZE})")
     render.add_argument("--shard-size", type=int, help="rows per task (default: automatic)")
     cluster = render.add_mutually_exclusive_group()
     cluster.add_argument("--dask-address", help="existing Dask scheduler, e.g. tcp://host:8786")
@@ -89,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", default="nightly", help="deployment name")
     serve.add_argument("--specs", action="append", default=[], metavar="DIR")
     serve.add_argument("--models", help="models folder (on the machines that render)")
-    serve.add_argument("--batch-size", type=int, default=4)
+    serve.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     serve.add_argument("--shard-size", type=int)
     serve.add_argument("--max-failures", type=int)
     serve_cluster = serve.add_mutually_exclusive_group()
@@ -177,7 +180,32 @@ def cmd_validate(args) -> int:
     return 1 if problems else 0
 
 
-def _render(args, manifest: str, out: str, models: str | None) -> dict:
+def _start_temporary_api():
+    """Without PREFECT_API_URL, Prefect starts a temporary API server at the first flow call and waits for it
+    (~10 s here). Starting it now, in a thread, overlaps that with loading torch, diffusers and the models;
+    the flow call then finds it running (Prefect keeps one such server per process). Returns the thread to
+    join before the flow call, or None when there is nothing to start (or this Prefect has no such server)."""
+    import threading
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
+        return None  # a real server (or a test harness, whose settings live in this thread's context)
+
+    def start() -> None:
+        try:
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().start()
+        except Exception:  # noqa: BLE001 - the flow call starts (or reports) it as usual
+            pass
+
+    thread = threading.Thread(target=start, name="ipaflow-prefect-api", daemon=True)
+    thread.start()
+    return thread
+
+
+def _render(args, manifest: str, out: str, models: str | None, api_starting=None) -> dict:
     from pydantic import SecretStr
 
     from flows.progress import terminal_progress
@@ -186,13 +214,17 @@ def _render(args, manifest: str, out: str, models: str | None) -> dict:
 
     options = _storage_options(getattr(args, "storage_options", None))
     runner, in_flight = make_task_runner(getattr(args, "dask_address", None), getattr(args, "workers", None))
+    if not (getattr(args, "dask_address", None) or getattr(args, "workers", None)):
+        _start_loading_first_pipeline(manifest, getattr(args, "specs", []), models, options)
+    if api_starting is not None:
+        api_starting.join()
     with terminal_progress():
         return render_manifest.with_options(task_runner=runner)(
             manifest=manifest,
             out=out,
             specs=getattr(args, "specs", []),
             models=models,
-            batch_size=getattr(args, "batch_size", 4),
+            batch_size=getattr(args, "batch_size", DEFAULT_BATCH_SIZE),
             shard_size=getattr(args, "shard_size", None),
             storage_options=SecretStr(json.dumps(options)) if options else None,
             overwrite=getattr(args, "overwrite", False),
@@ -200,6 +232,30 @@ def _render(args, manifest: str, out: str, models: str | None) -> dict:
             limit=getattr(args, "limit", None),
             max_in_flight=in_flight,
         )
+
+
+def _start_loading_first_pipeline(manifest: str, spec_dirs: list[str], models: str | None, options: dict | None):
+    """With the in-process runner, load the first shard's pipeline while Prefect starts its API server (both
+    take seconds, on different resources); the shard task then finds it in the per-process cache. Any problem
+    is left for the render itself to report."""
+    import logging
+    import threading
+
+    def load() -> None:
+        try:
+            from specs.manifest import open_manifest
+            from specs.registry import SpecRegistry
+            from tasks.pipelines import PIPELINES
+
+            registry = SpecRegistry(spec_dirs, storage_options=options)
+            names = {row.get("spec") for row in open_manifest(manifest, options).iter_rows()}
+            known = sorted(name for name in names if isinstance(name, str) and name in registry)
+            if known:
+                PIPELINES.get(registry.get(known[0]), models)  # shards run in spec-name order
+        except Exception:  # noqa: BLE001
+            logging.getLogger("ipaflow.cli").debug("preloading the first pipeline failed", exc_info=True)
+
+    threading.Thread(target=load, name="ipaflow-preload", daemon=True).start()
 
 
 def print_summary(summary: dict) -> None:
@@ -223,6 +279,7 @@ def cmd_render(args) -> int:
 
     if args.models:
         os.environ["IPAFLOW_MODELS"] = str(Path(args.models).expanduser().resolve())
+    api_starting = None if args.dry_run else _start_temporary_api()
     try:
         if args.dry_run:
             from flows.estimate import estimate_manifest, print_estimate
@@ -230,7 +287,7 @@ def cmd_render(args) -> int:
             print_estimate(estimate_manifest(args.manifest, args.specs, args.models, args.batch_size,
                                              _storage_options(args.storage_options)))
             return 0
-        summary = _render(args, args.manifest, args.out, args.models)
+        summary = _render(args, args.manifest, args.out, args.models, api_starting)
     except (ManifestError, SpecError) as exc:
         print(f"ipaflow: {exc}", file=sys.stderr)
         return 1
@@ -245,6 +302,7 @@ def cmd_demo(args) -> int:
     from tasks.pipelines import quiet_libraries
     from tasks.zoo import build_zoo
 
+    api_starting = _start_temporary_api()
     quiet_libraries()
     models = args.models or os.environ.get("IPAFLOW_MODELS")
     if not models:
@@ -255,7 +313,7 @@ def cmd_demo(args) -> int:
     out = Path(args.out).resolve()
     manifest = write_demo(out)
     print(f"demo manifest: {manifest}")
-    summary = _render(args, str(manifest), str(out), os.environ["IPAFLOW_MODELS"])
+    summary = _render(args, str(manifest), str(out), os.environ["IPAFLOW_MODELS"], api_starting)
     print_summary(summary)
     print(f"open {out / 'index.html'} in a browser; records in {out / 'metadata'}")
     return 0 if summary["failed"] == 0 else 1

@@ -34,7 +34,7 @@ from tasks.inputs import InputError
 from tasks.gallery import write_gallery
 from tasks.keys import identify_inputs, row_key
 from tasks.metadata import MetadataStore, make_record
-from tasks.shards import ShardPlan, plan_shards
+from tasks.shards import DEFAULT_BATCH_SIZE, ShardPlan, plan_shards
 from tasks.prefect_tasks import render_shard
 from tasks.storage import Storage, is_local, join, redact
 from tasks.worker import RunSettings
@@ -85,7 +85,7 @@ def render_manifest(
     out: str,
     specs: list[str] | None = None,
     models: str | None = None,
-    batch_size: PositiveInt = 4,
+    batch_size: PositiveInt = DEFAULT_BATCH_SIZE,
     shard_size: PositiveInt | None = None,
     storage_options: SecretStr | None = None,
     overwrite: bool = False,

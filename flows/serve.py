@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows.render import render_manifest
 from flows.runners import make_task_runner
+from tasks.shards import DEFAULT_BATCH_SIZE
 
 
 class ScheduledRender(BaseModel):
@@ -29,7 +30,7 @@ class ScheduledRender(BaseModel):
     out: str = Field(min_length=1, description="output URI; {date} and {datetime} are filled in")
     specs: list[str] = Field(default_factory=list, description="extra spec folders")
     models: str | None = Field(default=None, description="models folder on the workers")
-    batch_size: int = Field(default=4, ge=1, le=256)
+    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, le=256)
     shard_size: int | None = Field(default=None, ge=1)
     overwrite: bool = False
     max_failures: int | None = Field(default=None, ge=1)

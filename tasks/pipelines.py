@@ -34,6 +34,9 @@ class LoadedPipeline:
     dtype: torch.dtype
     embeddings: EmbeddingCache = field(default_factory=EmbeddingCache)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Largest batch that fit in GPU memory, per output shape (width, height, frames), learnt from
+    # out-of-memory splits so that later batches of that shape do not fail first.
+    batch_limits: dict[tuple, int] = field(default_factory=dict)
 
     @property
     def adapter_hidden_states(self) -> list[bool]:

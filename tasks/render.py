@@ -163,9 +163,14 @@ def describe_error(exc: BaseException) -> str:
     return redact(f"render: {type(exc).__name__}: {first}"[:500])
 
 
+def output_shape(job: Job) -> tuple:
+    """What decides a batch's memory besides its size."""
+    return tuple(job.params.get(name) for name in ("width", "height", "num_frames"))
+
+
 def render_rows(loaded: LoadedPipeline, jobs: Sequence[Job], inputs: Sequence[RowInputs]) -> Iterator[Rendered]:
-    """Render a batch; on out-of-memory split it in halves and retry; if a batch fails otherwise, retry its
-    rows one by one so that only the row at fault fails."""
+    """Render a batch; on out-of-memory split it in halves and retry (and remember the smaller size for the
+    shape); if a batch fails otherwise, retry its rows one by one so that only the row at fault fails."""
     import time
 
     start = time.perf_counter()
@@ -179,7 +184,12 @@ def render_rows(loaded: LoadedPipeline, jobs: Sequence[Job], inputs: Sequence[Ro
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if len(jobs) > 1:
-            if not oom:
+            if oom:
+                shape = output_shape(jobs[0])
+                loaded.batch_limits[shape] = min(loaded.batch_limits.get(shape, len(jobs)), len(jobs) // 2)
+                log.warning("out of GPU memory at a batch of %d; batches of this shape now hold at most %d",
+                            len(jobs), loaded.batch_limits[shape])
+            else:
                 log.warning("batch of %d failed (%s); rendering its rows one by one", len(jobs), reason)
             half = len(jobs) // 2 if oom else 1
             parts = [(jobs[i:i + half], inputs[i:i + half]) for i in range(0, len(jobs), half)]

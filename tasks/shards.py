@@ -15,6 +15,9 @@ from pydantic import BaseModel
 from specs.jobs import Job
 from specs.spec import Spec
 
+# Rows per pipeline call unless told otherwise: 8 measured 2-4x the throughput of single rows on a CPU and on
+# an H200; a batch that does not fit in GPU memory is split (and the smaller size remembered).
+DEFAULT_BATCH_SIZE = 8
 TARGET_SHARDS = 128  # about this many tasks for a large manifest
 MAX_SHARD_ROWS = 1024
 

@@ -18,8 +18,8 @@ from specs.jobs import Job
 from tasks.inputs import InputError, InputFetcher, RowInputs
 from tasks.metadata import MetadataStore
 from tasks.pipelines import PIPELINES
-from tasks.render import batch_key, render_rows
-from tasks.shards import ShardPlan
+from tasks.render import batch_key, output_shape, render_rows
+from tasks.shards import DEFAULT_BATCH_SIZE, ShardPlan
 from tasks.storage import Storage, join, redact
 from tasks.writers import ShardWriter
 
@@ -31,7 +31,7 @@ class RunSettings(BaseModel):
 
     run_id: str
     out: str
-    batch_size: int = 4
+    batch_size: int = DEFAULT_BATCH_SIZE
     models: str | None = None
     storage_options: SecretStr | None = None  # JSON; SecretStr keeps it out of logs and the Prefect UI
 
@@ -53,14 +53,16 @@ class ShardStats(BaseModel):
     failures: list[tuple[str, str]] = []
 
 
-def _batches(jobs: list[Job], inputs: dict[str, RowInputs], batch_size: int):
-    """Group a window's rows by call compatibility (first-seen order), then cut groups to batch_size."""
+def _batches(loaded, jobs: list[Job], inputs: dict[str, RowInputs], batch_size: int):
+    """Group a window's rows by call compatibility (first-seen order), then cut groups to batch_size, or to
+    the smaller size an out-of-memory taught the pipeline for that shape."""
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
         groups.setdefault(batch_key(job, inputs[job.id]), []).append(job)
     for group in groups.values():
-        for start in range(0, len(group), batch_size):
-            yield group[start:start + batch_size]
+        size = min(batch_size, loaded.batch_limits.get(output_shape(group[0]), batch_size))
+        for start in range(0, len(group), size):
+            yield group[start:start + size]
 
 
 def run_shard(shard: ShardPlan, settings: RunSettings) -> ShardStats:
@@ -98,7 +100,7 @@ def run_shard(shard: ShardPlan, settings: RunSettings) -> ShardStats:
                 except InputError as exc:
                     writer.fail(job, f"{exc.column}: {exc.reason}")
             batchable = [job for job in rows if job.id in ready]
-            for batch in _batches(batchable, ready, settings.batch_size):
+            for batch in _batches(loaded, batchable, ready, settings.batch_size):
                 for rendered in render_rows(loaded, batch, [ready[job.id] for job in batch]):
                     writer.submit(rendered)
                 writer.flush()

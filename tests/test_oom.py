@@ -52,7 +52,8 @@ def tight_memory(loaded, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(pipeline_class, "__call__", call)
-    return calls
+    yield calls
+    loaded.batch_limits.clear()  # the cached pipeline is shared with other tests
 
 
 def _jobs_and_inputs(rows):
@@ -79,6 +80,11 @@ def test_oom_splits_the_batch_until_it_fits(loaded, tight_memory, monkeypatch, i
     assert tight_memory == [4, 2, 1, 1, 2, 1, 1]  # halves, then quarters; nothing failed on the way
     assert [r.job.id for r in split] == [job.id for job in jobs]
     assert all(r.error is None and r.batch_size == 1 for r in split)
+
+    from tasks.worker import _batches  # later batches of that shape start at the size that fitted
+    assert loaded.batch_limits == {(None, None, None): 1}
+    ready = {job.id: row for job, row in zip(jobs, inputs)}
+    assert [len(batch) for batch in _batches(loaded, jobs, ready, batch_size=4)] == [1, 1, 1, 1]
 
     monkeypatch.undo()  # enough memory again: each row alone gives the same pixels
     for result, job, row in zip(split, jobs, inputs):
