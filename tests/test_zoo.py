@@ -386,43 +386,15 @@ def test_sd15_face_models_bin_and_safetensors(zoo_dir, stem):
 
 
 def test_sdxl_multi_ip_adapter_with_passed_image_encoder(zoo_dir):
-    from diffusers import AutoPipelineForText2Image, DDIMScheduler
-    from transformers import CLIPVisionModelWithProjection
+    """The guide's multi IP-Adapter code (tests/guide.py) runs on the zoo, and every style image counts."""
+    import guide
 
-    image_encoder = CLIPVisionModelWithProjection.from_pretrained(
-        "h94/IP-Adapter",
-        subfolder="models/image_encoder",
-        torch_dtype=F32,
-    )
-    pipeline = AutoPipelineForText2Image.from_pretrained(
-        "stabilityai/stable-diffusion-xl-base-1.0",
-        torch_dtype=F32,
-        image_encoder=image_encoder,
-    )
-    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
-    pipeline.load_ip_adapter(
-        "h94/IP-Adapter",
-        subfolder="sdxl_models",
-        weight_name=["ip-adapter-plus_sdxl_vit-h.safetensors", "ip-adapter-plus-face_sdxl_vit-h.safetensors"],
-    )
-    pipeline.set_ip_adapter_scale([0.7, 0.3])
     face_image = picture(20, (96, 96))
     style_images = [picture(30 + i, (64, 80)) for i in range(3)]
-
-    def run(style):
-        return pipeline(
-            prompt="wonderwoman",
-            ip_adapter_image=[style, face_image],
-            negative_prompt="monochrome, lowres, bad anatomy, worst quality, low quality",
-            num_inference_steps=2,
-            num_images_per_prompt=1,
-            generator=torch.Generator(device="cpu").manual_seed(0),
-            output_type="np",
-        ).images
-
-    a = run(style_images)
-    assert a.shape == (1, 64, 64, 3)
-    assert max_diff(a, run(style_images[:2])) > 1e-3  # every style image counts
+    a = guide.sdxl_multi_style_face(style_images, face_image, "wonderwoman", seed=0, steps=2)
+    assert a.size == (64, 64)
+    b = guide.sdxl_multi_style_face(style_images[:2], face_image, "wonderwoman", seed=0, steps=2)
+    assert max_diff(np.asarray(a, dtype=np.float32) / 255, np.asarray(b, dtype=np.float32) / 255) > 1e-3
 
 
 @pytest.mark.parametrize("weight_name", ["ip-adapter-plus_sdxl_vit-h.safetensors", "ip-adapter_sdxl_vit-h.bin"])

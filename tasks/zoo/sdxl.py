@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import components as c
+from .sd import VAE as SD_VAE
 from .tokenizer import TokenizerSpec, write_clip_tokenizer
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -43,19 +44,7 @@ UNET = {  # real: block_out_channels (320, 640, 1280), transformer_layers_per_bl
     "norm_num_groups": 8,
 }
 
-VAE = {  # real: block_out_channels (128, 256, 512, 512), scaling_factor 0.13025, force_upcast
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "block_out_channels": (8, 16, 32, 32),
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "sample_size": 64,
-    "scaling_factor": 0.13025,
-    "force_upcast": True,
-}
+VAE = {**SD_VAE, "scaling_factor": 0.13025, "force_upcast": True}  # the real SDXL VAE differs from SD1.5's here
 
 
 def text_encoder_configs(tok1: TokenizerSpec, tok2: TokenizerSpec) -> tuple[dict, dict]:
