@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
-from prefect import flow, get_run_logger, tags
+from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from pydantic import Field, SecretStr
 
@@ -227,9 +227,12 @@ def _run_shards(shards: list[ShardPlan], settings: RunSettings, monitor: RunMoni
     pending = deque(shards)
     running: dict[Any, ShardPlan] = {}
     results: list[dict] = []
-    run_tags = ["ipaflow", f"manifest:{manifest_name}", *sorted({f"spec:{s.spec.name}" for s in shards})]
-    monitor.tag_flow_run(run_tags)
-    with tags(*run_tags), gpu_routing():
+    # Tags go on the flow run only. A tagged task run makes Prefect take a tag concurrency slot first: a write
+    # that a SQLite-backed server (its temporary one, `prefect server start`'s default) often refuses as
+    # "database is locked" while the previous shard's results land, and the client retries ~2 s later
+    # (measured before every other shard here; PrefectHQ/prefect#18934). Task names carry the spec.
+    monitor.tag_flow_run(["ipaflow", f"manifest:{manifest_name}", *sorted({f"spec:{s.spec.name}" for s in shards})])
+    with gpu_routing():
         while pending or running:
             while pending and len(running) < max_in_flight and not _too_many(monitor, max_failures):
                 shard = pending.popleft()

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pandas as pd
 
 from flows.cli import main
@@ -53,3 +59,47 @@ def test_demo_renders_every_bundled_spec(tmp_path, models_env, prefect_api, caps
     # a second demo run finds everything done
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
     assert "0 rendered, 11 already done" in capsys.readouterr().out
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Processes whose environment holds ``marker`` (Linux /proc; empty elsewhere)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:
+            pass
+    return found
+
+
+def test_render_without_a_prefect_api_runs_its_own_and_leaves_none(tmp_path, models_env, inputs_dir):
+    """What a new user runs: no PREFECT_API_URL anywhere. The command starts a temporary API server and the run
+    is recorded there; no server outlives the command, whether it ends or is killed (SIGKILL, as the OOM
+    killer does), and a re-run completes."""
+    rows = [{"id": f"r{i}", "spec": "sdxl-text2img", "prompt": "p", "ip_image": str(inputs_dir / "diner.png"),
+             "num_inference_steps": 2} for i in range(2)]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    home = tmp_path / "prefect-home-of-this-test"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(home)
+    command = [str(Path(sys.executable).with_name("ipaflow")), "render", str(manifest), "--out", str(tmp_path / "out")]
+
+    killed = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not [pid for pid in _processes_with(f"PREFECT_HOME={home}") if pid != killed.pid]:
+        assert killed.poll() is None and time.monotonic() < deadline, "no server process appeared"
+        time.sleep(0.05)
+    killed.kill()  # the command alone, not its process group
+    killed.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while _processes_with(f"PREFECT_HOME={home}"):
+        assert time.monotonic() < deadline, "the temporary API server outlived a killed command"
+        time.sleep(0.1)
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 rows: 2 rendered" in done.stdout
+    assert set(read_records(tmp_path / "out")["status"]) == {"ok"}
+    assert (home / "prefect.db").exists()  # the run went to the temporary server's database
+    assert not _processes_with(f"PREFECT_HOME={home}"), "the temporary API server outlived the command"

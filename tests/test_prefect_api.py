@@ -92,7 +92,7 @@ def test_the_api_holds_run_tasks_tags_artifacts_and_logs(tmp_path, inputs_dir, m
         tasks = poll(lambda: client.read_task_runs(flow_run_filter=runs),
                      lambda found: len(found) == 2 and all(t.state and t.state.is_completed() for t in found))
         assert sorted(t.name for t in tasks) == ["render-sdxl-text2img-0", "render-sdxl-text2img-1"]
-        assert all(TAGS <= set(t.tags) for t in tasks)
+        assert not any(t.tags for t in tasks)  # tags on the flow run only (flows/render.py says why)
 
         artifacts = {a.type: a for a in client.read_artifacts(flow_run_filter=runs)}
         assert set(artifacts) == {"progress", "table", "markdown"}  # out is local: no image artifact
