@@ -67,20 +67,19 @@ class TemporaryAPIServer:
         return server
 
     def _launch(self) -> None:
+        from prefect.context import refresh_global_settings_context
+        from prefect.settings import get_current_settings
+
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         command = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
                    "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
-        from prefect.settings import get_current_settings
-
         env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),  # as Prefect
                "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
         env.pop("PREFECT_API_URL", None)
         self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=self._errors, preexec_fn=_end_with_parent())
-        from prefect.context import refresh_global_settings_context
-
         os.environ["PREFECT_API_URL"] = self.api_url
         refresh_global_settings_context()  # Prefect's process-wide settings read the environment again
 
