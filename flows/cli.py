@@ -237,7 +237,7 @@ def _start_loading_first_pipeline(manifest: str, spec_dirs: list[str], models: s
             from tasks.pipelines import PIPELINES
 
             registry = SpecRegistry(spec_dirs, storage_options=options)
-            names = {row.get("spec") for row in open_manifest(manifest, options).iter_rows()}
+            names = {row["spec"] for row in open_manifest(manifest, options).iter_rows(columns=("spec",))}
             known = sorted(name for name in names if isinstance(name, str) and name in registry)
             if known:
                 PIPELINES.get(registry.get(known[0]), models)  # shards run in spec-name order
@@ -316,7 +316,7 @@ def cmd_serve(args) -> int:
 
 def entry_point() -> None:
     """The ``ipaflow`` console script. The process is the command's alone, so it skips the interpreter's last
-    full garbage collection (~1M objects of torch, diffusers and Prefect: 3-4 s at exit on a CPU box)."""
+    full garbage collection (the ~800k objects of torch, diffusers and Prefect: 3-4 s at exit on a CPU box)."""
     import gc
 
     code = main()

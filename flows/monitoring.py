@@ -81,8 +81,12 @@ class RunMonitor:
         self._notify()
 
     def tag_flow_run(self, tags: list[str]) -> None:
-        """Add ``tags`` to this flow run, so the UI's run list filters by manifest and spec: a ``tags()``
-        context tags only the runs created inside it (the shard tasks), not the flow run already running."""
+        """Add ``tags`` to this flow run, so the UI's run list filters by manifest and spec.
+
+        The shard task runs stay untagged. A tagged task run makes Prefect take a tag concurrency slot first: a
+        write that a SQLite-backed server (the temporary one, `prefect server start`'s default) often refuses as
+        "database is locked" while the previous shard's results land, and the client retries ~2 s later
+        (measured before every other shard here; PrefectHQ/prefect#18934). Task names carry the spec."""
         from prefect.client.orchestration import get_client
         from prefect.runtime import flow_run
 

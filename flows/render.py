@@ -116,13 +116,14 @@ def render_manifest(
     name = posixpath.basename(manifest).rsplit(".", 1)[0] or "manifest"
     monitor = RunMonitor(name=name, total=plan.total)
     monitor.start()
+    monitor.tag_flow_run(["ipaflow", f"manifest:{name}", *sorted({f"spec:{spec}" for spec in plan.specs})])
     monitor.done = monitor.ok = plan.skipped
     recorded = _journal_rejected(plan, metadata, monitor, run_id)
     logger.info("%d rows: %d to render, %d already done, %d failed validation",
                 plan.total, len(plan.todo), plan.skipped, len(plan.rejected))
 
     shards = plan_shards(plan.todo, plan.specs, plan.keys, batch_size, shard_size)
-    stats = _run_shards(shards, settings, monitor, max_failures, max_in_flight, name)
+    stats = _run_shards(shards, settings, monitor, max_failures, max_in_flight)
     _journal_unfinished(shards, stats, plan.keys, metadata, monitor, run_id)
 
     metadata.compact()
@@ -221,18 +222,13 @@ def _journal_unfinished(shards: list[ShardPlan], stats: list[dict], keys: dict[s
 
 
 def _run_shards(shards: list[ShardPlan], settings: RunSettings, monitor: RunMonitor, max_failures: int | None,
-                max_in_flight: int, manifest_name: str) -> list[dict]:
+                max_in_flight: int) -> list[dict]:
     """Submit shards with at most ``max_in_flight`` running; stop submitting once ``max_failures`` is hit."""
     logger = get_run_logger()
     pending = deque(shards)
     running: dict[Any, ShardPlan] = {}
     results: list[dict] = []
-    # Tags go on the flow run only. A tagged task run makes Prefect take a tag concurrency slot first: a write
-    # that a SQLite-backed server (its temporary one, `prefect server start`'s default) often refuses as
-    # "database is locked" while the previous shard's results land, and the client retries ~2 s later
-    # (measured before every other shard here; PrefectHQ/prefect#18934). Task names carry the spec.
-    monitor.tag_flow_run(["ipaflow", f"manifest:{manifest_name}", *sorted({f"spec:{s.spec.name}" for s in shards})])
-    with gpu_routing():
+    with gpu_routing():  # no tags() here: see RunMonitor.tag_flow_run
         while pending or running:
             while pending and len(running) < max_in_flight and not _too_many(monitor, max_failures):
                 shard = pending.popleft()

@@ -20,7 +20,7 @@ def validate_manifest(manifest: str, spec_dirs: list[str] | None = None, storage
     registry = SpecRegistry(spec_dirs or [], storage_options=storage_options)
     opened = open_manifest(manifest, storage_options=storage_options)
     jobs, bad = resolve_manifest(opened, registry)
-    found: list[tuple[int, Problem]] = [(index, p) for index, problems in bad for p in problems]
+    found = [problem for _, problems in bad for problem in problems]
     if check_inputs and jobs:
         specs = {job.spec: registry.get(job.spec) for job in jobs}
         fetcher = InputFetcher(storage, jobs, specs)
@@ -32,8 +32,8 @@ def validate_manifest(manifest: str, spec_dirs: list[str] | None = None, storage
                     try:
                         fetcher.get(job)
                     except InputError as exc:
-                        found.append((job.index, Problem(job.id, exc.column, exc.reason, job.index)))
+                        found.append(Problem(job.id, exc.column, exc.reason, job.index))
         finally:
             fetcher.close()
-    found.sort(key=lambda item: item[0])
-    return [problem for _, problem in found], opened.num_rows
+    found.sort(key=lambda problem: problem.index)  # stable: a row's own problems keep their order
+    return found, opened.num_rows

@@ -51,7 +51,7 @@ class Problem:
     row: str  # the row's id, or #<index> when it has no usable id
     column: str
     reason: str
-    index: int = -1  # the row's position in the manifest (0-based)
+    index: int  # the row's position in the manifest (0-based)
 
     def __str__(self) -> str:
         """One line, whatever an exception message held."""

@@ -54,14 +54,15 @@ class Manifest:
     def passthrough_columns(self) -> tuple[str, ...]:
         return tuple(c for c in self.columns if c not in KNOWN_COLUMNS)
 
-    def iter_rows(self, batch_rows: int = 4096) -> Iterator[dict[str, Any]]:
-        """Rows in manifest order as plain Python values (None for nulls), read batch by batch."""
+    def iter_rows(self, batch_rows: int = 4096, columns: tuple[str, ...] | None = None) -> Iterator[dict[str, Any]]:
+        """Rows in manifest order as plain Python values (None for nulls), read batch by batch; ``columns``
+        (present ones) limits what is read, where the format allows (Parquet reads only those)."""
         fs, path = Storage(options=self.storage_options or {}).fs(self.uri)
         if self.format == "jsonl":
             for row in _iter_jsonl(fs, path, self.uri):
-                yield {column: row.get(column) for column in self.columns}
+                yield {column: row.get(column) for column in columns or self.columns}
             return
-        for batch in _iter_batches(fs, path, self.format, batch_rows):
+        for batch in _iter_batches(fs, path, self.format, batch_rows, columns):
             for row in batch.to_pylist():
                 yield {key: _plain(value) for key, value in row.items()}
 
@@ -115,12 +116,14 @@ def _jsonl_shape(fs, path: str, uri: str) -> tuple[tuple[str, ...], int]:
     return tuple(columns), count
 
 
-def _iter_batches(fs, path: str, fmt: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
+def _iter_batches(fs, path: str, fmt: str, batch_rows: int,
+                  columns: tuple[str, ...] | None) -> Iterator[pa.RecordBatch]:
     if fmt == "parquet":
         with fs.open(path, "rb") as handle:
-            yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_rows)
+            yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=columns and list(columns))
     else:
-        yield from _read_csv(fs, path).to_batches(max_chunksize=batch_rows)
+        table = _read_csv(fs, path)
+        yield from (table.select(list(columns)) if columns else table).to_batches(max_chunksize=batch_rows)
 
 
 def open_manifest(uri: str, storage_options: dict | None = None) -> Manifest:
