@@ -4,7 +4,7 @@ The manifest: --rows rows of sdxl-text2img on the tiny zoo (64x64, --steps steps
 --shard-size rows. Per worker count N, on a cluster ipaflow starts (`--workers N`: N processes, one GPU slot
 each, torch given cores/N threads each):
 
-  cold   `render_manifest` with make_task_runner(workers=N), as `ipaflow render --workers N` runs it: cluster
+  cold   `render_manifest` with the option workers=N, as `ipaflow render --workers N` runs it: cluster
          start, imports and pipeline builds included;
   warm   the same manifest again on an already started cluster whose workers hold their pipelines.
 
@@ -53,12 +53,12 @@ def write_manifest(folder: Path, rows: int, steps: int) -> Path:
     return path
 
 
-def render(manifest: Path, out: Path, runner, in_flight: int, args) -> dict:
-    from flows.render import render_manifest
+def render(manifest: Path, out: Path, args, **cluster) -> dict:
+    """One render; ``cluster`` is ``workers=N`` (a local cluster per run), ``dask_address=...`` or nothing."""
+    from ipaflow.flows.render import render_manifest
 
-    summary = render_manifest.with_options(task_runner=runner)(
-        str(manifest), out=str(out), batch_size=args.batch_size, shard_size=args.shard_size, overwrite=True,
-        max_in_flight=in_flight)
+    options = {"batch_size": args.batch_size, "shard_size": args.shard_size, "overwrite": True, **cluster}
+    summary = render_manifest(str(manifest), out=str(out), options=options)
     assert summary["rendered"] == args.rows and summary["failed"] == 0, summary
     return summary
 
@@ -88,7 +88,7 @@ def task_overhead(address: str, count: int) -> tuple[float, float]:
     from prefect import flow, task
     from prefect_dask import DaskTaskRunner
 
-    from flows.runners import GPU_RESOURCE, gpu_routing
+    from ipaflow.flows.runners import GPU_RESOURCE, gpu_routing
 
     @task
     def noop(i: int) -> int:
@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--models", help="models folder (default: the tiny zoo, built when missing)")
     args = parser.parse_args()
 
-    from tasks.zoo import build_zoo
+    from ipaflow.tasks.zoo import build_zoo
 
     work = Path(tempfile.mkdtemp(prefix="ipaflow-dask-scaling-"))
     os.environ.setdefault("PREFECT_HOME", str(work / "prefect"))
@@ -138,28 +138,24 @@ def main() -> None:
 
 def run(args, manifest: Path, work: Path) -> None:
     from distributed import Client
-    from prefect.task_runners import ThreadPoolTaskRunner
-    from prefect_dask import DaskTaskRunner
 
-    from flows.runners import local_gpu_cluster, make_task_runner, usable_cpus
+    from ipaflow.flows.runners import local_gpu_cluster, usable_cpus
 
     print(f"{args.rows} rows sdxl-text2img 64x64, {args.steps} steps, batch {args.batch_size}, shards of "
           f"{args.shard_size} ({-(-args.rows // args.shard_size)} tasks); {usable_cpus()} CPUs")
-    threads = ThreadPoolTaskRunner(max_workers=1)
-    print("threads, no Dask, cold:  " + breakdown(*timed(lambda: render(manifest, work / "t", threads, 2, args))))
+    print("threads, no Dask, cold:  " + breakdown(*timed(lambda: render(manifest, work / "t", args))))
     for _ in range(args.repeats):
-        print("threads, no Dask, warm:  " + breakdown(*timed(lambda: render(manifest, work / "t", threads, 2, args))))
+        print("threads, no Dask, warm:  " + breakdown(*timed(lambda: render(manifest, work / "t", args))))
 
     for workers in (1, 2):
-        runner, in_flight = make_task_runner(workers=workers)
-        cold = timed(lambda: render(manifest, work / f"cold-{workers}", runner, in_flight, args))
+        cold = timed(lambda n=workers: render(manifest, work / f"cold-{n}", args, workers=n))
         print(f"{workers} Dask worker(s), cold: " + breakdown(*cold))
         with local_gpu_cluster(workers) as cluster, Client(cluster, set_as_default=False) as client:
             client.wait_for_workers(workers)
-            runner = DaskTaskRunner(address=cluster.scheduler_address)
-            render(manifest, work / f"warm-{workers}", runner, 2 * workers, args)  # imports + pipeline builds
+            address = cluster.scheduler_address
+            render(manifest, work / f"warm-{workers}", args, dask_address=address)  # imports + pipeline builds
             for _ in range(args.repeats):
-                warm = timed(lambda: render(manifest, work / f"warm-{workers}", runner, 2 * workers, args))
+                warm = timed(lambda n=workers, a=address: render(manifest, work / f"warm-{n}", args, dask_address=a))
                 print(f"{workers} Dask worker(s), warm: " + breakdown(*warm))
             if workers == 1:
                 prefect_task, dask_task = task_overhead(cluster.scheduler_address, args.tasks)

@@ -65,7 +65,7 @@ def cpu_seconds(pid: int) -> float:
 def write_manifest(folder: Path, rows: int, steps: int) -> Path:
     import pandas as pd
 
-    from flows.demo import draw_inputs
+    from ipaflow.flows.demo import draw_inputs
 
     drawn = draw_inputs()
     for name in IMAGES:
@@ -80,7 +80,7 @@ def write_manifest(folder: Path, rows: int, steps: int) -> Path:
 
 
 def timed_render(manifest: Path, out: str, rows: int) -> float:
-    from flows.render import render_manifest
+    from ipaflow.flows.render import render_manifest
 
     started = time.perf_counter()
     summary = render_manifest(str(manifest), out=out)
@@ -101,7 +101,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ipaflow-bench-"))
     quiet_offline_environment(work)
     if not args.models:
-        from tasks.zoo import build_zoo
+        from ipaflow.tasks.zoo import build_zoo
 
         args.models = str(build_zoo(work / "zoo"))
     os.environ["IPAFLOW_MODELS"] = str(Path(args.models).resolve())

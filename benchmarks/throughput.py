@@ -26,6 +26,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -83,7 +87,7 @@ def guide_pipeline(models: Path):
     return pipeline
 
 
-def guide_call(pipeline, row) -> "PIL.Image.Image":
+def guide_call(pipeline, row) -> PIL.Image.Image:
     import torch
     from diffusers.utils import load_image
 
@@ -129,7 +133,7 @@ def worst_pixel_difference(a: Path, b: Path) -> int:
 
 
 def cpu_benchmark(args) -> None:
-    from tasks.zoo import build_zoo
+    from ipaflow.tasks.zoo import build_zoo
 
     work = Path(tempfile.mkdtemp(prefix="ipaflow-bench-"))
     models = Path(args.models) if args.models else build_zoo(Path.home() / ".cache/ipaflow/zoo")
@@ -137,7 +141,7 @@ def cpu_benchmark(args) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "IPAFLOW_MODELS": str(models), "PREFECT_HOME": str(work / "prefect"),
            "PREFECT_LOGGING_LEVEL": "WARNING", "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     me = [sys.executable, str(Path(__file__).resolve())]
-    ipaflow = [sys.executable, "-m", "flows.cli", "render", str(manifest), "--batch-size", str(args.batch_size)]
+    ipaflow = [sys.executable, "-m", "ipaflow.flows.cli", "render", str(manifest), "--batch-size", str(args.batch_size)]
     env["PYTHONPATH"] = str(ROOT)
     print(f"{args.rows} rows of {SPEC}, {args.distinct} distinct image prompts, {args.steps} steps, 64x64, "
           f"batch size {args.batch_size}; work dir {work}", flush=True)
@@ -169,12 +173,13 @@ def gpu_benchmark(args) -> None:
     import PIL.Image
     import torch
 
-    from specs.jobs import resolve_rows
-    from specs.registry import SpecRegistry
-    from tasks.pipelines import PIPELINES
-    from tasks.shards import ShardPlan
-    from tasks.worker import RunSettings, run_shard
-    from tasks.zoo import build_full_size_sd15, build_zoo
+    from ipaflow.specs.options import RenderOptions
+    from ipaflow.specs.registry import SpecRegistry
+    from ipaflow.specs.rows import resolve_rows
+    from ipaflow.tasks.pipelines import PIPELINES
+    from ipaflow.tasks.shards import ShardPlan
+    from ipaflow.tasks.worker import RunSettings, run_shard
+    from ipaflow.tasks.zoo import build_full_size_sd15, build_zoo
 
     assert torch.cuda.is_available() or args.tiny, "--gpu needs a CUDA device (or --tiny for a rehearsal)"
     work = Path(tempfile.mkdtemp(prefix="ipaflow-gpu-bench-"))
@@ -227,8 +232,9 @@ def gpu_benchmark(args) -> None:
             direct_loop()
         else:
             settings = RunSettings(run_id=f"bench-{batch_size}", out=str(work / f"ipaflow-{batch_size}"),
-                                   batch_size=batch_size, models=str(models))
-            stats = run_shard(ShardPlan(name="bench", spec=spec, jobs=jobs, row_keys={j.id: "k" for j in jobs}), settings)
+                                   options=RenderOptions(batch_size=batch_size, models=str(models)))
+            shard = ShardPlan(name="bench", spec=spec, jobs=jobs, row_keys={j.id: "k" for j in jobs})
+            stats = run_shard(shard, settings)
             assert stats.failed == 0, stats.failures
         synchronize()
         wall = time.perf_counter() - started

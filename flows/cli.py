@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
+from typing import Annotated, Any
 
-from flows.prefect_api import APIServerError, TemporaryAPIServer
-from tasks.shards import DEFAULT_BATCH_SIZE
+from ipaflow.flows.prefect_api import APIServerError, TemporaryAPIServer
+from ipaflow.specs.options import RenderOptions, parse_storage_options
 
 DEFAULT_ZOO = Path("~/.cache/ipaflow/zoo").expanduser()
 
@@ -23,26 +23,65 @@ def _quiet_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
-def _storage_options(text: str | None) -> dict | None:
-    if not text:
-        return None
+# -- render options as flags, derived from RenderOptions -------------------------------------------------------
+
+def _field_parser(name: str):
+    """argparse ``type=`` for one RenderOptions field: the field's own type and bounds, so that a bad value
+    is a one-line usage error (exit 2) before anything starts."""
+    from pydantic import TypeAdapter, ValidationError
+
+    info = RenderOptions.model_fields[name]
+    adapter = TypeAdapter(Annotated[info.annotation, info])
+
+    def parse(text: str) -> Any:
+        if name == "storage_options":
+            try:
+                parse_storage_options(text)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+        try:
+            return adapter.validate_python(text)
+        except ValidationError as exc:
+            raise argparse.ArgumentTypeError(f"{exc.errors()[0]['msg'].lower()}, got {text!r}") from None
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
+
+
+def add_render_options(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """A flag per RenderOptions field (``--batch-size`` for ``batch_size``), with its help, bounds and default;
+    ``only`` picks a subset (``validate`` takes the spec folders and storage options)."""
+    for name, info in RenderOptions.model_fields.items():
+        if only is not None and name not in only:
+            continue
+        extra = info.json_schema_extra or {}
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": info.description}
+        if info.annotation is bool:
+            kwargs["action"] = "store_true"
+        elif info.annotation == list[str]:
+            kwargs.update(action="append", metavar=extra.get("metavar"))
+        else:
+            kwargs.update(type=_field_parser(name), metavar=extra.get("metavar"))
+        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def options_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RenderOptions:
+    """The RenderOptions the flags given make (unset flags keep the model's defaults)."""
+    from pydantic import ValidationError
+
+    given = {name: getattr(args, name) for name in RenderOptions.model_fields if hasattr(args, name)}
     try:
-        options = json.loads(text)
-    except json.JSONDecodeError:
-        raise SystemExit("ipaflow: --storage-options must be a JSON object") from None
-    if not isinstance(options, dict):
-        raise SystemExit("ipaflow: --storage-options must be a JSON object")
-    return options
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--specs", action="append", default=[], metavar="DIR", help="extra spec folder (repeatable)")
-    parser.add_argument("--storage-options", metavar="JSON", help="fsspec keyword arguments, as JSON")
+        return RenderOptions(**given)
+    except ValidationError as exc:
+        parser.error("; ".join(item["msg"].removeprefix("Value error, ") for item in exc.errors()))
 
 
 def _parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
     parser = argparse.ArgumentParser(prog="ipaflow", description="Batch renders with diffusers IP-Adapter pipelines.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"ipaflow {version('ipaflow')}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="render a demo manifest covering every bundled spec")
     demo.add_argument("--out", default="ipaflow-demo", help="output folder (default ./ipaflow-demo)")
@@ -50,61 +89,57 @@ def _parser() -> argparse.ArgumentParser:
 
     render = commands.add_parser("render", help="render a manifest")
     render.add_argument("manifest", help="manifest URI or path (.parquet, .csv, .jsonl)")
-    render.add_argument("--out", required=True, help="output URI or path")
-    _add_common(render)
-    render.add_argument("--models", help="folder of models in hub layout (default $IPAFLOW_MODELS)")
-    render.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                        help=f"rows per pipeline call (default {DEFAULT_BATCH_SIZE})")
-    render.add_argument("--shard-size", type=int, help="rows per task (default: automatic)")
-    cluster = render.add_mutually_exclusive_group()
-    cluster.add_argument("--dask-address", help="existing Dask scheduler, e.g. tcp://host:8786")
-    cluster.add_argument("--workers", type=int, help="start a local Dask cluster with N GPU workers")
-    render.add_argument("--overwrite", action="store_true", help="render every row, even those already done")
-    render.add_argument("--max-failures", type=int, help="stop submitting work once N rows failed")
-    render.add_argument("--limit", type=int, help="only the first N manifest rows")
+    render.add_argument("--out", required=True, help="output URI or path; {date} and {datetime} are filled in")
+    render.set_defaults(command_parser=render)
+    add_render_options(render)
     render.add_argument("--dry-run", action="store_true", help="render a sample and estimate the whole run")
 
     validate = commands.add_parser("validate", help="check every row without rendering")
-    validate.add_argument("manifest")
-    _add_common(validate)
+    validate.add_argument("manifest", help="manifest URI or path (.parquet, .csv, .jsonl)")
+    validate.set_defaults(command_parser=validate)
+    add_render_options(validate, only=("specs", "storage_options"))
     validate.add_argument("--no-inputs", action="store_true", help="skip reading and decoding the inputs")
 
-    zoo = commands.add_parser("zoo", help="the tiny model zoo").add_subparsers(dest="zoo_command", required=True)
+    zoo = commands.add_parser("zoo", help="the tiny model zoo").add_subparsers(dest="zoo_command", required=True,
+                                                                              metavar="COMMAND")
     build = zoo.add_parser("build", help="write the tiny zoo in hub layout")
-    build.add_argument("dir", nargs="?", default=str(DEFAULT_ZOO))
+    build.add_argument("dir", nargs="?", default=str(DEFAULT_ZOO), help=f"where (default {DEFAULT_ZOO})")
     build.add_argument("--force", action="store_true", help="rebuild even if a complete zoo is there")
     build.add_argument("--hf-cache", metavar="DIR",
                        help="also register the zoo in this HF hub cache, so bare hub ids load offline")
     build.add_argument("--full-size-sd15", action="store_true",
                        help="write a shape-true SD1.5 + IP-Adapter (random weights, float16) instead")
 
-    specs = commands.add_parser("specs", help="bundled and user specs").add_subparsers(dest="specs_command", required=True)
-    listing = specs.add_parser("list")
-    listing.add_argument("--specs", action="append", default=[], metavar="DIR")
-    show = specs.add_parser("show")
-    show.add_argument("name")
-    show.add_argument("--specs", action="append", default=[], metavar="DIR")
+    specs = commands.add_parser("specs", help="bundled and user specs").add_subparsers(
+        dest="specs_command", required=True, metavar="COMMAND")
+    listing = specs.add_parser("list", help="every known spec: name, task, base model, description")
+    listing.set_defaults(command_parser=listing)
+    add_render_options(listing, only=("specs",))
+    show = specs.add_parser("show", help="one spec, whole, as YAML")
+    show.add_argument("name", help="the spec's name")
+    show.set_defaults(command_parser=show)
+    add_render_options(show, only=("specs",))
 
     serve = commands.add_parser("serve", help="serve the render flow as a deployment on a cron schedule")
     serve.add_argument("--manifest", required=True, help="manifest URI")
     serve.add_argument("--out", required=True, help="output URI; {date} and {datetime} are filled in per run")
+    serve.set_defaults(command_parser=serve)
+    add_render_options(serve)
     serve.add_argument("--cron", default="0 2 * * *", help="cron schedule (default: every day at 02:00)")
-    serve.add_argument("--timezone", default="UTC", help="time zone of the cron schedule")
-    serve.add_argument("--name", default="nightly", help="deployment name")
-    serve.add_argument("--specs", action="append", default=[], metavar="DIR")
-    serve.add_argument("--models", help="models folder (on the machines that render)")
-    serve.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    serve.add_argument("--shard-size", type=int)
-    serve.add_argument("--max-failures", type=int)
-    serve_cluster = serve.add_mutually_exclusive_group()
-    serve_cluster.add_argument("--dask-address", help="existing Dask scheduler, e.g. tcp://host:8786")
-    serve_cluster.add_argument("--workers", type=int, help="a local Dask cluster with N GPU workers per run")
+    serve.add_argument("--timezone", default="UTC", help="time zone of the cron schedule (default UTC)")
+    serve.add_argument("--name", default="nightly", help="deployment name (default nightly)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_environment()  # before anything imports prefect, which reads its settings once
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if hasattr(args, "command_parser"):
+        args.options = options_from_args(args.command_parser, args)
     handler = {
         "demo": cmd_demo,
         "render": cmd_render,
@@ -126,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_zoo(args) -> int:
     import time
 
-    from tasks.pipelines import quiet_libraries
-    from tasks.zoo import build_full_size_sd15, build_zoo, link_into_hf_cache
+    from ipaflow.tasks.pipelines import quiet_libraries
+    from ipaflow.tasks.zoo import build_full_size_sd15, build_zoo, link_into_hf_cache
 
     quiet_libraries()
     started = time.perf_counter()
@@ -144,10 +179,10 @@ def cmd_zoo(args) -> int:
 def cmd_specs(args) -> int:
     import yaml
 
-    from specs.registry import SpecError, SpecRegistry
+    from ipaflow.specs.registry import SpecError, SpecRegistry
 
     try:
-        registry = SpecRegistry(args.specs)
+        registry = SpecRegistry(args.options.specs)
     except SpecError as exc:
         print(f"ipaflow: {exc}", file=sys.stderr)
         return 1
@@ -167,38 +202,31 @@ def cmd_specs(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from flows.validate import validate_manifest
-    from specs.manifest import ManifestError
-    from specs.registry import SpecError
+    from ipaflow.flows.validate import validate_manifest
+    from ipaflow.specs.manifest import ManifestError
+    from ipaflow.specs.registry import SpecError
 
     try:
-        problems, rows = validate_manifest(args.manifest, args.specs, _storage_options(args.storage_options),
-                                           check_inputs=not args.no_inputs)
+        failed, rows = validate_manifest(args.manifest, args.options, check_inputs=not args.no_inputs)
     except (ManifestError, SpecError) as exc:
         print(f"ipaflow: {exc}", file=sys.stderr)
         return 1
-    for problem in problems:
-        print(problem)
-    bad_rows = len({p.index for p in problems})
-    print(f"{rows} rows checked: {rows - bad_rows} ok, {bad_rows} with problems", file=sys.stderr)
-    return 1 if problems else 0
+    for row in failed:
+        for line in row.lines():
+            print(line)
+    print(f"{rows} rows checked: {rows - len(failed)} ok, {len(failed)} with problems", file=sys.stderr)
+    return 1 if failed else 0
 
 
-def _render(args, manifest: str, out: str, models: str | None, api_server=None) -> dict:
+def _render(manifest: str, out: str, options: RenderOptions, api_server=None) -> dict:
     import gc
 
-    from pydantic import SecretStr
+    if not (options.dask_address or options.workers):
+        _start_loading_first_pipeline(manifest, options)
 
-    options = _storage_options(getattr(args, "storage_options", None))
-    on_a_cluster = bool(getattr(args, "dask_address", None) or getattr(args, "workers", None))
-    if not on_a_cluster:
-        _start_loading_first_pipeline(manifest, getattr(args, "specs", []), models, options)
+    from ipaflow.flows.progress import terminal_progress
+    from ipaflow.flows.render import render_manifest
 
-    from flows.progress import terminal_progress
-    from flows.render import render_manifest
-    from flows.runners import make_task_runner
-
-    runner, in_flight = make_task_runner(getattr(args, "dask_address", None), getattr(args, "workers", None))
     if api_server is not None:
         api_server.wait_until_ready()
     # The ~800k objects of torch, diffusers and Prefect outlive the run: keep them out of the collector's full
@@ -206,24 +234,12 @@ def _render(args, manifest: str, out: str, models: str | None, api_server=None) 
     gc.freeze()
     try:
         with terminal_progress():
-            return render_manifest.with_options(task_runner=runner)(
-                manifest=manifest,
-                out=out,
-                specs=getattr(args, "specs", []),
-                models=models,
-                batch_size=getattr(args, "batch_size", DEFAULT_BATCH_SIZE),
-                shard_size=getattr(args, "shard_size", None),
-                storage_options=SecretStr(json.dumps(options)) if options else None,
-                overwrite=getattr(args, "overwrite", False),
-                max_failures=getattr(args, "max_failures", None),
-                limit=getattr(args, "limit", None),
-                max_in_flight=in_flight,
-            )
+            return render_manifest(manifest=manifest, out=out, options=options)
     finally:
         gc.unfreeze()
 
 
-def _start_loading_first_pipeline(manifest: str, spec_dirs: list[str], models: str | None, options: dict | None):
+def _start_loading_first_pipeline(manifest: str, options: RenderOptions):
     """With the in-process runner, load the first shard's pipeline while Prefect starts its API server (both
     take seconds, on different resources); the shard task then finds it in the per-process cache. Any problem
     is left for the render itself to report."""
@@ -232,15 +248,17 @@ def _start_loading_first_pipeline(manifest: str, spec_dirs: list[str], models: s
 
     def load() -> None:
         try:
-            from specs.manifest import open_manifest
-            from specs.registry import SpecRegistry
-            from tasks.pipelines import PIPELINES
+            from ipaflow.core.storage import Storage
+            from ipaflow.specs.manifest import open_manifest
+            from ipaflow.specs.registry import SpecRegistry
+            from ipaflow.tasks.pipelines import PIPELINES
 
-            registry = SpecRegistry(spec_dirs, storage_options=options)
-            names = {row["spec"] for row in open_manifest(manifest, options).iter_rows(columns=("spec",))}
+            storage = Storage(options=options.storage_options_dict())
+            registry = SpecRegistry(options.specs, storage=storage)
+            names = {row["spec"] for row in open_manifest(manifest, storage).iter_rows(columns=("spec",))}
             known = sorted(name for name in names if isinstance(name, str) and name in registry)
             if known:
-                PIPELINES.get(registry.get(known[0]), models)  # shards run in spec-name order
+                PIPELINES.get(registry.get(known[0]), options.models)  # shards run in spec-name order
         except Exception:  # noqa: BLE001
             logging.getLogger("ipaflow.cli").debug("preloading the first pipeline failed", exc_info=True)
 
@@ -248,35 +266,35 @@ def _start_loading_first_pipeline(manifest: str, spec_dirs: list[str], models: s
 
 
 def print_summary(summary: dict) -> None:
-    from tasks.storage import redact
-
+    """The run summary (already free of credentials: the flow redacts what it returns)."""
     print(
         f"{summary['rows']} rows: {summary['rendered']} rendered, {summary['skipped']} already done, "
         f"{summary['failed']} failed ({summary['images']} images in {summary['seconds']:.1f}s)"
     )
     for failure in summary["failures"][:20]:
-        print(f"  failed: {failure['id']}, {redact(failure['error'])}")
+        print(f"  failed: {failure['id']}, {failure['error']}")
     if len(summary["failures"]) > 20:
         print(f"  ... and {len(summary['failures']) - 20} more (see the metadata)")
-    print(f"outputs:  {redact(summary['out'])}")
-    print(f"gallery:  {redact(summary['gallery'])}")
+    print(f"outputs:  {summary['out']}")
+    print(f"gallery:  {summary['gallery']}")
 
 
 def cmd_render(args) -> int:
-    from specs.manifest import ManifestError
-    from specs.registry import SpecError
+    from ipaflow.specs.manifest import ManifestError
+    from ipaflow.specs.registry import SpecError
 
-    if args.models:
-        os.environ["IPAFLOW_MODELS"] = str(Path(args.models).expanduser().resolve())
+    options = args.options
+    if options.models:
+        options = options.model_copy(update={"models": str(Path(options.models).expanduser().resolve())})
+        os.environ["IPAFLOW_MODELS"] = options.models
     api_server = None if args.dry_run else TemporaryAPIServer.start_unless_configured()
     try:
         if args.dry_run:
-            from flows.estimate import estimate_manifest, print_estimate
+            from ipaflow.flows.estimate import estimate_manifest, print_estimate
 
-            print_estimate(estimate_manifest(args.manifest, args.specs, args.models, args.batch_size,
-                                             _storage_options(args.storage_options)))
+            print_estimate(estimate_manifest(args.manifest, options))
             return 0
-        summary = _render(args, args.manifest, args.out, args.models, api_server)
+        summary = _render(args.manifest, args.out, options, api_server)
     except (ManifestError, SpecError) as exc:
         print(f"ipaflow: {exc}", file=sys.stderr)
         return 1
@@ -287,9 +305,9 @@ def cmd_render(args) -> int:
 def cmd_demo(args) -> int:
     import time
 
-    from flows.demo import write_demo
-    from tasks.pipelines import quiet_libraries
-    from tasks.zoo import build_zoo
+    from ipaflow.flows.demo import write_demo
+    from ipaflow.tasks.pipelines import quiet_libraries
+    from ipaflow.tasks.zoo import build_zoo
 
     api_server = TemporaryAPIServer.start_unless_configured()  # starts while the zoo and models load
     quiet_libraries()
@@ -302,16 +320,18 @@ def cmd_demo(args) -> int:
     out = Path(args.out).resolve()
     manifest = write_demo(out)
     print(f"demo manifest: {manifest}")
-    summary = _render(args, str(manifest), str(out), os.environ["IPAFLOW_MODELS"], api_server)
+    summary = _render(str(manifest), str(out), RenderOptions(models=os.environ["IPAFLOW_MODELS"]), api_server)
     print_summary(summary)
     print(f"open {out / 'index.html'} in a browser; records in {out / 'metadata'}")
     return 0 if summary["failed"] == 0 else 1
 
 
 def cmd_serve(args) -> int:
-    from flows.serve import serve_from_args
+    from ipaflow.flows.serve import make_deployment, serve_deployment
 
-    return serve_from_args(args)
+    serve_deployment(make_deployment(args.manifest, args.out, args.options, args.name, args.cron, args.timezone),
+                     args.options)
+    return 0
 
 
 def entry_point() -> None:

@@ -11,7 +11,7 @@ import pandas as pd
 import PIL.Image
 import PIL.ImageDraw
 
-from specs.registry import SpecRegistry
+from ipaflow.specs.registry import SpecRegistry
 
 SIZE = 64  # the tiny zoo's native size; real models render at their own defaults when no size is given
 DEMO_STEPS = 8

@@ -5,23 +5,25 @@ from __future__ import annotations
 
 import tempfile
 
-from specs.jobs import resolve_manifest
-from specs.manifest import open_manifest
-from specs.registry import SpecRegistry
-from tasks.keys import identify_inputs, row_key
-from tasks.shards import ShardPlan
-from tasks.storage import Storage
-from tasks.worker import RunSettings, run_shard
+from ipaflow.core.storage import Storage
+from ipaflow.specs.manifest import open_manifest
+from ipaflow.specs.options import RenderOptions
+from ipaflow.specs.registry import SpecRegistry
+from ipaflow.specs.rows import resolve_manifest
+from ipaflow.tasks.keys import identify_inputs, row_key
+from ipaflow.tasks.shards import ShardPlan
+from ipaflow.tasks.worker import RunSettings, run_shard
 
 
-def estimate_manifest(manifest: str, spec_dirs: list[str], models: str | None, batch_size: int,
-                      storage_options: dict | None = None) -> list[dict]:
-    registry = SpecRegistry(spec_dirs, storage_options=storage_options)
-    jobs, bad = resolve_manifest(open_manifest(manifest, storage_options=storage_options), registry)
+def estimate_manifest(manifest: str, options: RenderOptions) -> list[dict]:
+    storage = Storage(options=options.storage_options_dict())
+    registry = SpecRegistry(options.specs, storage=storage)
+    jobs, bad = resolve_manifest(open_manifest(manifest, storage=storage), registry)
     by_spec: dict[str, list] = {}
     for job in jobs:
         by_spec.setdefault(job.spec, []).append(job)
-    identities = identify_inputs(Storage(options=storage_options or {}), jobs)
+    identities = identify_inputs(storage, jobs)
+    batch_size = options.batch_size
     rows = []
     with tempfile.TemporaryDirectory(prefix="ipaflow-dry-run-") as scratch:
         for name, spec_jobs in sorted(by_spec.items()):
@@ -38,7 +40,7 @@ def estimate_manifest(manifest: str, spec_dirs: list[str], models: str | None, b
                 rows.append({"spec": name, "rows": len(spec_jobs), "sampled": 0, "build_s": None,
                              "s_per_row": None, "estimate_s": None})
                 continue
-            settings = RunSettings(run_id="dry-run", out=scratch, batch_size=batch_size, models=models)
+            settings = RunSettings(run_id="dry-run", out=scratch, options=options)
             stats = run_shard(ShardPlan(name=f"dry-run-{name}", spec=spec, jobs=sample, row_keys=keys), settings)
             per_row = max(stats.seconds - stats.build_seconds, 0.0) / len(sample)
             rows.append({"spec": name, "rows": len(spec_jobs), "sampled": len(sample),

@@ -6,12 +6,15 @@ from __future__ import annotations
 import io
 import logging
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
 
-from tasks.storage import Storage, join, redact
+from ipaflow.core.problems import FailedRow
+from ipaflow.core.storage import Storage, join
+from ipaflow.tasks.worker import ShardStats
 
+UNKNOWN_SPEC = "(unknown spec)"  # a failed row whose spec cell names no known spec
 CONTACT_SHEET_IMAGES = 64  # the first outputs by id
 CONTACT_SHEET_CELL = 128  # pixels per thumbnail
 CONTACT_SHEET_COLUMNS = 8
@@ -59,11 +62,12 @@ class RunMonitor:
 
     name: str
     total: int
+    redact: Callable[[str], str] = str  # the run's storage redactor: artifacts and logs carry no credentials
     done: int = 0
     ok: int = 0
     failed: int = 0
     images: int = 0
-    failures: list[tuple[str, str, str]] = field(default_factory=list)  # (id, spec, reason)
+    failures: list[FailedRow] = field(default_factory=list)
     per_spec: dict[str, SpecTally] = field(default_factory=dict)
     shards: list[dict] = field(default_factory=list)  # per finished shard: where, when, how many rows
     _artifact_id: object = None
@@ -103,34 +107,34 @@ class RunMonitor:
         for listener in list(_listeners):
             listener(self.done, self.total)
 
-    def row_failed(self, row_id: str, spec: str, reason: str) -> None:
+    def row_failed(self, failed: FailedRow) -> None:
         """A row that failed outside a finished shard: before reaching a worker (validation, missing input),
         or in a shard task that failed after its retries or never started."""
         self.done += 1
         self.failed += 1
-        self.failures.append((row_id, spec, redact(reason)))
-        tally = self.per_spec.setdefault(spec, SpecTally())
+        self.failures.append(failed)
+        tally = self.per_spec.setdefault(failed.spec or UNKNOWN_SPEC, SpecTally())
         tally.rows += 1
         tally.failed += 1
 
-    def shard_finished(self, stats: dict) -> None:
+    def shard_finished(self, stats: ShardStats) -> None:
         from prefect.artifacts import update_progress_artifact
 
-        tally = self.per_spec.setdefault(stats["spec"], SpecTally())
-        tally.rows += stats["rows"]
-        tally.ok += stats["ok"] + stats["skipped"]
-        tally.failed += stats["failed"]
-        tally.images += stats["images"]
-        tally.seconds += stats["seconds"]
-        self.done += stats["ok"] + stats["failed"] + stats["skipped"]
-        self.ok += stats["ok"] + stats["skipped"]
-        self.failed += stats["failed"]
-        self.images += stats["images"]
-        self.failures.extend((row_id, stats["spec"], reason) for row_id, reason in stats["failures"])
-        self.shards.append({key: stats[key] for key in ("name", "spec", "worker", "rows", "ok", "failed", "seconds",
-                                                         "started_at", "finished_at")})
-        self.log.info("%s on %s: %d ok, %d failed in %.1fs", stats["name"], stats["worker"], stats["ok"],
-                      stats["failed"], stats["seconds"])
+        tally = self.per_spec.setdefault(stats.spec, SpecTally())
+        tally.rows += stats.rows
+        tally.ok += stats.ok + stats.skipped
+        tally.failed += stats.failed
+        tally.images += stats.images
+        tally.seconds += stats.seconds
+        self.done += stats.ok + stats.failed + stats.skipped
+        self.ok += stats.ok + stats.skipped
+        self.failed += stats.failed
+        self.images += stats.images
+        self.failures.extend(stats.failures)
+        self.shards.append(stats.model_dump(include={"name", "spec", "worker", "rows", "ok", "failed", "seconds",
+                                                     "started_at", "finished_at"}))
+        self.log.info("%s on %s: %d ok, %d failed in %.1fs", stats.name, stats.worker, stats.ok, stats.failed,
+                      stats.seconds)
         if self._artifact_id is not None and self.total:
             update_progress_artifact(self._artifact_id, progress=100.0 * self.done / self.total,
                                      description=self._progress_text())
@@ -139,14 +143,19 @@ class RunMonitor:
     def finish(self, summary: dict) -> None:
         """Final artifacts: failed rows as a table, the run summary as markdown, and the contact sheet as an
         image where the UI can load it (an http(s) URL; it cannot read s3:// or local files)."""
-        from prefect.artifacts import (create_image_artifact, create_markdown_artifact, create_table_artifact,
-                                       update_progress_artifact)
+        from prefect.artifacts import (
+            create_image_artifact,
+            create_markdown_artifact,
+            create_table_artifact,
+            update_progress_artifact,
+        )
 
         if self._artifact_id is not None:
             update_progress_artifact(self._artifact_id, progress=100.0, description=self._progress_text())
         if self.failures:
             create_table_artifact(
-                table=[{"id": i, "spec": s, "error": e} for i, s, e in self.failures[:1000]],
+                table=[{"id": f.row, "spec": f.spec or UNKNOWN_SPEC, "error": self.redact(f.error)}
+                       for f in self.failures[:1000]],
                 key=_artifact_key(f"{self.name}-failed-rows"),
                 description=f"{len(self.failures)} failed rows" + (" (first 1000)" if len(self.failures) > 1000 else ""),
             )
@@ -154,7 +163,7 @@ class RunMonitor:
         if sheet and shown_in_ui(sheet):
             create_image_artifact(image_url=sheet, key=_artifact_key(f"{self.name}-contact-sheet"),
                                   description=f"the first {CONTACT_SHEET_IMAGES} outputs")
-        create_markdown_artifact(markdown=summary_markdown(summary, self.per_spec),
+        create_markdown_artifact(markdown=summary_markdown(summary, self.per_spec, self.redact),
                                  key=_artifact_key(f"{self.name}-summary"), description="ipaflow run summary")
 
 
@@ -163,7 +172,7 @@ def shown_in_ui(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-def summary_markdown(summary: dict, per_spec: dict[str, SpecTally]) -> str:
+def summary_markdown(summary: dict, per_spec: dict[str, SpecTally], redact: Callable[[str], str] = str) -> str:
     rate = summary["images"] / summary["seconds"] if summary["seconds"] else 0.0
     sheet = summary["contact_sheet"]
     if not sheet:
@@ -216,7 +225,7 @@ def write_contact_sheet(storage: Storage, out: str, records: list[dict]) -> str 
             with PIL.Image.open(io.BytesIO(storage.read_bytes(uri))) as image:
                 return PIL.ImageOps.contain(image.convert("RGB"), (CONTACT_SHEET_CELL, CONTACT_SHEET_CELL))
         except Exception as exc:  # noqa: BLE001 - one unreadable output must not cost the sheet
-            _logger().warning("contact sheet: skipping %s: %s", redact(uri), redact(exc))
+            _logger().warning("contact sheet: skipping %s: %s", storage.redact(uri), storage.redact(exc))
             return None
 
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="ipaflow-sheet") as pool:  # remote reads overlap

@@ -54,7 +54,7 @@ class TemporaryAPIServer:
         return f"http://127.0.0.1:{self.port}/api"
 
     @classmethod
-    def start_unless_configured(cls) -> "TemporaryAPIServer | None":
+    def start_unless_configured(cls) -> TemporaryAPIServer | None:
         """Start one for this process, unless Prefect already has an API (environment, profile, a test
         harness) or its temporary mode is switched off. Prefect then uses it for every flow call."""
         from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE

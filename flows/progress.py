@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from flows.monitoring import add_listener, remove_listener
+from ipaflow.flows.monitoring import add_listener, remove_listener
 
 
 @contextlib.contextmanager
@@ -15,7 +15,14 @@ def terminal_progress():
         yield
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (TextColumn("rendering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:

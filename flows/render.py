@@ -1,16 +1,18 @@
-"""The render flow: manifest -> jobs -> keys -> shards -> render tasks -> metadata + gallery.
+"""The render flow: manifest -> rows -> keys -> shards -> render tasks -> metadata + gallery.
 
-    from flows.render import render_manifest
-    summary = render_manifest("manifest.parquet", out="s3://bucket/renders")
+    from ipaflow.flows.render import render_manifest
+    from ipaflow.specs.options import RenderOptions
+    summary = render_manifest("manifest.parquet", out="s3://bucket/renders", options=RenderOptions(batch_size=8))
 
 Rows whose key (spec, parameters, inputs) matches an ``ok`` record with its output present are skipped; bad
 rows are recorded as ``failed`` with the column at fault and never reach a worker; the rest are cut into
-shards and mapped over the task runner (threads with one GPU worker by default, or a Dask cluster).
+shards and submitted to the task runner the options name (threads with one GPU worker by default, or a Dask
+cluster). ``{date}`` and ``{datetime}`` in ``out`` are filled from the run's scheduled (or start) time, so a
+scheduled deployment of this same flow writes each night to a folder of its own.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import time
@@ -22,25 +24,24 @@ from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
-from pydantic import Field, SecretStr
+from pydantic import Field
 
-from flows.monitoring import RunMonitor, write_contact_sheet
-from flows.runners import gpu_routing
-from specs.jobs import Job, resolve_manifest
-from specs.manifest import open_manifest
-from specs.registry import SpecRegistry
-from specs.spec import Spec
-from tasks.inputs import InputError
-from tasks.gallery import write_gallery
-from tasks.keys import identify_inputs, row_key
-from tasks.metadata import MetadataStore, make_record
-from tasks.shards import DEFAULT_BATCH_SIZE, ShardPlan, plan_shards
-from tasks.prefect_tasks import render_shard
-from tasks.storage import Storage, is_local, join, redact
-from tasks.worker import RunSettings
-from tasks.writers import output_paths
-
-PositiveInt = Annotated[int, Field(ge=1)]
+from ipaflow.core.problems import FailedRow, Problem, RowFailed
+from ipaflow.core.storage import Storage, is_local, join
+from ipaflow.flows.monitoring import RunMonitor, write_contact_sheet
+from ipaflow.flows.runners import gpu_routing, make_task_runner
+from ipaflow.specs.manifest import open_manifest
+from ipaflow.specs.options import RenderOptions
+from ipaflow.specs.outputs import output_paths
+from ipaflow.specs.registry import SpecRegistry
+from ipaflow.specs.rows import Job, resolve_manifest
+from ipaflow.specs.spec import Spec
+from ipaflow.tasks.gallery import write_gallery
+from ipaflow.tasks.keys import identify_inputs, row_key
+from ipaflow.tasks.metadata import MetadataStore, make_record
+from ipaflow.tasks.prefect_tasks import render_shard
+from ipaflow.tasks.shards import ShardPlan, plan_shards
+from ipaflow.tasks.worker import RunSettings, ShardStats
 
 
 def absolute_uri(uri: str) -> str:
@@ -50,8 +51,34 @@ def absolute_uri(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri)) if is_local(uri) else uri.rstrip("/")
 
 
+def fill_template(template: str, when: datetime) -> str:
+    """``{date}`` (YYYY-MM-DD) and ``{datetime}`` (YYYYMMDDTHHMMSS) filled in; nothing else (no str.format on
+    user text)."""
+    return template.replace("{date}", when.strftime("%Y-%m-%d")).replace("{datetime}", when.strftime("%Y%m%dT%H%M%S"))
+
+
 def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+
+
+def manifest_name(manifest: str) -> str:
+    return posixpath.basename(str(manifest).split("?", 1)[0]).rsplit(".", 1)[0] or "manifest"
+
+
+def _run_time() -> datetime:
+    """The run's scheduled start (a deployment's run), else now."""
+    from prefect.runtime import flow_run
+
+    return flow_run.scheduled_start_time or datetime.now(timezone.utc)
+
+
+def _run_name() -> str:
+    """``<deployment>-<date>`` for a deployment's runs, else ``<manifest>-<time>``."""
+    from prefect.runtime import deployment, flow_run
+
+    if deployment.name:
+        return f"{deployment.name}-{_run_time():%Y-%m-%d}"
+    return f"{manifest_name(flow_run.parameters.get('manifest', 'manifest'))}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
 
 def _existing_outputs(storage: Storage, out: str) -> set[str]:
@@ -62,7 +89,7 @@ def _existing_outputs(storage: Storage, out: str) -> set[str]:
     return found
 
 
-def _is_done(record: dict | None, key: str, job: Job, spec, present: set[str]) -> bool:
+def _is_done(record: dict | None, key: str, job: Job, spec: Spec, present: set[str]) -> bool:
     return (
         record is not None
         and record["status"] == "ok"
@@ -71,50 +98,33 @@ def _is_done(record: dict | None, key: str, job: Job, spec, present: set[str]) -
     )
 
 
-def _run_name() -> str:
-    from prefect.runtime import flow_run
-
-    manifest = flow_run.parameters.get("manifest", "manifest")
-    stem = posixpath.basename(str(manifest)).rsplit(".", 1)[0] or "manifest"
-    return f"{stem}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-
-
 @flow(name="ipaflow-render", flow_run_name=_run_name, log_prints=False, validate_parameters=True)
 def render_manifest(
-    manifest: str,
-    out: str,
-    specs: list[str] | None = None,
-    models: str | None = None,
-    batch_size: PositiveInt = DEFAULT_BATCH_SIZE,
-    shard_size: PositiveInt | None = None,
-    storage_options: SecretStr | None = None,
-    overwrite: bool = False,
-    max_failures: PositiveInt | None = None,
-    limit: PositiveInt | None = None,
-    max_in_flight: PositiveInt = 2,
+    manifest: Annotated[str, Field(min_length=1, description="manifest URI or path (.parquet, .csv, .jsonl)")],
+    out: Annotated[str, Field(min_length=1, description="output URI or path; {date} and {datetime} are filled in")],
+    options: RenderOptions = RenderOptions(),
 ) -> dict[str, Any]:
     """Render every row of ``manifest`` into ``out``; returns the run summary.
 
-    ``storage_options`` is a JSON string of fsspec keyword arguments, kept secret (the Prefect API stores
-    it masked). ``max_in_flight`` bounds the shard tasks submitted at once (set it to the worker count).
+    ``options`` (``ipaflow.specs.options.RenderOptions``, or a dict of its fields) are the command line's
+    render options; ``storage_options`` in it is kept secret (the Prefect API stores it masked).
     """
     logger = get_run_logger()
     started = time.perf_counter()
-    out = absolute_uri(out)
+    out = absolute_uri(fill_template(out, _run_time()))
     run_id = new_run_id()
-    settings = RunSettings(run_id=run_id, out=out, batch_size=batch_size, models=models, storage_options=storage_options)
+    settings = RunSettings(run_id=run_id, out=out, options=options)
     storage = settings.storage()
     storage.clean_staging()  # partial files of a run that was killed mid-write
-    options = json.loads(storage_options.get_secret_value()) if storage_options else None
-    registry = SpecRegistry(specs or [], storage_options=options)
-    opened = open_manifest(manifest, storage_options=options)
+    registry = SpecRegistry(options.specs, storage=storage)
+    opened = open_manifest(manifest, storage=storage)
     metadata = MetadataStore(storage, out)
     if recovered := metadata.compact():  # journals of runs that died fold in first
         logger.info("folded %d journal file(s) left by an earlier run", recovered)
 
-    plan = plan_rows(opened, registry, storage, metadata, limit, overwrite)
-    name = posixpath.basename(manifest).rsplit(".", 1)[0] or "manifest"
-    monitor = RunMonitor(name=name, total=plan.total)
+    plan = plan_rows(opened, registry, storage, metadata, options.limit, options.overwrite)
+    name = manifest_name(manifest)
+    monitor = RunMonitor(name=name, total=plan.total, redact=storage.redact)
     monitor.start()
     monitor.tag_flow_run(["ipaflow", f"manifest:{name}", *sorted({f"spec:{spec}" for spec in plan.specs})])
     monitor.done = monitor.ok = plan.skipped
@@ -122,8 +132,8 @@ def render_manifest(
     logger.info("%d rows: %d to render, %d already done, %d failed validation",
                 plan.total, len(plan.todo), plan.skipped, len(plan.rejected))
 
-    shards = plan_shards(plan.todo, plan.specs, plan.keys, batch_size, shard_size)
-    stats = _run_shards(shards, settings, monitor, max_failures, max_in_flight)
+    shards = plan_shards(plan.todo, plan.specs, plan.keys, options.batch_size, options.shard_size)
+    stats = _run_shards(shards, settings, monitor)
     _journal_unfinished(shards, stats, plan.keys, metadata, monitor, run_id)
 
     metadata.compact()
@@ -132,10 +142,10 @@ def render_manifest(
     contact_sheet = write_contact_sheet(storage, out, all_records)
     summary = {
         "run_id": run_id,
-        "manifest": manifest,
-        "out": out,
-        "gallery": write_gallery(storage, out, all_records, contact_sheet),
-        "contact_sheet": contact_sheet,
+        "manifest": storage.redact(manifest),
+        "out": storage.redact(out),
+        "gallery": storage.redact(write_gallery(storage, out, all_records, contact_sheet)),
+        "contact_sheet": contact_sheet and storage.redact(contact_sheet),
         "rows": plan.total,
         "rendered": sum(1 for r in this_run if r["status"] == "ok"),
         "skipped": plan.skipped,
@@ -143,12 +153,12 @@ def render_manifest(
         "failed": sum(1 for r in this_run if r["status"] == "failed") + len(plan.rejected) - recorded,
         "images": sum(len(r["outputs"]) for r in this_run if r["status"] == "ok"),
         "seconds": round(time.perf_counter() - started, 3),
-        "failures": [{"id": i, "spec": s, "error": e} for i, s, e in monitor.failures],
+        "failures": [{"id": f.row, "spec": f.spec, "error": f.error} for f in monitor.failures],
         "shards": monitor.shards,
     }
     monitor.finish(summary)
     logger.info("done: %d rendered, %d skipped, %d failed in %.1fs; gallery %s", summary["rendered"],
-                summary["skipped"], summary["failed"], summary["seconds"], redact(summary["gallery"]))
+                summary["skipped"], summary["failed"], summary["seconds"], summary["gallery"])
     return summary
 
 
@@ -160,7 +170,7 @@ class RowPlan:
     keys: dict[str, str]  # id -> key, for every row that can run
     specs: dict[str, Spec]
     skipped: int
-    rejected: dict[int, tuple[str, str, str]]  # manifest index -> (id, spec, reason)
+    rejected: list[FailedRow]
 
     @property
     def total(self) -> int:
@@ -170,12 +180,10 @@ class RowPlan:
 def plan_rows(opened, registry: SpecRegistry, storage: Storage, metadata: MetadataStore, limit: int | None,
               overwrite: bool) -> RowPlan:
     """Resolve and key every row; rows whose key matches an ``ok`` record with its outputs present are done."""
-    jobs, bad = resolve_manifest(opened, registry)
+    jobs, rejected = resolve_manifest(opened, registry)
     if limit is not None:
         jobs = [job for job in jobs if job.index < limit]
-        bad = [(index, problems) for index, problems in bad if index < limit]
-    rejected = {index: (problems[0].row, "", "; ".join(f"{p.column}: {p.reason}" for p in problems))
-                for index, problems in bad}  # every problem, as validate lists them
+        rejected = [failed for failed in rejected if failed.index < limit]
     specs_used = {job.spec: registry.get(job.spec) for job in jobs}
     identities = identify_inputs(storage, jobs)
     keys: dict[str, str] = {}
@@ -184,55 +192,62 @@ def plan_rows(opened, registry: SpecRegistry, storage: Storage, metadata: Metada
         try:
             keys[job.id] = row_key(job, specs_used[job.spec], identities)
             runnable.append(job)
-        except InputError as exc:  # a missing or unreadable input
-            rejected[job.index] = (job.id, job.spec, f"{exc.column}: {exc.reason}")
+        except RowFailed as exc:  # a missing or unreadable input
+            rejected.append(FailedRow(row=job.id, problems=exc.problems, index=job.index, spec=job.spec))
     previous = metadata.load()
     present = _existing_outputs(storage, out=metadata.out) if previous and not overwrite else set()
     todo = [job for job in runnable
             if overwrite or not _is_done(previous.get(job.id), keys[job.id], job, specs_used[job.spec], present)]
+    rejected.sort(key=lambda failed: failed.index)
     return RowPlan(todo=todo, keys=keys, specs=specs_used, skipped=len(runnable) - len(todo), rejected=rejected)
 
 
 def _journal_rejected(plan: RowPlan, metadata: MetadataStore, monitor: RunMonitor, run_id: str) -> int:
     """Record the rows that failed before rendering; returns how many records (one per usable id)."""
     records = {}
-    for index, (row_id, spec, reason) in sorted(plan.rejected.items()):
-        monitor.row_failed(row_id, spec or "-", reason)
-        if not row_id.startswith("#") and row_id not in records:
-            records[row_id] = make_record(job_id=row_id, spec=spec, status="failed", run_id=run_id, error=reason)
+    for failed in plan.rejected:
+        monitor.row_failed(failed)
+        if not failed.row.startswith("#") and failed.row not in records:
+            records[failed.row] = make_record(job_id=failed.row, spec=failed.spec or "", status="failed",
+                                              run_id=run_id, error=failed.error, redact=metadata.storage.redact)
     metadata.journal(run_id, "invalid-rows", list(records.values()))
     return len(records)
 
 
-def _journal_unfinished(shards: list[ShardPlan], stats: list[dict], keys: dict[str, str], metadata: MetadataStore,
-                        monitor: RunMonitor, run_id: str) -> None:
+def _journal_unfinished(shards: list[ShardPlan], stats: list[ShardStats], keys: dict[str, str],
+                        metadata: MetadataStore, monitor: RunMonitor, run_id: str) -> None:
     """Rows of shard tasks that failed after their retries, or that never started, fail with the reason."""
     finished = metadata.journaled_ids(run_id)
-    reasons = {s["name"]: s["error"] for s in stats if "error" in s}
+    problems = {s.name: s.problem for s in stats if s.problem is not None}
+    stopped = Problem("not rendered", "the run stopped early (--max-failures)")
     records = []
     for shard in shards:
         for job in shard.jobs:
             if job.id not in finished:
-                reason = reasons.get(shard.name, "not rendered: the run stopped early (--max-failures)")
-                monitor.row_failed(job.id, job.spec, reason)
+                failed = FailedRow(row=job.id, problems=(problems.get(shard.name, stopped),), index=job.index,
+                                   spec=job.spec)
+                monitor.row_failed(failed)
                 records.append(make_record(job_id=job.id, spec=job.spec, status="failed", run_id=run_id,
-                                           error=reason, seed=job.seed, params=job.params, key=keys[job.id],
-                                           extra=job.extra))
+                                           error=failed.error, seed=job.seed, params=job.params, key=keys[job.id],
+                                           extra=job.extra, redact=metadata.storage.redact))
     metadata.journal(run_id, "unfinished-rows", records)
 
 
-def _run_shards(shards: list[ShardPlan], settings: RunSettings, monitor: RunMonitor, max_failures: int | None,
-                max_in_flight: int) -> list[dict]:
-    """Submit shards with at most ``max_in_flight`` running; stop submitting once ``max_failures`` is hit."""
+def _run_shards(shards: list[ShardPlan], settings: RunSettings, monitor: RunMonitor) -> list[ShardStats]:
+    """Submit shards to the options' task runner, keeping its worker count busy; stop submitting once
+    ``max_failures`` rows failed."""
     logger = get_run_logger()
+    max_failures = settings.options.max_failures
     pending = deque(shards)
     running: dict[Any, ShardPlan] = {}
-    results: list[dict] = []
-    with gpu_routing():  # no tags() here: see RunMonitor.tag_flow_run
+    results: list[ShardStats] = []
+    runner, max_in_flight = make_task_runner(settings.options)
+    with runner, gpu_routing(runner):  # no tags on task runs: see RunMonitor.tag_flow_run
         while pending or running:
             while pending and len(running) < max_in_flight and not _too_many(monitor, max_failures):
                 shard = pending.popleft()
-                running[render_shard.submit(shard, settings)] = shard
+                future = runner.submit(render_shard, parameters={"shard": shard, "settings": settings})
+                running[future] = shard
             if not running:
                 break
             future = next(as_completed(list(running)))
@@ -240,9 +255,9 @@ def _run_shards(shards: list[ShardPlan], settings: RunSettings, monitor: RunMoni
             try:
                 stats = future.result()
             except Exception as exc:  # noqa: BLE001 - the task failed after its retries
-                logger.error("%s failed: %s", shard.name, redact(exc))
-                stats = {"name": shard.name, "error": redact(f"worker: {type(exc).__name__}: {exc}")[:500]}
-                results.append(stats)
+                problem = Problem("worker", monitor.redact(f"{type(exc).__name__}: {exc}"))
+                logger.error("%s failed: %s", shard.name, problem.reason)
+                results.append(ShardStats(name=shard.name, spec=shard.spec.name, rows=len(shard.jobs), problem=problem))
                 continue
             results.append(stats)
             monitor.shard_finished(stats)

@@ -10,17 +10,20 @@ import os
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from ipaflow.specs.options import RenderOptions
+
 GPU_RESOURCE = {"GPU": 1}
 IN_FLIGHT_ON_A_CLUSTER = 64  # an existing cluster's size is unknown until connected: keep plenty queued
 
 
-def make_task_runner(dask_address: str | None = None, workers: int | None = None):
-    """The task runner and how many shard tasks to keep in flight with it."""
-    if dask_address or workers:
+def make_task_runner(options: RenderOptions):
+    """The task runner the options name (not yet started) and how many shard tasks to keep in flight on it."""
+    if options.dask_address or options.workers:
         from prefect_dask import DaskTaskRunner
 
-        if dask_address:
-            return DaskTaskRunner(address=dask_address), IN_FLIGHT_ON_A_CLUSTER
+        if options.dask_address:
+            return DaskTaskRunner(address=options.dask_address), IN_FLIGHT_ON_A_CLUSTER
+        workers = options.workers
         return DaskTaskRunner(cluster_class=local_gpu_cluster, cluster_kwargs={"n_workers": workers}), 2 * workers
     return ThreadPoolTaskRunner(max_workers=1), 2
 
@@ -71,13 +74,9 @@ def local_gpu_cluster(n_workers: int):
                        name="ipaflow-local", silence_logs=logging.WARNING)
 
 
-def gpu_routing():
-    """Inside a flow on a Dask runner: annotate submissions so they need a GPU slot; elsewhere a no-op."""
-    from prefect.context import FlowRunContext
-
-    context = FlowRunContext.get()
-    runner = getattr(context, "task_runner", None)
-    if runner is not None and type(runner).__name__ == "DaskTaskRunner":
+def gpu_routing(runner):
+    """On a (started) Dask runner: annotate submissions so they need a GPU slot; elsewhere a no-op."""
+    if type(runner).__name__ == "DaskTaskRunner":
         import dask
 
         _warn_without_gpu_workers(runner.client)

@@ -4,23 +4,24 @@ the reasons are the ones ``render`` records for the same rows."""
 
 from __future__ import annotations
 
-from specs.jobs import Problem, resolve_manifest
-from specs.manifest import open_manifest
-from specs.registry import SpecRegistry
-from tasks.inputs import InputError, InputFetcher
-from tasks.storage import Storage
+from ipaflow.core.problems import FailedRow, RowFailed
+from ipaflow.core.storage import Storage
+from ipaflow.specs.manifest import open_manifest
+from ipaflow.specs.options import RenderOptions
+from ipaflow.specs.registry import SpecRegistry
+from ipaflow.specs.rows import resolve_manifest
+from ipaflow.tasks.inputs import InputFetcher
 
 WINDOW = 64
 
 
-def validate_manifest(manifest: str, spec_dirs: list[str] | None = None, storage_options: dict | None = None,
-                      check_inputs: bool = True) -> tuple[list[Problem], int]:
-    """The problems of every row, in manifest order, and the number of rows checked."""
-    storage = Storage(options=storage_options or {})  # first: it registers the secrets that messages redact
-    registry = SpecRegistry(spec_dirs or [], storage_options=storage_options)
-    opened = open_manifest(manifest, storage_options=storage_options)
-    jobs, bad = resolve_manifest(opened, registry)
-    found = [problem for _, problems in bad for problem in problems]
+def validate_manifest(manifest: str, options: RenderOptions = RenderOptions(),
+                      check_inputs: bool = True) -> tuple[list[FailedRow], int]:
+    """The failed rows, in manifest order, and the number of rows checked."""
+    storage = Storage(options=options.storage_options_dict())
+    registry = SpecRegistry(options.specs, storage=storage)
+    opened = open_manifest(manifest, storage=storage)
+    jobs, failed = resolve_manifest(opened, registry)
     if check_inputs and jobs:
         specs = {job.spec: registry.get(job.spec) for job in jobs}
         fetcher = InputFetcher(storage, jobs, specs)
@@ -31,9 +32,9 @@ def validate_manifest(manifest: str, spec_dirs: list[str] | None = None, storage
                 for job in window:
                     try:
                         fetcher.get(job)
-                    except InputError as exc:
-                        found.append(Problem(job.id, exc.column, exc.reason, job.index))
+                    except RowFailed as exc:
+                        failed.append(FailedRow(row=job.id, problems=exc.problems, index=job.index, spec=job.spec))
         finally:
             fetcher.close()
-    found.sort(key=lambda problem: problem.index)  # stable: a row's own problems keep their order
-    return found, opened.num_rows
+    failed.sort(key=lambda row: row.index)
+    return failed, opened.num_rows

@@ -11,16 +11,17 @@ from __future__ import annotations
 import csv
 import json
 import posixpath
-from dataclasses import dataclass
-from typing import Any, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from tasks.storage import Storage, redact
+from ipaflow.core.storage import Storage
 
-# Columns with a meaning (DESIGN.md, "Manifest columns"); every other column passes through to the metadata.
+# Columns with a meaning (README, "Manifest reference"); every other column passes through to the metadata.
 STRING_COLUMNS = ("id", "spec", "prompt", "negative_prompt", "image", "mask", "control_image", "style_folder")
 LIST_COLUMNS = ("ip_image", "ip_mask", "ip_scale")
 INT_COLUMNS = ("seed", "num_inference_steps", "width", "height", "num_frames", "num_images")
@@ -43,7 +44,7 @@ class Manifest:
     format: str
     columns: tuple[str, ...]
     num_rows: int
-    storage_options: dict | None = None
+    storage: Storage = field(default_factory=Storage, repr=False, compare=False)
 
     @property
     def base(self) -> str:
@@ -57,9 +58,9 @@ class Manifest:
     def iter_rows(self, batch_rows: int = 4096, columns: tuple[str, ...] | None = None) -> Iterator[dict[str, Any]]:
         """Rows in manifest order as plain Python values (None for nulls), read batch by batch; ``columns``
         (present ones) limits what is read, where the format allows (Parquet reads only those)."""
-        fs, path = Storage(options=self.storage_options or {}).fs(self.uri)
+        fs, path = self.storage.fs(self.uri)
         if self.format == "jsonl":
-            for row in _iter_jsonl(fs, path, self.uri):
+            for row in _iter_jsonl(fs, path, self.uri, self.storage.redact):
                 yield {column: row.get(column) for column in columns or self.columns}
             return
         for batch in _iter_batches(fs, path, self.format, batch_rows, columns):
@@ -72,7 +73,7 @@ def _plain(value: Any) -> Any:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
 
 
-def _format_of(uri: str) -> str:
+def _format_of(uri: str, redact) -> str:
     path = uri.split("?", 1)[0].lower()
     for suffix, fmt in FORMATS.items():
         if path.endswith(suffix):
@@ -90,7 +91,7 @@ def _read_csv(fs, path: str) -> pa.Table:
         return pa_csv.read_csv(handle, convert_options=options)
 
 
-def _iter_jsonl(fs, path: str, uri: str) -> Iterator[dict[str, Any]]:
+def _iter_jsonl(fs, path: str, uri: str, redact) -> Iterator[dict[str, Any]]:
     """One dict per non-blank line. A line that is not a JSON object makes the file unreadable as a whole:
     which row it was meant to be (and its id) cannot be known."""
     with fs.open(path, "rb") as handle:
@@ -106,11 +107,11 @@ def _iter_jsonl(fs, path: str, uri: str) -> Iterator[dict[str, Any]]:
             yield row
 
 
-def _jsonl_shape(fs, path: str, uri: str) -> tuple[tuple[str, ...], int]:
+def _jsonl_shape(fs, path: str, uri: str, redact) -> tuple[tuple[str, ...], int]:
     """The columns (every key seen, in first-seen order) and the number of rows of a JSON Lines file."""
     columns: dict[str, None] = {}
     count = 0
-    for row in _iter_jsonl(fs, path, uri):
+    for row in _iter_jsonl(fs, path, uri, redact):
         columns.update(dict.fromkeys(row))
         count += 1
     return tuple(columns), count
@@ -126,11 +127,13 @@ def _iter_batches(fs, path: str, fmt: str, batch_rows: int,
         yield from (table.select(list(columns)) if columns else table).to_batches(max_chunksize=batch_rows)
 
 
-def open_manifest(uri: str, storage_options: dict | None = None) -> Manifest:
+def open_manifest(uri: str, storage: Storage | None = None) -> Manifest:
     """Open a manifest and check what makes it usable as a whole; rows are checked one by one later."""
-    fmt = _format_of(uri)
+    storage = storage or Storage()
+    redact = storage.redact
+    fmt = _format_of(uri, redact)
     try:
-        fs, path = Storage(options=storage_options or {}).fs(uri)
+        fs, path = storage.fs(uri)
         if not fs.exists(path):
             raise ManifestError(f"{redact(uri)}: manifest not found")
         if fmt == "parquet":
@@ -141,7 +144,7 @@ def open_manifest(uri: str, storage_options: dict | None = None) -> Manifest:
             table = _read_csv(fs, path)
             columns, num_rows = tuple(table.column_names), table.num_rows
         else:
-            columns, num_rows = _jsonl_shape(fs, path, uri)
+            columns, num_rows = _jsonl_shape(fs, path, uri, redact)
     except ManifestError:
         raise
     except (OSError, pa.ArrowException, ValueError) as exc:
@@ -149,4 +152,4 @@ def open_manifest(uri: str, storage_options: dict | None = None) -> Manifest:
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise ManifestError(f"{redact(uri)}: missing required column(s) {', '.join(missing)}")
-    return Manifest(uri=uri, format=fmt, columns=columns, num_rows=num_rows, storage_options=storage_options)
+    return Manifest(uri=uri, format=fmt, columns=columns, num_rows=num_rows, storage=storage)

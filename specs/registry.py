@@ -6,14 +6,14 @@ A spec is data, never code: ``yaml.safe_load`` constructs plain mappings, lists 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import yaml
 from pydantic import ValidationError
 
-from specs.spec import Spec
-from tasks.storage import Storage, redact
+from ipaflow.core.storage import Storage
+from ipaflow.specs.spec import Spec
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 MAX_SPEC_BYTES = 1 << 20
@@ -52,8 +52,9 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
-def _read_folder(uri: str, storage_options: dict | None) -> list[tuple[str, str]]:
-    fs, root = Storage(options=storage_options or {}).fs(uri)
+def _read_folder(uri: str, storage: Storage) -> list[tuple[str, str]]:
+    redact = storage.redact
+    fs, root = storage.fs(uri)
     if not fs.isdir(root):
         raise SpecError(f"{redact(uri)}: spec folder not found")
     found = []
@@ -72,15 +73,15 @@ def _read_folder(uri: str, storage_options: dict | None) -> list[tuple[str, str]
 class SpecRegistry:
     """Every known spec by name. User folders may add specs but not silently replace bundled ones."""
 
-    def __init__(self, folders: Iterable[str] = (), storage_options: dict | None = None):
+    def __init__(self, folders: Iterable[str] = (), storage: Storage | None = None):
         self._specs: dict[str, Spec] = {}
         self._sources: dict[str, str] = {}
-        self._add_folder(str(BUNDLED_DIR), None)
+        self._add_folder(str(BUNDLED_DIR), Storage())
         for folder in folders:
-            self._add_folder(str(folder), storage_options)
+            self._add_folder(str(folder), storage or Storage())
 
-    def _add_folder(self, uri: str, storage_options: dict | None) -> None:
-        for path, text in _read_folder(uri, storage_options):
+    def _add_folder(self, uri: str, storage: Storage) -> None:
+        for path, text in _read_folder(uri, storage):
             spec = parse_spec(text, path)
             if spec.name in self._specs:
                 raise SpecError(f"{path}: spec name {spec.name!r} is already defined by {self._sources[spec.name]}")

@@ -13,9 +13,11 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Task = Literal["text2img", "img2img", "inpaint", "video", "controlnet"]
+from ipaflow.specs.profiles import COMPONENT_FIELDS, PROFILES, TASKS, TaskProfile
 
-# A hub id (org/name) or a local folder; resolved by tasks.models.resolve_model.
+Task = Literal[TASKS]  # the names of the task profiles
+
+# A hub id (org/name) or a local folder; resolved by ipaflow.tasks.models.resolve_model.
 _MODEL_REF = r"^[^\s]{1,512}$"
 SPEC_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
@@ -64,7 +66,9 @@ class LoraSpec(ModelRef):
 
 
 class ControlNetSpec(ModelRef):
-    conditioning_scale: float = 1.0
+    # The default of the row parameter controlnet_conditioning_scale (the pipeline's own default, 1.0, when
+    # unset); a row's value wins. Setting it here and in `defaults` too is an error: one place per value.
+    conditioning_scale: float | None = Field(default=None, ge=0.0, le=10.0, allow_inf_nan=False)
 
 
 class MemorySpec(StrictModel):
@@ -91,7 +95,7 @@ class Params(StrictModel):
 
 
 class OutputSpec(StrictModel):
-    format: Literal["png", "jpeg", "webp", "gif"] = "png"
+    format: Literal["png", "jpeg", "webp", "gif"] | None = None  # default: the task's first format
     quality: int = Field(default=95, ge=1, le=100)
     fps: int = Field(default=8, ge=1, le=60)
 
@@ -121,21 +125,37 @@ class Spec(StrictModel):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Spec":
-        if (self.task == "video") != (self.motion_adapter is not None):
-            raise ValueError("task 'video' needs a motion_adapter, and a motion_adapter needs task 'video'")
-        if (self.task == "controlnet") != (self.controlnet is not None):
-            raise ValueError("task 'controlnet' needs a controlnet, and a controlnet needs task 'controlnet'")
-        fmt = self.output_format
-        if (fmt == "gif") != (self.task == "video"):
-            raise ValueError("output format 'gif' is for task 'video' only, and video specs write gif")
+    def _consistent(self) -> Spec:
+        profile = self.profile
+        for name in COMPONENT_FIELDS:
+            needed = profile.component is not None and profile.component.spec_field == name
+            if needed != (getattr(self, name) is not None):
+                tasks = [p.name for p in PROFILES.values() if p.component and p.component.spec_field == name]
+                raise ValueError(f"task {tasks[0]!r} needs a {name}, and a {name} needs task {tasks[0]!r}")
+        if self.output_format not in profile.formats:
+            raise ValueError(f"output format {self.output_format!r} is not one task {self.task!r} writes "
+                             f"({', '.join(profile.formats)})")
+        if (self.controlnet is not None and self.controlnet.conditioning_scale is not None
+                and self.defaults.controlnet_conditioning_scale is not None):
+            raise ValueError("controlnet.conditioning_scale and defaults.controlnet_conditioning_scale set the "
+                             "same value; keep one")
         return self
 
     @property
+    def profile(self) -> TaskProfile:
+        return PROFILES[self.task]
+
+    @property
     def output_format(self) -> str:
-        if self.output is not None:
-            return self.output.format
-        return "gif" if self.task == "video" else "png"
+        chosen = self.output.format if self.output is not None else None
+        return chosen or self.profile.formats[0]
+
+    def default_params(self) -> dict[str, Any]:
+        """The defaults a row's parameters start from (unset ones left out)."""
+        params = self.defaults.model_dump(exclude_none=True)
+        if self.controlnet is not None and self.controlnet.conditioning_scale is not None:
+            params["controlnet_conditioning_scale"] = self.controlnet.conditioning_scale
+        return params
 
     @property
     def image_columns(self) -> list[str]:
@@ -145,13 +165,7 @@ class Spec(StrictModel):
     @property
     def required_columns(self) -> dict[str, str]:
         """Manifest columns a row of this spec must fill, each with what needs it (for the row's error)."""
-        needed = {}
-        if self.task in ("img2img", "inpaint"):
-            needed["image"] = f"the init image of task {self.task}"
-        if self.task == "inpaint":
-            needed["mask"] = "the mask of task inpaint"
-        if self.task == "controlnet":
-            needed["control_image"] = "the conditioning image of task controlnet"
+        needed = {column: role.what for column, role in self.profile.inputs.items()}
         for number, adapter in enumerate(self.ip_adapters, 1):
             needed.setdefault(adapter.image_column, f"the image prompt of IP-Adapter {number} ({adapter.weight_name})")
         return needed

@@ -10,21 +10,16 @@ from dataclasses import dataclass, field
 
 import PIL.Image
 
-from specs.jobs import Job
-from specs.spec import Spec
-from tasks.media import MediaError, decode_image
-from tasks.storage import Storage, redact
-
-
-class InputError(Exception):
-    def __init__(self, column: str, reason: str):
-        super().__init__(f"{column}: {reason}")
-        self.column, self.reason = column, reason
+from ipaflow.core.problems import RowFailed
+from ipaflow.core.storage import Storage
+from ipaflow.specs.rows import Job
+from ipaflow.specs.spec import Spec
+from ipaflow.tasks.media import MediaError, decode_image
 
 
 @dataclass
 class RowInputs:
-    images: dict[str, PIL.Image.Image] = field(default_factory=dict)  # image, mask, control_image
+    images: dict[str, PIL.Image.Image] = field(default_factory=dict)  # the task profile's inputs, by column
     adapters: list[tuple[str, list[PIL.Image.Image]]] = field(default_factory=list)  # per adapter: (content key, images)
     ip_masks: list[PIL.Image.Image] | None = None
 
@@ -44,6 +39,7 @@ class InputFetcher:
 
     def __init__(self, storage: Storage, jobs: list[Job], specs: dict[str, Spec], threads: int = 8):
         self.storage = storage
+        self.redact = storage.redact
         self.specs = specs
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ipaflow-fetch")
         self._lock = threading.Lock()
@@ -84,14 +80,14 @@ class InputFetcher:
     def _read_folder(self, uri: str) -> tuple[str, list[PIL.Image.Image]]:
         names = [name for name, _ in self.storage.list_images(uri)]
         if not names:
-            raise InputError("style_folder", f"no images in {redact(uri)}")
+            raise RowFailed.at("style_folder", f"no images in {self.redact(uri)}")
         futures = [self._pool.submit(self._read, name) for name in names]
         fetched = []
         for name, future in zip(names, futures):
             try:
                 fetched.append(future.result())
             except MediaError as exc:
-                raise InputError("style_folder", f"{redact(name)}: {exc}") from None
+                raise RowFailed.at("style_folder", f"{self.redact(name)}: {exc}") from None
         digest = hashlib.sha256("".join(f.digest for f in fetched).encode()).hexdigest()
         return digest, [f.image for f in fetched]
 
@@ -99,13 +95,13 @@ class InputFetcher:
         try:
             return self._file(uri).result()
         except FileNotFoundError:
-            raise InputError(column, f"not found: {redact(uri)}") from None
+            raise RowFailed.at(column, f"not found: {self.redact(uri)}") from None
         except MediaError as exc:
-            raise InputError(column, f"{redact(uri)}: {exc}") from None
-        except InputError:
+            raise RowFailed.at(column, f"{self.redact(uri)}: {exc}") from None
+        except RowFailed:
             raise
         except Exception as exc:  # noqa: BLE001 - storage errors become the row's reason
-            raise InputError(column, f"cannot read {redact(uri)}: {redact(exc)}") from None
+            raise RowFailed.at(column, f"cannot read {self.redact(uri)}: {self.redact(exc)}") from None
         finally:
             self._release(uri)
 
@@ -120,10 +116,10 @@ class InputFetcher:
                         self._file(uri)
 
     def get(self, job: Job) -> RowInputs:
-        """The decoded inputs of ``job``; raises InputError naming the first column that failed."""
+        """The decoded inputs of ``job``; raises RowFailed naming the first column that failed."""
         spec = self.specs[job.spec]
         inputs = RowInputs()
-        failure: InputError | None = None
+        failure: RowFailed | None = None
         taken: dict[str, list[_Fetched]] = {}
         for column, value in job.inputs.items():
             if column == "style_folder":
@@ -132,26 +128,25 @@ class InputFetcher:
             for uri in value if isinstance(value, list) else [value]:
                 try:
                     fetched.append(self._take(column, uri))
-                except InputError as exc:
+                except RowFailed as exc:
                     failure = failure or exc
             taken[column] = fetched
         if failure:
             raise failure
-        for column in ("image", "mask", "control_image"):
-            if column in taken:
-                inputs.images[column] = taken[column][0].image
+        for column in spec.profile.inputs:
+            inputs.images[column] = taken[column][0].image
         if "ip_mask" in taken:
             inputs.ip_masks = [f.image for f in taken["ip_mask"]]
         for column in spec.image_columns:
             if column == "style_folder":
                 try:
                     inputs.adapters.append(self._folder(job.inputs["style_folder"]).result())
-                except InputError:
+                except RowFailed:
                     raise
                 except FileNotFoundError:
-                    raise InputError("style_folder", f"not found: {redact(job.inputs['style_folder'])}") from None
+                    raise RowFailed.at("style_folder", f"not found: {self.redact(job.inputs['style_folder'])}") from None
                 except Exception as exc:  # noqa: BLE001
-                    raise InputError("style_folder", f"cannot read: {redact(exc)}") from None
+                    raise RowFailed.at("style_folder", f"cannot read: {self.redact(exc)}") from None
             else:
                 files = taken[column]
                 key = hashlib.sha256("".join(f.digest for f in files).encode()).hexdigest()

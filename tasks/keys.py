@@ -10,40 +10,41 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable
 
-from specs.jobs import Job
-from specs.spec import Spec
-from tasks.inputs import InputError
-from tasks.storage import Storage, is_local, redact
+from ipaflow.core.problems import RowFailed
+from ipaflow.core.storage import Storage, is_local
+from ipaflow.specs.rows import Job
+from ipaflow.specs.spec import Spec
 
 # Bump when ipaflow's rendering changes what the same row produces.
 RENDER_VERSION = 1
 
 
 def _identify(storage: Storage, column: str, uri: str) -> str:
+    redact = storage.redact
     try:
         if column == "style_folder":
             files = storage.list_images(uri)
             if not files:
-                raise InputError(column, f"no images in {redact(uri)}")
+                raise RowFailed.at(column, f"no images in {redact(uri)}")
             if is_local(uri) or not all(identity for _, identity in files):
                 # as for single files: local content hashes; remote listing identities (an object store lists
                 # ETags), or each file's own where the listing has none (an http index page)
                 files = [(name, storage.identity(name)) for name, _ in files]
             return hashlib.sha256(repr([(n.rsplit("/", 1)[-1], i) for n, i in files]).encode()).hexdigest()
         return storage.identity(uri)
-    except InputError:
+    except RowFailed:
         raise
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise InputError(column, f"not found: {redact(uri)}") from None
+        raise RowFailed.at(column, f"not found: {redact(uri)}") from None
     except Exception as exc:  # noqa: BLE001 - any storage failure becomes the row's reason
-        raise InputError(column, f"cannot read {redact(uri)}: {redact(exc)}") from None
+        raise RowFailed.at(column, f"cannot read {redact(uri)}: {redact(exc)}") from None
 
 
-def identify_inputs(storage: Storage, jobs: Iterable[Job], threads: int = 16) -> dict[tuple[str, str], str | InputError]:
-    """Identity of every (column, URI) the jobs use, or the InputError saying why it has none."""
+def identify_inputs(storage: Storage, jobs: Iterable[Job], threads: int = 16) -> dict[tuple[str, str], str | RowFailed]:
+    """Identity of every (column, URI) the jobs use, or the RowFailed saying why it has none."""
     wanted = {
         (column, uri)
         for job in jobs
@@ -51,10 +52,10 @@ def identify_inputs(storage: Storage, jobs: Iterable[Job], threads: int = 16) ->
         for uri in (value if isinstance(value, list) else [value])
     }
 
-    def one(item: tuple[str, str]) -> str | InputError:
+    def one(item: tuple[str, str]) -> str | RowFailed:
         try:
             return _identify(storage, *item)
-        except InputError as exc:
+        except RowFailed as exc:
             return exc
 
     items = sorted(wanted)
@@ -62,14 +63,14 @@ def identify_inputs(storage: Storage, jobs: Iterable[Job], threads: int = 16) ->
         return dict(zip(items, pool.map(one, items)))
 
 
-def row_key(job: Job, spec: Spec, identities: dict[tuple[str, str], str | InputError]) -> str:
-    """The row's key; raises the InputError of its first missing input."""
+def row_key(job: Job, spec: Spec, identities: dict[tuple[str, str], str | RowFailed]) -> str:
+    """The row's key; raises the RowFailed of its first missing input."""
     inputs = {}
     for column, value in sorted(job.inputs.items()):
         ids = []
         for uri in value if isinstance(value, list) else [value]:
             identity = identities[(column, uri)]
-            if isinstance(identity, InputError):
+            if isinstance(identity, RowFailed):
                 raise identity
             ids.append(identity)
         inputs[column] = ids

@@ -9,13 +9,13 @@ from __future__ import annotations
 import io
 import json
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import PIL.Image
 import PIL.ImageOps
 from PIL.PngImagePlugin import PngInfo
 
-EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "gif": ".gif"}
 MAX_INPUT_PIXELS = 64 * 1024 * 1024
 MAX_INPUT_BYTES = 256 * 1024 * 1024
 

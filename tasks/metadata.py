@@ -13,13 +13,15 @@ import io
 import json
 import logging
 import posixpath
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.storage import Storage, join, redact, redact_url
+from ipaflow.core.redaction import Redactor, redact_url
+from ipaflow.core.storage import Storage, join
 
 log = logging.getLogger("ipaflow.metadata")
 RECORDS_FILE = "metadata/records.parquet"
@@ -61,7 +63,12 @@ def make_record(
     elapsed_s: float = 0.0,
     batch_size: int = 0,
     extra: dict | None = None,
+    redact: Callable[[str], str] | None = None,
 ) -> dict[str, Any]:
+    """One metadata record; ``error`` goes through ``redact`` (the storage's redactor; by default one that
+    knows the environment's credentials only), output URIs lose the credentials a URI may carry and otherwise
+    stay usable."""
+    redact = redact or Redactor().redact
     record = {
         "id": job_id,
         "spec": spec,
@@ -133,7 +140,7 @@ class MetadataStore:
         try:
             return _from_bytes(data)
         except pa.ArrowException as exc:  # not ours, or damaged by hand: say so and go on without it
-            log.warning("skipping unreadable metadata file %s (%s)", redact(uri), exc)
+            log.warning("skipping unreadable metadata file %s (%s)", self.storage.redact(uri), exc)
             return []
 
     def journaled_ids(self, run_id: str, prefix: str = "", status: str | None = None) -> set[str]:

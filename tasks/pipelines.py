@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specs.spec import Spec
-from tasks.embeddings import EmbeddingCache
-from tasks.models import pick_device, pick_dtype, resolve_model
+from ipaflow.specs.spec import Spec
+from ipaflow.tasks.embeddings import EmbeddingCache
+from ipaflow.tasks.models import pick_device, pick_dtype, resolve_model
 
 log = logging.getLogger("ipaflow.pipelines")
 CACHE_SIZE_ENV = "IPAFLOW_PIPELINE_CACHE_SIZE"
@@ -98,29 +98,19 @@ def build_pipeline(spec: Spec, models_dir: str | None = None, device: torch.devi
     if spec.variant:
         common["variant"] = spec.variant
 
+    profile = spec.profile
     extra = {}
     if spec.image_encoder is not None:
         extra["image_encoder"] = CLIPVisionModelWithProjection.from_pretrained(
             resolve(spec.image_encoder.model), subfolder=spec.image_encoder.subfolder, dtype=dtype
         )
-    if spec.controlnet is not None:
-        extra["controlnet"] = diffusers.ControlNetModel.from_pretrained(
-            resolve(spec.controlnet.model), subfolder=spec.controlnet.subfolder, **common
-        )
-    model = resolve(spec.model)
-    if spec.task == "video":
-        adapter = diffusers.MotionAdapter.from_pretrained(
-            resolve(spec.motion_adapter.model), subfolder=spec.motion_adapter.subfolder, dtype=dtype
-        )
-        pipe = diffusers.AnimateDiffPipeline.from_pretrained(model, motion_adapter=adapter, **extra, **common)
-    else:
-        auto = {
-            "text2img": diffusers.AutoPipelineForText2Image,
-            "controlnet": diffusers.AutoPipelineForText2Image,
-            "img2img": diffusers.AutoPipelineForImage2Image,
-            "inpaint": diffusers.AutoPipelineForInpainting,
-        }[spec.task]
-        pipe = auto.from_pretrained(model, **extra, **common)
+    if profile.component is not None:  # the ControlNet or motion adapter the task needs
+        ref = getattr(spec, profile.component.spec_field)
+        component = getattr(diffusers, profile.component.model_class)
+        kwargs = common if profile.component.takes_variant else {"dtype": dtype}
+        extra[profile.component.argument] = component.from_pretrained(resolve(ref.model), subfolder=ref.subfolder,
+                                                                      **kwargs)
+    pipe = getattr(diffusers, profile.pipeline).from_pretrained(resolve(spec.model), **extra, **common)
 
     if spec.scheduler is not None:
         cls = _scheduler_class(spec.scheduler.name)

@@ -10,13 +10,12 @@ import os
 import socket
 import sys
 import time
-from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.shards import ShardPlan
-from tasks.worker import RunSettings, run_shard
+from ipaflow.tasks.shards import ShardPlan
+from ipaflow.tasks.worker import RunSettings, ShardStats, run_shard
 
 
 def worker_name() -> str:
@@ -33,9 +32,9 @@ def worker_name() -> str:
 
 
 @task(name="render-shard", task_run_name="{shard.name}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def render_shard(shard: ShardPlan, settings: RunSettings) -> dict[str, Any]:
+def render_shard(shard: ShardPlan, settings: RunSettings) -> ShardStats:
     """Render one shard; a worker that dies mid-shard has the shard re-run (retries), which skips the rows
     its earlier attempt already journaled."""
     started = time.time()
-    stats = run_shard(shard, settings).model_dump()
-    return {**stats, "worker": worker_name(), "started_at": started, "finished_at": time.time()}
+    stats = run_shard(shard, settings)
+    return stats.model_copy(update={"worker": worker_name(), "started_at": started, "finished_at": time.time()})

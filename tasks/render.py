@@ -8,44 +8,38 @@ of several passes lists and per-row generators, which gives the same pixels row 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
+import time
 import traceback
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import PIL.Image
 import torch
 
-from specs.jobs import Job
-from tasks.embeddings import batch_embeds
-from tasks.inputs import RowInputs
-from tasks.pipelines import LoadedPipeline
-from tasks.storage import redact
+from ipaflow.core.problems import Problem, describe_exception
+from ipaflow.specs.rows import CALL_PARAMS, Job
+from ipaflow.tasks.embeddings import batch_embeds
+from ipaflow.tasks.inputs import RowInputs
+from ipaflow.tasks.pipelines import LoadedPipeline
 
 log = logging.getLogger("ipaflow.render")
-CALL_PARAMS = ("num_inference_steps", "guidance_scale", "strength", "width", "height", "num_frames",
-               "controlnet_conditioning_scale")
 
 
 @dataclass
 class Rendered:
     job: Job
     images: list[PIL.Image.Image] | None = None  # images, or the frames of a video
-    error: str | None = None
+    problem: Problem | None = None  # why the row failed
     batch_size: int = 1
     seconds: float = 0.0
 
 
 def batch_key(job: Job, inputs: RowInputs) -> tuple:
-    """Rows with equal keys can share one pipeline call."""
-    solo = job.num_images > 1 or inputs.ip_masks is not None
-    params = job.params
+    """Rows with equal keys can share one pipeline call: the row's call group (``Job.call_group``, what the
+    shard planner sorts by) plus what only its fetched inputs tell (image sizes, images per adapter)."""
     return (
-        job.id if solo else "",
-        tuple((name, params.get(name)) for name in CALL_PARAMS),
-        params.get("negative_prompt") is None,
-        json.dumps(params.get("ip_adapter_scale"), sort_keys=True),
+        job.call_group(),
         tuple(len(images) for _, images in inputs.adapters),
         tuple((name, image.size) for name, image in sorted(inputs.images.items())),
     )
@@ -78,13 +72,8 @@ def call_kwargs(loaded: LoadedPipeline, jobs: Sequence[Job], inputs: Sequence[Ro
     if single and jobs[0].num_images > 1:
         kwargs["num_images_per_prompt"] = jobs[0].num_images
 
-    task = loaded.spec.task
-    if task in ("img2img", "inpaint"):
-        kwargs["image"] = pick([row.images["image"] for row in inputs])
-    if task == "inpaint":
-        kwargs["mask_image"] = pick([row.images["mask"] for row in inputs])
-    if task == "controlnet":
-        kwargs["image"] = pick([row.images["control_image"] for row in inputs])
+    for column, role in loaded.spec.profile.inputs.items():
+        kwargs[role.argument] = pick([row.images[column] for row in inputs])
 
     guidance = first.get("guidance_scale", loaded.default_guidance)
     hidden = loaded.adapter_hidden_states
@@ -147,7 +136,7 @@ def render_batch(loaded: LoadedPipeline, jobs: Sequence[Job], inputs: Sequence[R
             output = loaded.pipe(**call_kwargs(loaded, jobs, inputs), output_type="pil")
         finally:
             _restore_vae_dtype(loaded)
-    if loaded.spec.task == "video":
+    if loaded.spec.profile.output == "video":
         return [list(frames) for frames in output.frames]
     per_row = len(output.images) // len(jobs)
     return [output.images[i * per_row:(i + 1) * per_row] for i in range(len(jobs))]
@@ -157,27 +146,20 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def describe_error(exc: BaseException) -> str:
-    """A one-line, credential-free reason for a row that failed while rendering."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return redact(f"render: {type(exc).__name__}: {first}"[:500])
-
-
 def output_shape(job: Job) -> tuple:
     """What decides a batch's memory besides its size."""
     return tuple(job.params.get(name) for name in ("width", "height", "num_frames"))
 
 
-def render_rows(loaded: LoadedPipeline, jobs: Sequence[Job], inputs: Sequence[RowInputs]) -> Iterator[Rendered]:
+def render_rows(loaded: LoadedPipeline, jobs: Sequence[Job], inputs: Sequence[RowInputs],
+                redact: Callable[[str], str] = str) -> Iterator[Rendered]:
     """Render a batch; on out-of-memory split it in halves and retry (and remember the smaller size for the
     shape); if a batch fails otherwise, retry its rows one by one so that only the row at fault fails."""
-    import time
-
     start = time.perf_counter()
     try:
         results = render_batch(loaded, jobs, inputs)
     except Exception as exc:  # noqa: BLE001 - every failure is turned into rows' reasons
-        oom, reason = _is_oom(exc), describe_error(exc)
+        oom, problem = _is_oom(exc), describe_exception("render", exc, redact)
         log.debug("batch of %d from row %s failed:\n%s", len(jobs), jobs[0].id, traceback.format_exc())
         results = None  # retried below, once the exception is gone: its traceback holds the call's tensors
     if results is None:
@@ -190,13 +172,15 @@ def render_rows(loaded: LoadedPipeline, jobs: Sequence[Job], inputs: Sequence[Ro
                 log.warning("out of GPU memory at a batch of %d; batches of this shape now hold at most %d",
                             len(jobs), loaded.batch_limits[shape])
             else:
-                log.warning("batch of %d failed (%s); rendering its rows one by one", len(jobs), reason)
+                log.warning("batch of %d failed (%s); rendering its rows one by one", len(jobs), problem)
             half = len(jobs) // 2 if oom else 1
             parts = [(jobs[i:i + half], inputs[i:i + half]) for i in range(0, len(jobs), half)]
             for part_jobs, part_inputs in parts:
-                yield from render_rows(loaded, part_jobs, part_inputs)
+                yield from render_rows(loaded, part_jobs, part_inputs, redact)
             return
-        yield Rendered(job=jobs[0], error="render: out of GPU memory even as a batch of one" if oom else reason)
+        if oom:
+            problem = Problem("render", "out of GPU memory even as a batch of one")
+        yield Rendered(job=jobs[0], problem=problem)
         return
     seconds = (time.perf_counter() - start) / len(jobs)
     for job, images in zip(jobs, results):

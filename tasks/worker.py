@@ -8,39 +8,40 @@ already journaled. Plain Python (no Prefect): tasks/prefect_tasks.py wraps it as
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel
 
-from specs.jobs import Job
-from tasks.inputs import InputError, InputFetcher, RowInputs
-from tasks.metadata import MetadataStore
-from tasks.pipelines import PIPELINES
-from tasks.render import batch_key, output_shape, render_rows
-from tasks.shards import DEFAULT_BATCH_SIZE, ShardPlan
-from tasks.storage import Storage, join, redact
-from tasks.writers import ShardWriter
+from ipaflow.core.problems import FailedRow, Problem, RowFailed, describe_exception
+from ipaflow.core.storage import Storage, join
+from ipaflow.specs.options import RenderOptions
+from ipaflow.specs.rows import Job
+from ipaflow.tasks.inputs import InputFetcher, RowInputs
+from ipaflow.tasks.metadata import MetadataStore
+from ipaflow.tasks.pipelines import PIPELINES
+from ipaflow.tasks.render import batch_key, output_shape, render_rows
+from ipaflow.tasks.shards import ShardPlan
+from ipaflow.tasks.writers import ShardWriter
 
 log = logging.getLogger("ipaflow.worker")
 
 
 class RunSettings(BaseModel):
-    """What every shard task of a run needs to know (small, picklable, no secrets in clear)."""
+    """What every shard task of a run needs to know: the run, the output URI and the run's options (small,
+    picklable; the storage options stay a SecretStr, out of logs and the Prefect UI)."""
 
     run_id: str
     out: str
-    batch_size: int = DEFAULT_BATCH_SIZE
-    models: str | None = None
-    storage_options: SecretStr | None = None  # JSON; SecretStr keeps it out of logs and the Prefect UI
+    options: RenderOptions = RenderOptions()
 
     def storage(self) -> Storage:
-        options = json.loads(self.storage_options.get_secret_value()) if self.storage_options else {}
-        return Storage(options=options, local_staging=join(self.out, "_ipaflow", "tmp"))
+        return Storage(options=self.options.storage_options_dict(), local_staging=join(self.out, "_ipaflow", "tmp"))
 
 
 class ShardStats(BaseModel):
+    """What a shard task did; ``problem`` is set when the task itself failed (after its retries)."""
+
     name: str
     spec: str
     rows: int
@@ -50,7 +51,11 @@ class ShardStats(BaseModel):
     images: int = 0
     seconds: float = 0.0
     build_seconds: float = 0.0
-    failures: list[tuple[str, str]] = []
+    failures: list[FailedRow] = []
+    worker: str = ""  # where it ran (host:pid, or a Dask worker's address)
+    started_at: float = 0.0  # wall-clock times (time.time())
+    finished_at: float = 0.0
+    problem: Problem | None = None
 
 
 def _batches(loaded, jobs: list[Job], inputs: dict[str, RowInputs], batch_size: int):
@@ -78,15 +83,16 @@ def run_shard(shard: ShardPlan, settings: RunSettings) -> ShardStats:
     try:
         try:
             built = time.perf_counter()
-            loaded = PIPELINES.get(shard.spec, settings.models)
+            loaded = PIPELINES.get(shard.spec, settings.options.models)
             stats.build_seconds = time.perf_counter() - built
         except Exception as exc:  # noqa: BLE001 - a spec that cannot load fails its rows, with the reason
             log.exception("cannot build the pipeline of spec %s", shard.spec.name)
-            reason = redact(f"pipeline: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+            problem = describe_exception("pipeline", exc, storage.redact)
             for job in jobs:
-                writer.fail(job, reason[:500])
+                writer.fail(job, problem)
             return stats
-        window = max(settings.batch_size * 2, 2)
+        batch_size = settings.options.batch_size
+        window = max(batch_size * 2, 2)
         windows = [jobs[i:i + window] for i in range(0, len(jobs), window)]
         if windows:
             fetcher.prefetch(windows[0])
@@ -97,11 +103,11 @@ def run_shard(shard: ShardPlan, settings: RunSettings) -> ShardStats:
             for job in rows:
                 try:
                     ready[job.id] = fetcher.get(job)
-                except InputError as exc:
-                    writer.fail(job, f"{exc.column}: {exc.reason}")
+                except RowFailed as exc:
+                    writer.fail(job, *exc.problems)
             batchable = [job for job in rows if job.id in ready]
-            for batch in _batches(loaded, batchable, ready, settings.batch_size):
-                for rendered in render_rows(loaded, batch, [ready[job.id] for job in batch]):
+            for batch in _batches(loaded, batchable, ready, batch_size):
+                for rendered in render_rows(loaded, batch, [ready[job.id] for job in batch], storage.redact):
                     writer.submit(rendered)
                 writer.flush()
     finally:

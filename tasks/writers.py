@@ -8,23 +8,14 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from specs.jobs import Job
-from specs.spec import Spec
-from tasks.media import EXTENSIONS, encode_gif, encode_image
-from tasks.metadata import MetadataStore, make_record
-from tasks.render import Rendered
-from tasks.storage import Storage, join
-
-
-def output_paths(job: Job, spec: Spec) -> list[str]:
-    """Output paths relative to ``--out``. The id is validated (no separators, no leading dot), so these
-    never leave the output folder."""
-    if spec.task == "video":
-        return [f"videos/{job.id}.gif"]
-    ext = EXTENSIONS[spec.output_format]
-    if job.num_images == 1:
-        return [f"images/{job.id}{ext}"]
-    return [f"images/{job.id}-{k}{ext}" for k in range(job.num_images)]
+from ipaflow.core.problems import FailedRow, Problem, describe_exception
+from ipaflow.core.storage import Storage, join
+from ipaflow.specs.outputs import output_paths
+from ipaflow.specs.rows import Job
+from ipaflow.specs.spec import Spec
+from ipaflow.tasks.media import encode_gif, encode_image
+from ipaflow.tasks.metadata import MetadataStore, make_record
+from ipaflow.tasks.render import Rendered
 
 
 def embedded_params(job: Job, spec: Spec) -> dict:
@@ -49,17 +40,18 @@ class ShardWriter:
         self.flush_every_s = flush_every_s
         self._slots = threading.BoundedSemaphore(max_pending)
         self.ok = self.failed = self.images = 0
-        self.failures: list[tuple[str, str]] = []
+        self.failures: list[FailedRow] = []
 
     def _record(self, job: Job, status: str, **fields) -> dict:
         return make_record(job_id=job.id, spec=job.spec, status=status, run_id=self.run_id, seed=job.seed,
-                           params=job.params, key=self.keys.get(job.id), extra=job.extra, **fields)
+                           params=job.params, key=self.keys.get(job.id), extra=job.extra,
+                           redact=self.storage.redact, **fields)
 
     def _write(self, rendered: Rendered) -> dict:
         job, spec = rendered.job, self.spec
         params = embedded_params(job, spec)
         paths = output_paths(job, spec)
-        if spec.task == "video":
+        if spec.profile.output == "video":
             blobs = [encode_gif(rendered.images, spec.output.fps if spec.output else 8, params)]
         else:
             quality = spec.output.quality if spec.output else 95
@@ -74,32 +66,30 @@ class ShardWriter:
         try:
             record = future.result()
         except Exception as exc:  # noqa: BLE001 - an upload that failed after retries fails its row
-            record = self._record(job, "failed", error=f"write: {type(exc).__name__}: {exc}")
+            self.fail(job, describe_exception("write", exc, self.storage.redact))
+            return
         with self._lock:
             self._ready.append(record)
-            if record["status"] == "ok":
-                self.ok += 1
-                self.images += len(record["outputs"])
-            else:
-                self.failed += 1
-                self.failures.append((job.id, record["error"]))
+            self.ok += 1
+            self.images += len(record["outputs"])
 
     def submit(self, rendered: Rendered) -> None:
         """Queue a rendered row (or a failed one) for writing; blocks when too many are in flight."""
-        if rendered.error is not None:
-            self.fail(rendered.job, rendered.error)
+        if rendered.problem is not None:
+            self.fail(rendered.job, rendered.problem)
             return
         self._slots.acquire()
         future = self._pool.submit(self._write, rendered)
         future.add_done_callback(lambda f, job=rendered.job: self._done(f, job))
         self._pending.append(future)
 
-    def fail(self, job: Job, reason: str) -> None:
-        record = self._record(job, "failed", error=reason)
+    def fail(self, job: Job, *problems: Problem) -> None:
+        failed = FailedRow(row=job.id, problems=problems, index=job.index, spec=job.spec)
+        record = self._record(job, "failed", error=failed.error)
         with self._lock:
             self._ready.append(record)
             self.failed += 1
-            self.failures.append((job.id, record["error"]))
+            self.failures.append(failed)
 
     def flush(self, force: bool = False) -> None:
         """Journal the records whose outputs are written (at most every ``flush_every_s`` unless forced)."""

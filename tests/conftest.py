@@ -29,7 +29,7 @@ def pytest_sessionfinish(session, exitstatus):
 def zoo_dir() -> Path:
     """The tiny model zoo, built once per session, also registered in the (fake, offline) HF cache so
     that the guide's code with bare hub ids loads it unchanged."""
-    from tasks.zoo import build_zoo, link_into_hf_cache
+    from ipaflow.tasks.zoo import build_zoo, link_into_hf_cache
 
     root = _SESSION_TMP / "zoo"
     build_zoo(root)
@@ -56,7 +56,7 @@ def prefect_api():
 @pytest.fixture(scope="session")
 def inputs_dir() -> Path:
     """The demo's synthetic input images (diner, bear, gummy, face, mask, depth, style/img0..3)."""
-    from flows.demo import draw_inputs
+    from ipaflow.flows.demo import draw_inputs
 
     root = _SESSION_TMP / "inputs"
     for name, image in draw_inputs().items():

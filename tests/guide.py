@@ -4,7 +4,8 @@ Deviations, all forced by the CPU test machine or by what changed upstream since
 ``torch_dtype=torch.float16`` -> ``torch.float32`` and no ``.to("cuda")`` / ``enable_model_cpu_offload()``
 (CPU), ``pipeline.enable_vae_slicing()`` -> ``pipeline.vae.enable_slicing()`` (removed in diffusers 0.40),
 ``.image[0]`` -> ``.images[0]`` (a typo in the guide), ``pipe.scheduler`` -> ``pipeline.scheduler`` (a typo),
-the LoRA's ``weight_name`` (offline mode requires it), and the tests' fewer steps / frames. Bare hub ids load the tiny zoo through a fake offline HF cache.
+the LoRA's ``weight_name`` (offline mode requires it), and the tests' fewer steps / frames. Bare hub ids load the
+tiny zoo through a fake offline HF cache.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def sdxl_multi_style_face(style_images, face_image, prompt, seed, steps, scales=
 
 
 def lcm_instant(ip_adapter_image, prompt, seed, steps=4):
-    """The guide passes no generator here; the fidelity test passes the row's, as DESIGN.md says."""
+    """The guide passes no generator here; the fidelity test passes the row's, as docs/design.md says (Fidelity)."""
     model_id = "sd-dreambooth-library/herge-style"
     lcm_lora_id = "latent-consistency/lcm-lora-sdv1-5"
     pipeline = DiffusionPipeline.from_pretrained(model_id, torch_dtype=DTYPE)
@@ -166,7 +167,10 @@ def lcm_instant(ip_adapter_image, prompt, seed, steps=4):
     return image
 
 
-def sd15_controlnet_depth(depth_map, ip_adapter_image, seed, steps, prompt="best quality, high quality"):
+def sd15_controlnet_depth(depth_map, ip_adapter_image, seed, steps, prompt="best quality, high quality",
+                          **extra):
+    """``extra``: call arguments the guide leaves at their defaults (the fidelity test passes
+    ``controlnet_conditioning_scale`` to check the spec field that sets it)."""
     controlnet_model_path = "lllyasviel/control_v11f1p_sd15_depth"
     controlnet = ControlNetModel.from_pretrained(controlnet_model_path, torch_dtype=DTYPE)
     pipeline = StableDiffusionControlNetPipeline.from_pretrained(
@@ -180,5 +184,6 @@ def sd15_controlnet_depth(depth_map, ip_adapter_image, seed, steps, prompt="best
         negative_prompt="monochrome, lowres, bad anatomy, worst quality, low quality",
         num_inference_steps=steps,
         generator=generator,
+        **extra,
     ).images[0]
     return image

@@ -8,10 +8,10 @@ import logging
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from http.client import HTTPConnection
-from typing import Callable
 
 import boto3
 

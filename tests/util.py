@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas
 
 
 def write_manifest(path: Path, rows: list[dict]) -> Path:
@@ -12,7 +16,7 @@ def write_manifest(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def read_records(out) -> "pandas.DataFrame":
+def read_records(out) -> pandas.DataFrame:
     import pandas as pd
 
     return pd.read_parquet(Path(out) / "metadata")

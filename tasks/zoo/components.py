@@ -3,8 +3,9 @@ model_index.json), each in the folder layout and with the file names of the hub 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

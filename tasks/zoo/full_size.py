@@ -17,9 +17,9 @@ import torch
 from . import components as c
 from .build import quiet_progress_bars
 from .common import normalize_permissions
+from .image_encoders import write_image_encoder
 from .ip_adapter import REPO as IP_REPO
 from .ip_adapter import adapter_state_dict, write_adapter
-from .image_encoders import write_image_encoder
 from .sd import write_sd15_repo
 from .tokenizer import TokenizerSpec, tokenizer_spec
 

@@ -14,8 +14,8 @@ processor in `unet.attn_processors` order, shape `[hidden, cross_attention_dim]`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import save_file

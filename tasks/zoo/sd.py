@@ -11,8 +11,9 @@ blank random images here). The feature extractor's size equals the IP-Adapter im
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import components as c
 from .image_encoders import VIT_H

@@ -1,7 +1,8 @@
 """From manifest rows to jobs: each row checked against its spec and resolved into what to render.
 
 Everything here is static (no I/O, no GPU): it decides whether a row is well formed and what parameters it
-renders with. Problems are collected, each naming the row id, the column and the reason.
+renders with. Every problem of a row is collected (``ipaflow.core.problems``), each naming the column and the
+reason; which parameters and inputs a row's task takes comes from its task profile (``specs.profiles``).
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ import json
 import math
 import posixpath
 import re
-from dataclasses import dataclass
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from specs.manifest import FLOAT_COLUMNS, INPUT_COLUMNS, INT_COLUMNS, KNOWN_COLUMNS, Manifest
-from specs.registry import SpecRegistry
-from specs.spec import Params, Spec
+from ipaflow.core.problems import FailedRow, Problem, RowFailed
+from ipaflow.specs.manifest import FLOAT_COLUMNS, INPUT_COLUMNS, INT_COLUMNS, KNOWN_COLUMNS, Manifest
+from ipaflow.specs.outputs import output_paths
+from ipaflow.specs.registry import SpecRegistry
+from ipaflow.specs.spec import Params, Spec
 
-ROW_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+ROW_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # matched whole (fullmatch)
 # Names Windows reserves; an id must be usable as a file name on every filesystem users sync outputs to.
 RESERVED_IDS = frozenset({"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)})
 MAX_SEED = 2**63 - 1
@@ -28,34 +31,9 @@ MAX_PROMPT_CHARS = 100_000
 MAX_INPUTS_PER_CELL = 64
 URI_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
-# Which per-row parameters each task uses. Others are ignored (and left out of the key): manifests mixing
-# specs share columns, and a value a task has no use for harms nothing.
-TASK_PARAMS = {
-    "text2img": {"width", "height", "num_images"},
-    "img2img": {"strength", "num_images"},
-    "inpaint": {"strength", "width", "height", "num_images"},
-    "video": {"width", "height", "num_frames"},
-    "controlnet": {"width", "height", "num_images", "controlnet_conditioning_scale"},
-}
-COMMON_PARAMS = {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale"}
-# ... except where ignoring would render something other than what the row asks for.
-CANNOT_HONOUR = {
-    ("img2img", "width"): "img2img renders at the size of `image`; resize the input instead",
-    ("img2img", "height"): "img2img renders at the size of `image`; resize the input instead",
-    ("video", "num_images"): "video specs render one video per row",
-}
-
-
-@dataclass(frozen=True)
-class Problem:
-    row: str  # the row's id, or #<index> when it has no usable id
-    column: str
-    reason: str
-    index: int  # the row's position in the manifest (0-based)
-
-    def __str__(self) -> str:
-        """One line, whatever an exception message held."""
-        return f"{self.row}, {self.column}, {' '.join(self.reason.split())}"
+# Parameters that shape a pipeline call: rows share a call only when these are equal.
+CALL_PARAMS = ("num_inference_steps", "guidance_scale", "strength", "width", "height", "num_frames",
+               "controlnet_conditioning_scale")
 
 
 class Job(BaseModel):
@@ -75,17 +53,18 @@ class Job(BaseModel):
     def num_images(self) -> int:
         return int(self.params.get("num_images") or 1)
 
+    @property
+    def solo(self) -> bool:
+        """Rows rendered in a call of their own: several images per prompt, or regional masks."""
+        return self.num_images > 1 or "ip_mask" in self.inputs
 
-class RowError(ValueError):
-    def __init__(self, column: str, reason: str):
-        super().__init__(f"{column}: {reason}")
-        self.column, self.reason = column, reason
-
-
-class RowProblems(ValueError):
-    def __init__(self, errors: list[RowError]):
-        super().__init__("; ".join(str(e) for e in errors))
-        self.errors = errors
+    def call_group(self) -> str:
+        """Rows of one spec with different groups never share a pipeline call; rows of one group do, unless
+        their inputs' shapes differ (``ipaflow.tasks.render.batch_key`` adds those). Sorting by it puts rows
+        that can share a call next to each other."""
+        return json.dumps([self.id if self.solo else "", [self.params.get(name) for name in CALL_PARAMS],
+                           self.params.get("negative_prompt") is None, self.params.get("ip_adapter_scale")],
+                          sort_keys=True)
 
 
 def default_seed(row_id: str) -> int:
@@ -97,7 +76,7 @@ def row_label(row: dict, index: int) -> str:
     """How problems name a row: its id when that is a valid id, else ``#<index>`` (0-based manifest row)."""
     try:
         return check_id(row.get("id"))
-    except RowError:
+    except RowFailed:
         return f"#{index}"
 
 
@@ -112,11 +91,11 @@ def check_id(value: Any) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str) or not value:
-        raise RowError("id", f"required, a non-empty string (got {_shown(value)})")
-    if not ROW_ID.match(value):
-        raise RowError("id", f"{_shown(value)} must match [A-Za-z0-9._-]{{1,128}} and not start with '.'")
+        raise RowFailed.at("id", f"required, a non-empty string (got {_shown(value)})")
+    if not ROW_ID.fullmatch(value):
+        raise RowFailed.at("id", f"{_shown(value)} must match [A-Za-z0-9._-]{{1,128}} and not start with '.'")
     if value.split(".", 1)[0].lower() in RESERVED_IDS:
-        raise RowError("id", f"{value!r} is a reserved file name")
+        raise RowFailed.at("id", f"{value!r} is a reserved file name")
     return value
 
 
@@ -134,28 +113,28 @@ def _from_text(value: Any) -> Any:
 def _integral(column: str, value: Any) -> int:
     value = _from_text(value)
     if isinstance(value, bool):
-        raise RowError(column, "must be an integer, not a boolean")
+        raise RowFailed.at(column, "must be an integer, not a boolean")
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise RowError(column, f"must be a finite integer, got {value}")
+            raise RowFailed.at(column, f"must be a finite integer, got {value}")
         if not value.is_integer():
-            raise RowError(column, f"must be an integer, got {value}")
+            raise RowFailed.at(column, f"must be an integer, got {value}")
         return int(value)
     if isinstance(value, int):
         return value
-    raise RowError(column, f"must be an integer, got {_shown(value)}")
+    raise RowFailed.at(column, f"must be an integer, got {_shown(value)}")
 
 
 def _number(column: str, value: Any) -> float:
     value = _from_text(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RowError(column, f"must be a number, got {_shown(value)}")
+        raise RowFailed.at(column, f"must be a number, got {_shown(value)}")
     try:
         number = float(value)
     except OverflowError:  # an integer beyond any float
         number = math.inf
     if not math.isfinite(number):
-        raise RowError(column, f"must be a finite number, got {_shown(value)}")
+        raise RowFailed.at(column, f"must be a finite number, got {_shown(value)}")
     return number
 
 
@@ -170,20 +149,20 @@ def _as_list(column: str, value: Any) -> list:
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            raise RowError(column, "looks like a JSON list but does not parse") from None
+            raise RowFailed.at(column, "looks like a JSON list but does not parse") from None
     items = list(value) if isinstance(value, (list, tuple)) else [value]
     if not items:
-        raise RowError(column, "is an empty list")
+        raise RowFailed.at(column, "is an empty list")
     if len(items) > MAX_INPUTS_PER_CELL:
-        raise RowError(column, f"holds more than {MAX_INPUTS_PER_CELL} values")
+        raise RowFailed.at(column, f"holds more than {MAX_INPUTS_PER_CELL} values")
     return items
 
 
 def resolve_uri(column: str, value: Any, base: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise RowError(column, f"must be a URI or path string, got {_shown(value)}")
+        raise RowFailed.at(column, f"must be a URI or path string, got {_shown(value)}")
     if "\x00" in value or len(value) > 4096 or _not_unicode(value):
-        raise RowError(column, "is not a valid URI or path")
+        raise RowFailed.at(column, "is not a valid URI or path")
     value = value.strip()
     if URI_SCHEME.match(value) or value.startswith("/") or not base:
         return value
@@ -192,11 +171,11 @@ def resolve_uri(column: str, value: Any, base: str) -> str:
 
 def _text(column: str, value: Any) -> str:
     if not isinstance(value, str):
-        raise RowError(column, f"must be a string, got {_shown(value)}")
+        raise RowFailed.at(column, f"must be a string, got {_shown(value)}")
     if _not_unicode(value):
-        raise RowError(column, "is not valid Unicode text (it holds a lone surrogate)")
+        raise RowFailed.at(column, "is not valid Unicode text (it holds a lone surrogate)")
     if len(value) > MAX_PROMPT_CHARS:
-        raise RowError(column, f"longer than {MAX_PROMPT_CHARS} characters")
+        raise RowFailed.at(column, f"longer than {MAX_PROMPT_CHARS} characters")
     return value
 
 
@@ -209,13 +188,6 @@ def _not_unicode(text: str) -> bool:
         return True
 
 
-def _cannot_honour(task: str, column: str, value: Any) -> str | None:
-    reason = CANNOT_HONOUR.get((task, column))
-    if reason and column == "num_images" and _from_text(value) == 1:
-        return None  # one video is what the row gets
-    return reason
-
-
 def _param(column: str, value: Any) -> Any:
     if column in ("prompt", "negative_prompt"):
         return _text(column, value)
@@ -224,29 +196,29 @@ def _param(column: str, value: Any) -> Any:
 
 def _params(row: dict, spec: Spec) -> dict[str, Any]:
     """Spec defaults overlaid with the row's values, checked by the same model that checks spec defaults.
-    Raises RowProblems naming every column at fault."""
-    allowed = COMMON_PARAMS | TASK_PARAMS[spec.task]
-    merged = {k: v for k, v in spec.defaults.model_dump().items() if v is not None and k in allowed}
-    errors: list[RowError] = []
+    Raises RowFailed naming every column at fault."""
+    profile = spec.profile
+    merged = {k: v for k, v in spec.default_params().items() if k in profile.all_params}
+    problems: list[Problem] = []
     for column in ("prompt", "negative_prompt") + INT_COLUMNS + FLOAT_COLUMNS:
         value = row.get(column)
         if column == "seed" or value is None:
             continue
         try:
-            if column in allowed:
+            if column in profile.all_params:
                 merged[column] = _param(column, value)
-            elif reason := _cannot_honour(spec.task, column, value):
-                raise RowError(column, reason)
-        except RowError as exc:
-            errors.append(exc)
+            elif reason := profile.refuses(column, value):
+                raise RowFailed.at(column, reason)
+        except RowFailed as exc:
+            problems.extend(exc.problems)
     try:
         Params.model_validate(merged)
     except ValidationError as exc:
         for item in exc.errors():
             column = str(item["loc"][0])
-            errors.append(RowError(column, f"{item['msg'].lower()}, got {_shown(item['input'])}"))
-    if errors:
-        raise RowProblems(errors)
+            problems.append(Problem(column, f"{item['msg'].lower()}, got {_shown(item['input'])}"))
+    if problems:
+        raise RowFailed(problems)
     merged.setdefault("prompt", "")
     return merged
 
@@ -260,10 +232,10 @@ def _ip_scales(row: dict, spec: Spec) -> list:
     if not _is_list_cell(value):
         items = items * count  # one number scales every adapter
     if len(items) != count:
-        raise RowError("ip_scale", f"a list of {len(items)} values for {count} IP-Adapter(s); give one per adapter")
+        raise RowFailed.at("ip_scale", f"a list of {len(items)} values for {count} IP-Adapter(s); give one per adapter")
     scales = [_number("ip_scale", item) for item in items]
     if any(not 0.0 <= s <= 10.0 for s in scales):
-        raise RowError("ip_scale", "values must lie in [0, 10]")
+        raise RowFailed.at("ip_scale", "values must lie in [0, 10]")
     return scales
 
 
@@ -274,42 +246,40 @@ def _input(column: str, value: Any, base: str) -> str | list[str]:
 
 
 def _inputs(row: dict, spec: Spec, base: str) -> dict[str, Any]:
-    """The row's input URIs by column; raises RowProblems naming every missing or malformed one. Input
+    """The row's input URIs by column; raises RowFailed naming every missing or malformed one. Input
     columns the spec does not read are ignored, like unused parameters."""
     inputs: dict[str, Any] = {}
-    errors: list[RowError] = []
+    problems: list[Problem] = []
     required = spec.required_columns
     for column in INPUT_COLUMNS:
         value = row.get(column)
         if value is None:
             if column in required:
-                errors.append(RowError(column, f"required by spec {spec.name!r}: {required[column]}"))
+                problems.append(Problem(column, f"required by spec {spec.name!r}: {required[column]}"))
         elif column in required or column == "ip_mask":
             try:
                 inputs[column] = _input(column, value, base)
-            except RowError as exc:
-                errors.append(exc)
-    if errors:
-        raise RowProblems(errors)
+            except RowFailed as exc:
+                problems.extend(exc.problems)
+    if problems:
+        raise RowFailed(problems)
     if "ip_mask" in inputs:
         if "ip_image" not in spec.image_columns:
-            raise RowError("ip_mask", "the spec has no IP-Adapter fed by ip_image to mask")
+            raise RowFailed.at("ip_mask", "the spec has no IP-Adapter fed by ip_image to mask")
         if len(inputs["ip_mask"]) != len(inputs["ip_image"]):
-            raise RowError("ip_mask", f"needs one mask per ip_image ({len(inputs['ip_image'])})")
+            raise RowFailed.at("ip_mask", f"needs one mask per ip_image ({len(inputs['ip_image'])})")
     return inputs
 
 
 def resolve_row(row: dict, index: int, registry: SpecRegistry, base: str = "") -> Job:
-    """Check one row and resolve it into a job; raises RowProblems listing every column at fault."""
-    problems: list[RowError] = []
+    """Check one row and resolve it into a job; raises RowFailed listing every column at fault."""
+    problems: list[Problem] = []
 
     def attempt(check, *args):
         try:
             return check(*args)
-        except RowError as exc:
-            problems.append(exc)
-        except RowProblems as exc:
-            problems.extend(exc.errors)
+        except RowFailed as exc:
+            problems.extend(exc.problems)
         return None
 
     row_id = attempt(check_id, row.get("id"))
@@ -320,7 +290,7 @@ def resolve_row(row: dict, index: int, registry: SpecRegistry, base: str = "") -
         scales = attempt(_ip_scales, row, spec)
         inputs = attempt(_inputs, row, spec, base)
     if problems:
-        raise RowProblems(problems)
+        raise RowFailed(problems)
     params["ip_adapter_scale"] = scales
     return Job(
         id=row_id,
@@ -336,9 +306,9 @@ def resolve_row(row: dict, index: int, registry: SpecRegistry, base: str = "") -
 def _spec_of(row: dict, registry: SpecRegistry) -> Spec:
     name = row.get("spec")
     if not isinstance(name, str) or not name:
-        raise RowError("spec", f"required, the name of a spec (got {_shown(name)})")
+        raise RowFailed.at("spec", f"required, the name of a spec (got {_shown(name)})")
     if name not in registry:
-        raise RowError("spec", f"unknown spec {_shown(name)}; `ipaflow specs list` shows the known ones")
+        raise RowFailed.at("spec", f"unknown spec {_shown(name)}; `ipaflow specs list` shows the known ones")
     return registry.get(name)
 
 
@@ -348,7 +318,7 @@ def _seed_of(row: dict, row_id: str | None) -> int:
         return default_seed(row_id or "")
     seed = _integral("seed", seed)
     if not 0 <= seed <= MAX_SEED:
-        raise RowError("seed", f"must lie in [0, 2**63 - 1], got {seed}")
+        raise RowFailed.at("seed", f"must lie in [0, 2**63 - 1], got {seed}")
     return seed
 
 
@@ -375,39 +345,39 @@ def _plain(value: Any) -> bool:
     return isinstance(value, list) and all(_plain(item) for item in value)
 
 
-def _output_names(job: Job, spec: Spec) -> list[tuple[str, str]]:
-    """(format, file stem) of each output the row writes, as ``tasks.writers.output_paths`` names them."""
-    if spec.task == "video" or job.num_images == 1:
-        return [(spec.output_format, job.id)]
-    return [(spec.output_format, f"{job.id}-{k}") for k in range(job.num_images)]
+def spec_name_of(row: dict, registry: SpecRegistry) -> str | None:
+    """The row's spec name when it names a known spec (so that a failed row is reported under its spec)."""
+    name = row.get("spec")
+    return name if isinstance(name, str) and name in registry else None
 
 
 def _colliding_outputs(jobs: list[Job], registry: SpecRegistry) -> dict[int, list[Problem]]:
     """Rows with distinct ids that would still write the same file: ``a`` with two images writes ``a-0``,
     which is also the output of a row ``a-0``. Both fail; otherwise one would silently overwrite the other."""
-    writers: dict[tuple[str, str], list[Job]] = {}
+    writers: dict[str, list[Job]] = {}
     for job in jobs:
-        for name in _output_names(job, registry.get(job.spec)):
-            writers.setdefault(name, []).append(job)
+        for path in output_paths(job, registry.get(job.spec)):
+            writers.setdefault(path, []).append(job)
     bad: dict[int, list[Problem]] = {}
-    for (fmt, stem), owners in writers.items():
+    for path, owners in writers.items():
         if len(owners) == 1:
             continue
         for job in owners:
             others = ", ".join(f"{other.index} ({other.id})" for other in owners if other is not job)
-            reason = f"its output {stem} ({fmt}) is also written by manifest row {others}; rename one"
-            bad.setdefault(job.index, []).append(Problem(job.id, "id", reason, job.index))
+            reason = f"its output {path} is also written by manifest row {others}; rename one"
+            bad.setdefault(job.index, []).append(Problem("id", reason))
     return bad
 
 
-def resolve_rows(rows: Iterable[dict], registry: SpecRegistry, base: str = "") -> tuple[list[Job], list[tuple[int, list[Problem]]]]:
-    """Resolve every row. Returns the jobs and, per bad row, its manifest index and problems.
+def resolve_rows(rows: Iterable[dict], registry: SpecRegistry, base: str = "") -> tuple[list[Job], list[FailedRow]]:
+    """Resolve every row. Returns the jobs and the failed rows, in manifest order.
 
     Rows sharing an id all fail: their outputs and metadata record would collide, and which one was meant
     cannot be known. So do rows whose output files would collide.
     """
     jobs: list[Job] = []
     bad: dict[int, list[Problem]] = {}
+    labels: dict[int, tuple[str, str | None]] = {}
     indexes: dict[str, list[int]] = {}
     for index, row in enumerate(rows):
         label = row_label(row, index)
@@ -415,18 +385,22 @@ def resolve_rows(rows: Iterable[dict], registry: SpecRegistry, base: str = "") -
             indexes.setdefault(label, []).append(index)
         try:
             jobs.append(resolve_row(row, index, registry, base))
-        except RowProblems as exc:
-            bad[index] = [Problem(label, e.column, e.reason, index) for e in exc.errors]
-    for row_id, where in indexes.items():
+        except RowFailed as exc:
+            bad[index] = list(exc.problems)
+            labels[index] = (label, spec_name_of(row, registry))
+    for where in indexes.values():
         if len(where) > 1:
             reason = f"duplicate id (manifest rows {', '.join(str(i) for i in where)})"
             for index in where:
-                bad.setdefault(index, []).insert(0, Problem(row_id, "id", reason, index))
-    jobs = [job for job in jobs if job.index not in bad]
-    for index, problems in _colliding_outputs(jobs, registry).items():
+                bad.setdefault(index, []).insert(0, Problem("id", reason))
+    by_index = {job.index: job for job in jobs}
+    for index, problems in _colliding_outputs([j for j in jobs if j.index not in bad], registry).items():
         bad[index] = problems
-    jobs = [job for job in jobs if job.index not in bad]
-    return jobs, sorted(bad.items())
+    for index in bad:
+        if index in by_index:
+            labels[index] = (by_index[index].id, by_index[index].spec)
+    failed = [FailedRow(row=labels[i][0], problems=tuple(bad[i]), index=i, spec=labels[i][1]) for i in sorted(bad)]
+    return [job for job in jobs if job.index not in bad], failed
 
 
 def resolve_manifest(manifest: Manifest, registry: SpecRegistry):

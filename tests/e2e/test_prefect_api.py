@@ -14,7 +14,6 @@ import time
 
 import PIL.Image
 import pytest
-
 from util import write_manifest
 
 TAGS = {"ipaflow", "manifest:nightly-set", "spec:sdxl-text2img"}
@@ -56,8 +55,8 @@ def test_the_api_holds_run_tasks_tags_artifacts_and_logs(tmp_path, inputs_dir, m
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
     from prefect.runtime import flow_run
 
-    from flows.monitoring import add_listener, remove_listener
-    from flows.render import render_manifest
+    from ipaflow.flows.monitoring import add_listener, remove_listener
+    from ipaflow.flows.render import render_manifest
 
     manifest = write_manifest(tmp_path / "nightly-set.parquet", _rows(inputs_dir, tmp_path))
     client = get_client(sync_client=True)
@@ -71,8 +70,8 @@ def test_the_api_holds_run_tasks_tags_artifacts_and_logs(tmp_path, inputs_dir, m
     add_listener(listener)
     try:
         with client:
-            state = render_manifest(str(manifest), out=str(tmp_path / "out"), batch_size=2, shard_size=2,
-                                    return_state=True)
+            state = render_manifest(str(manifest), out=str(tmp_path / "out"),
+                                    options={"batch_size": 2, "shard_size": 2}, return_state=True)
     finally:
         remove_listener(listener)
     summary = state.result()
@@ -119,11 +118,12 @@ def test_the_api_holds_run_tasks_tags_artifacts_and_logs(tmp_path, inputs_dir, m
 
 def _terminal_output(monkeypatch, make_stream) -> str:
     """Run a monitor through terminal_progress with ``sys.stderr`` on the given stream; what it showed."""
-    from flows.monitoring import RunMonitor
-    from flows.progress import terminal_progress
+    from ipaflow.flows.monitoring import RunMonitor
+    from ipaflow.flows.progress import terminal_progress
+    from ipaflow.tasks.worker import ShardStats
 
-    stats = {"name": "render-x-0", "spec": "x", "worker": "here", "rows": 2, "ok": 2, "failed": 0, "skipped": 0,
-             "images": 2, "seconds": 0.1, "started_at": 0.0, "finished_at": 0.1, "failures": []}
+    stats = ShardStats(name="render-x-0", spec="x", worker="here", rows=2, ok=2, images=2, seconds=0.1,
+                       started_at=0.0, finished_at=0.1)
     stream, read = make_stream()
     monkeypatch.setattr(sys, "stderr", stream)
     monitor = RunMonitor(name="m", total=4)
@@ -169,7 +169,7 @@ def test_a_contact_sheet_at_an_http_url_becomes_an_image_artifact(prefect_api):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.monitoring import RunMonitor
+    from ipaflow.flows.monitoring import RunMonitor
 
     sheet = "https://renders.example.com/nightly/contact-sheet.png"
     summary = {"run_id": "r", "manifest": "m.parquet", "out": "https://renders.example.com/nightly",

@@ -10,7 +10,6 @@ import weakref
 import numpy as np
 import pytest
 import torch
-
 from util import read_records, write_manifest
 
 OOM_MESSAGE = "CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.11 GiB total capacity)"
@@ -24,8 +23,8 @@ def _rows(inputs_dir, n=4):
 
 @pytest.fixture
 def loaded(models_env):
-    from specs.registry import SpecRegistry
-    from tasks.pipelines import PIPELINES
+    from ipaflow.specs.registry import SpecRegistry
+    from ipaflow.tasks.pipelines import PIPELINES
 
     return PIPELINES.get(SpecRegistry().get("sdxl-text2img"))
 
@@ -57,10 +56,10 @@ def tight_memory(loaded, monkeypatch):
 
 
 def _jobs_and_inputs(rows):
-    from specs.jobs import resolve_rows
-    from specs.registry import SpecRegistry
-    from tasks.inputs import InputFetcher
-    from tasks.storage import Storage
+    from ipaflow.core.storage import Storage
+    from ipaflow.specs.registry import SpecRegistry
+    from ipaflow.specs.rows import resolve_rows
+    from ipaflow.tasks.inputs import InputFetcher
 
     registry = SpecRegistry()
     jobs, bad = resolve_rows(rows, registry)
@@ -73,15 +72,15 @@ def _jobs_and_inputs(rows):
 
 
 def test_oom_splits_the_batch_until_it_fits(loaded, tight_memory, monkeypatch, inputs_dir):
-    from tasks.render import render_rows
+    from ipaflow.tasks.render import render_rows
 
     jobs, inputs = _jobs_and_inputs(_rows(inputs_dir))
     split = list(render_rows(loaded, jobs, inputs))
     assert tight_memory == [4, 2, 1, 1, 2, 1, 1]  # halves, then quarters; nothing failed on the way
     assert [r.job.id for r in split] == [job.id for job in jobs]
-    assert all(r.error is None and r.batch_size == 1 for r in split)
+    assert all(r.problem is None and r.batch_size == 1 for r in split)
 
-    from tasks.worker import _batches  # later batches of that shape start at the size that fitted
+    from ipaflow.tasks.worker import _batches  # later batches of that shape start at the size that fitted
     assert loaded.batch_limits == {(None, None, None): 1}
     ready = {job.id: row for job, row in zip(jobs, inputs)}
     assert [len(batch) for batch in _batches(loaded, jobs, ready, batch_size=4)] == [1, 1, 1, 1]
@@ -96,9 +95,9 @@ def test_oom_while_decoding_leaves_the_pipeline_usable(models_env, monkeypatch, 
     """On a GPU, SDXL upcasts its float16 VAE to decode and casts it back after; an out-of-memory in the decoder
     (where the memory peaks) must not leave it float32, or every later row fails on a dtype mismatch. Run here
     with a float16 copy of the pipeline (not the shared cached one)."""
-    from specs.registry import SpecRegistry
-    from tasks.pipelines import LoadedPipeline, build_pipeline
-    from tasks.render import render_rows
+    from ipaflow.specs.registry import SpecRegistry
+    from ipaflow.tasks.pipelines import LoadedPipeline, build_pipeline
+    from ipaflow.tasks.render import render_rows
 
     spec = SpecRegistry().get("sdxl-text2img")
     pipe = build_pipeline(spec).pipe.to(dtype=torch.float16)
@@ -113,17 +112,17 @@ def test_oom_while_decoding_leaves_the_pipeline_usable(models_env, monkeypatch, 
     monkeypatch.setattr(type(pipe.vae), "decode", tight_decoder)
     jobs, inputs = _jobs_and_inputs(_rows(inputs_dir, 2))
     results = list(render_rows(half, jobs, inputs))
-    assert [(r.error, r.batch_size) for r in results] == [(None, 1), (None, 1)]
+    assert [(r.problem, r.batch_size) for r in results] == [(None, 1), (None, 1)]
     assert pipe.vae.dtype == torch.float16
 
 
 def test_row_that_ooms_alone_fails_alone_with_a_reason(tmp_path, inputs_dir, tight_memory, prefect_api):
-    from flows.render import render_manifest
+    from ipaflow.flows.render import render_manifest
 
     rows = _rows(inputs_dir)
     rows[2]["prompt"] = "a huge picture"
     summary = render_manifest(str(write_manifest(tmp_path / "m.parquet", rows)), out=str(tmp_path / "out"),
-                              batch_size=4)
+                              options={"batch_size": 4})
     assert (summary["rendered"], summary["failed"]) == (3, 1)
     records = read_records(tmp_path / "out").set_index("id")
     assert records.loc["row-2", "status"] == "failed"

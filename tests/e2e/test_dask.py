@@ -14,7 +14,6 @@ from types import SimpleNamespace
 
 import PIL.Image
 import pytest
-
 from util import read_records, write_manifest
 
 DASK = [sys.executable, "-m", "dask"]
@@ -87,14 +86,12 @@ def cluster(tmp_path_factory, models_env, prefect_api):
 
 
 def test_renders_on_the_gpu_worker_only_one_at_a_time(cluster, tmp_path, inputs_dir, caplog):
-    from prefect_dask import DaskTaskRunner
-
-    from flows.render import render_manifest
+    from ipaflow.flows.render import render_manifest
 
     manifest = write_manifest(tmp_path / "m.parquet", _rows(inputs_dir, 6))
-    flow = render_manifest.with_options(task_runner=DaskTaskRunner(address=cluster.address))
+    options = {"batch_size": 2, "shard_size": 2, "dask_address": cluster.address}
     with caplog.at_level(logging.WARNING):
-        summary = flow(str(manifest), out=str(tmp_path / "out"), batch_size=2, shard_size=2, max_in_flight=3)
+        summary = render_manifest(str(manifest), out=str(tmp_path / "out"), options=options)
     assert "GPU slot" not in caplog.text
 
     assert (summary["rendered"], summary["failed"]) == (6, 0)
@@ -110,21 +107,19 @@ def test_renders_on_the_gpu_worker_only_one_at_a_time(cluster, tmp_path, inputs_
     executed = cluster.client.run(lambda dask_worker: dask_worker.state.executed_count)
     assert executed[cluster.cpu] == 0 and executed[cluster.gpu] >= 3  # the scheduler's own count
 
-    again = flow(str(manifest), out=str(tmp_path / "again"), batch_size=2, shard_size=2, max_in_flight=3)
+    again = render_manifest(str(manifest), out=str(tmp_path / "again"), options=options)
     assert again["rendered"] == 6
-    builds = cluster.client.run(lambda: getattr(sys.modules.get("tasks.pipelines"), "PIPELINES", None)
-                                and sys.modules["tasks.pipelines"].PIPELINES.builds)
+    builds = cluster.client.run(lambda: getattr(sys.modules.get("ipaflow.tasks.pipelines"), "PIPELINES", None)
+                                and sys.modules["ipaflow.tasks.pipelines"].PIPELINES.builds)
     assert builds == {cluster.gpu: 1, cluster.cpu: None}  # built once, kept across tasks and flow runs
 
 
 def test_workers_option_starts_a_local_gpu_cluster(tmp_path, inputs_dir, models_env, prefect_api):
-    from flows.render import render_manifest
-    from flows.runners import make_task_runner
+    from ipaflow.flows.render import render_manifest
 
-    runner, in_flight = make_task_runner(workers=1)
     manifest = write_manifest(tmp_path / "m.parquet", _rows(inputs_dir, 4))
-    summary = render_manifest.with_options(task_runner=runner)(
-        str(manifest), out=str(tmp_path / "out"), batch_size=2, shard_size=2, max_in_flight=in_flight)
+    summary = render_manifest(str(manifest), out=str(tmp_path / "out"),
+                              options={"batch_size": 2, "shard_size": 2, "workers": 1})
 
     assert (summary["rendered"], summary["failed"]) == (4, 0)
     workers = {shard["worker"] for shard in summary["shards"]}
@@ -136,16 +131,17 @@ def test_warns_when_no_worker_has_a_gpu_slot(prefect_api, caplog):
     from prefect import flow
     from prefect_dask import DaskTaskRunner
 
-    from flows.runners import gpu_routing
-
-    @flow
-    def route_nothing():
-        with gpu_routing():
-            pass
+    from ipaflow.flows.runners import gpu_routing
 
     threads_only = {"n_workers": 1, "processes": False, "dashboard_address": None,  # and no GPU resource
                     "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"}}  # its HTTP server off :8787
-    runner = DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=threads_only)
+
+    @flow
+    def route_nothing():
+        with DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=threads_only) as runner:
+            with gpu_routing(runner):
+                pass
+
     with caplog.at_level(logging.WARNING):
-        route_nothing.with_options(task_runner=runner)()
+        route_nothing()
     assert "no Dask worker offers a GPU slot yet" in caplog.text

@@ -9,16 +9,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.validate import validate_manifest
-from specs.manifest import ManifestError
-from specs.registry import SpecError, parse_spec
+from ipaflow.flows.validate import validate_manifest
+from ipaflow.specs.manifest import ManifestError
+from ipaflow.specs.registry import SpecError, parse_spec
 
 ROW = {"spec": "sdxl-text2img", "ip_image": "in.png", "num_inference_steps": 1}
 
 
 def _problems(path) -> list[str]:
-    problems, _ = validate_manifest(str(path), check_inputs=False)
-    return [str(p) for p in problems]
+    failed, _ = validate_manifest(str(path), check_inputs=False)
+    return [line for row in failed for line in row.lines()]
 
 
 def test_csv_bad_cell_fails_its_row_only(tmp_path):
@@ -80,20 +80,20 @@ def test_every_problem_of_a_row_is_listed(tmp_path):
     ([0.4, None], "ip_scale, must be a number, got None"),
 ])
 def test_ip_scale_per_adapter(tmp_path, ip_scale, problem):
-    from specs.jobs import resolve_rows
-    from specs.registry import SpecRegistry
+    from ipaflow.specs.registry import SpecRegistry
+    from ipaflow.specs.rows import resolve_rows
 
     row = {"id": "r", "spec": "sdxl-multi-style-face", "ip_image": "f.png", "style_folder": "s", "ip_scale": ip_scale}
     jobs, bad = resolve_rows([row], SpecRegistry())
     if problem is None:
         assert len(jobs[0].params["ip_adapter_scale"]) == 2
     else:
-        assert [str(p).split(", ", 1)[1] for p in bad[0][1]] == [problem]
+        assert [line.split(", ", 1)[1] for line in bad[0].lines()] == [problem]
 
 
 def test_parameters_a_task_cannot_use(tmp_path):
-    from specs.jobs import resolve_rows
-    from specs.registry import SpecRegistry
+    from ipaflow.specs.registry import SpecRegistry
+    from ipaflow.specs.rows import resolve_rows
 
     rows = [
         {**ROW, "id": "ignored", "strength": 0.3, "num_frames": 99},  # text2img has no use for them
@@ -103,7 +103,7 @@ def test_parameters_a_task_cannot_use(tmp_path):
     jobs, bad = resolve_rows(rows, SpecRegistry())
     assert [job.id for job in jobs] == ["ignored", "video-one"]
     assert "strength" not in jobs[0].params and "num_frames" not in jobs[0].params
-    assert [str(p) for p in bad[0][1]] == [
+    assert bad[0].lines() == [
         "img2img-size, height, img2img renders at the size of `image`; resize the input instead"]
 
 

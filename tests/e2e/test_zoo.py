@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.zoo import (
+from ipaflow.tasks.zoo import (
     MARKER,
     ZOO_ALIASES,
     ZOO_REPOS,

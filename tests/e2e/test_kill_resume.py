@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import PIL.Image
-
 from util import read_records, write_manifest
 
 ROWS = 24
@@ -48,9 +47,9 @@ def _kill_once_outputs_exist(process: subprocess.Popen, out: Path, logs: Path) -
 
 
 def test_killed_render_resumes_without_loss_or_repeats(tmp_path, inputs_dir, models_env, prefect_api):
-    from flows.render import render_manifest
-    from tasks.metadata import MetadataStore
-    from tasks.storage import Storage
+    from ipaflow.core.storage import Storage
+    from ipaflow.flows.render import render_manifest
+    from ipaflow.tasks.metadata import MetadataStore
 
     rows = [{"id": f"row-{i:02d}", "spec": "sdxl-text2img", "prompt": f"picture {i}",
              "ip_image": str(inputs_dir / ("bear.png", "diner.png")[i % 2]), "num_inference_steps": 2}
@@ -67,7 +66,7 @@ def test_killed_render_resumes_without_loss_or_repeats(tmp_path, inputs_dir, mod
     assert 4 <= len(finished) < ROWS
     before = {p.name: p.stat().st_mtime_ns for p in _images(out)}
 
-    summary = render_manifest(str(manifest), out=str(out), batch_size=2, shard_size=4)
+    summary = render_manifest(str(manifest), out=str(out), options={"batch_size": 2, "shard_size": 4})
     assert (summary["failed"], summary["skipped"], summary["rendered"]) == (0, len(finished), ROWS - len(finished))
     for row_id in finished:  # rows recorded before the kill were not rendered again
         assert (out / "images" / f"{row_id}.png").stat().st_mtime_ns == before[f"{row_id}.png"]

@@ -4,12 +4,12 @@ that fails for a few requests is retried (a real http.server on 127.0.0.1, behin
 from __future__ import annotations
 
 import pytest
-
 from s3 import Fault, FaultProxy, StaticServer
-from specs.jobs import resolve_rows
-from specs.registry import SpecRegistry
-from tasks.keys import identify_inputs, row_key
-from tasks.storage import Storage
+
+from ipaflow.core.storage import Storage
+from ipaflow.specs.registry import SpecRegistry
+from ipaflow.specs.rows import resolve_rows
+from ipaflow.tasks.keys import identify_inputs, row_key
 
 
 @pytest.fixture

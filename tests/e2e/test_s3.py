@@ -23,11 +23,10 @@ import pandas as pd
 import PIL.Image
 import pytest
 from pydantic import SecretStr
-
 from s3 import Fault, FaultProxy, MotoS3, StaticServer
 
 STEPS = 2
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 INPUTS = ("diner", "bear", "gummy", "face")
 
 
@@ -70,11 +69,11 @@ def bucket(moto, inputs_dir):
 
 @pytest.fixture
 def render(models_env, prefect_api):
-    from flows.render import render_manifest
+    from ipaflow.flows.render import render_manifest
 
     def run(manifest, out, options=None, **kwargs):
         secret = SecretStr(json.dumps(options)) if options else None
-        return render_manifest(manifest, out=out, storage_options=secret, **kwargs)
+        return render_manifest(manifest, out=out, options={"storage_options": secret, **kwargs})
 
     return run
 
@@ -85,7 +84,7 @@ def cli(models_env, prefect_api):
     capture starts, not in the middle of it."""
     import prefect.main  # noqa: F401
 
-    from flows.cli import main
+    from ipaflow.flows.cli import main
 
     return main
 
@@ -241,7 +240,7 @@ def test_run_killed_after_journaling_resumes_without_rendering_again(moto, proxy
     manifest = upload_manifest(moto, bucket, rows)
     out = f"s3://{bucket}/out"
     env = {**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "render", manifest, "--out", out], cwd=ROOT,
+    process = subprocess.Popen([sys.executable, "-m", "ipaflow.flows.cli", "render", manifest, "--out", out], cwd=ROOT,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     journal_written = threading.Event()
 
@@ -276,7 +275,7 @@ def test_run_killed_after_journaling_resumes_without_rendering_again(moto, proxy
 
 def test_storage_retries_when_the_sdk_gives_up(moto, proxy, bucket):
     """botocore retries a few times on its own; past that, ipaflow's retry goes on, within its bound."""
-    from tasks.storage import Storage, TransientStorageError
+    from ipaflow.core.storage import Storage, TransientStorageError
 
     options = {"client_kwargs": {"endpoint_url": proxy.endpoint}, "key": "testing", "secret": "testing",
                "config_kwargs": {"retries": {"total_max_attempts": 1}}}
@@ -297,7 +296,7 @@ def test_storage_retries_when_the_sdk_gives_up(moto, proxy, bucket):
 
 
 def test_content_types_and_fresh_listings(moto, aws_env, bucket):
-    from tasks.storage import Storage
+    from ipaflow.core.storage import Storage
 
     storage = Storage(options={"s3": {"client_kwargs": {"endpoint_url": moto.endpoint}}})
     expected = {"a.png": "image/png", "a.gif": "image/gif", "a.jpg": "image/jpeg", "a.webp": "image/webp",
@@ -317,7 +316,7 @@ def test_content_types_and_fresh_listings(moto, aws_env, bucket):
 
 
 def test_file_uri_output_is_staged_inside_it(tmp_path, monkeypatch):
-    from tasks.storage import Storage
+    from ipaflow.core.storage import Storage
 
     monkeypatch.chdir(tmp_path)
     out = f"file://{tmp_path}/out"
@@ -328,7 +327,7 @@ def test_file_uri_output_is_staged_inside_it(tmp_path, monkeypatch):
 
 
 def test_storage_options_forms():
-    from tasks.storage import Storage
+    from ipaflow.core.storage import Storage
 
     s3 = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}}
     assert Storage(options=s3).options_for("s3") == s3
@@ -354,8 +353,14 @@ def _leaks(text: str) -> list[str]:
 
 def test_credentials_never_leak(moto, proxy, aws_env, bucket, inputs_dir, cli, caplog, capsys):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter,
-                                                FlowRunFilterName, LogFilter, LogFilterFlowRunId)
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterName,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
 
     aws_env.setenv("AWS_ACCESS_KEY_ID", ENV_KEY)
     aws_env.setenv("AWS_SECRET_ACCESS_KEY", ENV_SECRET)
@@ -409,7 +414,7 @@ def test_credentials_never_leak(moto, proxy, aws_env, bucket, inputs_dir, cli, c
 
 def test_records_keep_usable_output_uris_when_a_short_key_is_part_of_a_name(aws_env):
     """A credential that merely occurs in a bucket name must not turn outputs into URIs that do not exist."""
-    from tasks.metadata import make_record
+    from ipaflow.tasks.metadata import make_record
 
     aws_env.setenv("AWS_ACCESS_KEY_ID", "renders")
     record = make_record(job_id="a", spec="s", status="ok", run_id="r", error="key renders rejected",

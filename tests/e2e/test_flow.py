@@ -7,7 +7,6 @@ import json
 import pandas as pd
 import PIL.Image
 import pytest
-
 from util import read_records, write_manifest
 
 STEPS = 2
@@ -30,10 +29,10 @@ def _rows(inputs_dir, n=6):
 
 @pytest.fixture
 def render(models_env, prefect_api):
-    from flows.render import render_manifest
+    from ipaflow.flows.render import render_manifest
 
-    def run(manifest, out, **kwargs):
-        return render_manifest(str(manifest), out=str(out), **kwargs)
+    def run(manifest, out, **options):
+        return render_manifest(str(manifest), out=str(out), options=options)
 
     return run
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from specs.jobs import resolve_rows
-from specs.registry import SpecRegistry
-from tasks.inputs import InputFetcher
-from tasks.pipelines import PIPELINES
-from tasks.render import batch_key, render_rows
-from tasks.storage import Storage
+from ipaflow.core.storage import Storage
+from ipaflow.specs.registry import SpecRegistry
+from ipaflow.specs.rows import resolve_rows
+from ipaflow.tasks.inputs import InputFetcher
+from ipaflow.tasks.pipelines import PIPELINES
+from ipaflow.tasks.render import batch_key, render_rows
 
 TOLERANCE = 2
 IMAGES = ["diner.png", "bear.png", "gummy.png", "face.png"]
@@ -41,7 +41,7 @@ def _batched_and_single(loaded, jobs, inputs):
     batched = list(render_rows(loaded, jobs, inputs))
     assert [r.batch_size for r in batched] == [len(jobs)] * len(jobs)
     single = [next(render_rows(loaded, [job], [row])) for job, row in zip(jobs, inputs)]
-    assert all(r.error is None for r in batched + single), [r.error for r in batched + single]
+    assert all(r.problem is None for r in batched + single), [r.problem for r in batched + single]
     return batched, single
 
 
@@ -112,7 +112,7 @@ def test_shared_style_folder_is_encoded_once(models_env, inputs_dir):
     loaded, jobs, inputs = _prepare("sdxl-multi-style-face", rows, inputs_dir)
     loaded.embeddings.clear()
     results = list(render_rows(loaded, jobs[:3], inputs[:3])) + list(render_rows(loaded, jobs[3:], inputs[3:]))
-    assert all(r.error is None for r in results)
+    assert all(r.problem is None for r in results)
     assert loaded.embeddings.encoded == 3
 
 

@@ -7,82 +7,83 @@ import asyncio
 from pathlib import Path
 
 import pytest
-
 from util import write_manifest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CRON = "30 2 * * *"
 
 
-def _serve_args(*options: str):
-    from flows.cli import _parser
+def _deployment(*flags: str):
+    """The deployment `ipaflow serve <flags>` serves, built the way the command builds it."""
+    from ipaflow.flows.cli import _parser, options_from_args
+    from ipaflow.flows.serve import make_deployment
 
-    return _parser().parse_args(["serve", *options])
+    parser = _parser()
+    args = parser.parse_args(["serve", *flags])
+    options = options_from_args(args.command_parser, args)
+    args.flags = flags
+    return make_deployment(args.manifest, args.out, options, args.name, args.cron, args.timezone), args
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, inputs_dir, models_env, prefect_api):
     """The arguments of an `ipaflow serve` command and the id of the deployment it creates."""
-    from flows.serve import make_deployment
-
     folder = tmp_path_factory.mktemp("serve")
     rows = [{"id": f"row-{i}", "spec": "sdxl-text2img", "prompt": f"picture {i}",
              "ip_image": str(inputs_dir / "diner.png"), "num_inference_steps": 1} for i in range(2)]
     manifest = write_manifest(folder / "nightly.parquet", rows)
-    args = _serve_args("--manifest", str(manifest), "--out", str(folder / "runs" / "{date}"), "--cron", CRON,
-                       "--timezone", "Europe/Berlin", "--name", "nightly-test", "--batch-size", "2")
-    return args, make_deployment(args).apply(), folder
+    deployment, args = _deployment("--manifest", str(manifest), "--out", str(folder / "runs" / "{date}"),
+                                   "--cron", CRON, "--timezone", "Europe/Berlin", "--name", "nightly-test",
+                                   "--batch-size", "2")
+    return args, deployment.apply(), folder
 
 
 def test_deployment_has_the_cron_schedule_and_a_triggered_run_completes(served):
     from prefect.client.orchestration import get_client
     from prefect.runner import Runner
 
-    from flows.serve import make_deployment
-
     args, deployment_id, folder = served
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment(deployment_id)
         assert deployment.name == "nightly-test" and deployment.enforce_parameter_schema
-        assert deployment.entrypoint == "flows.serve.scheduled_render"
+        assert deployment.entrypoint == "ipaflow.flows.render.render_manifest"
+        assert deployment.parameters["options"]["batch_size"] == 2
         [schedule] = deployment.schedules
         assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == (CRON, "Europe/Berlin", True)
         run = client.create_flow_run_from_deployment(deployment_id)  # the deployment's parameters
 
     runner = Runner(name="ipaflow-test", pause_on_shutdown=False)  # what `ipaflow serve` starts
-    assert runner.add_deployment(make_deployment(args)) == deployment_id
+    assert runner.add_deployment(_deployment(*args.flags)[0]) == deployment_id
     asyncio.run(asyncio.wait_for(runner.start(run_once=True), timeout=300))  # runs what is due, then returns
 
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(run.id)
     assert run.state.is_completed(), run.state
     day = run.expected_start_time.strftime("%Y-%m-%d")
+    assert run.name == f"nightly-test-{day}"
     assert sorted(p.name for p in (folder / "runs" / day / "images").iterdir()) == ["row-0.png", "row-1.png"]
 
 
 def test_invalid_parameters_are_rejected(served, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.exceptions import PrefectHTTPStatusError
-    from pydantic import ValidationError
-
-    from flows.serve import ScheduledRender, make_deployment
 
     args, deployment_id, _ = served
-    with pytest.raises(ValidationError, match="batch_size"):  # before anything reaches the API
-        make_deployment(_serve_args("--manifest", "m.parquet", "--out", "out", "--batch-size", "0"))
-    with pytest.raises(ValidationError, match="not both"):
-        ScheduledRender(manifest="m.parquet", out="out", workers=2, dask_address="tcp://127.0.0.1:8786")
+    for flags in (["--batch-size", "0"], ["--workers", "2", "--dask-address", "tcp://127.0.0.1:8786"]):
+        with pytest.raises(SystemExit) as caught:  # a usage error before anything reaches the API
+            _deployment("--manifest", "m.parquet", "--out", "out", *flags)
+        assert caught.value.code == 2
 
-    good = {"manifest": args.manifest, "out": str(tmp_path / "never")}
-    rejected = [({**good, "batch_size": 0}, "field 'job.batch_size'"),
-                ({**good, "manifest": ""}, "field 'job.manifest'"),
-                ({**good, "colour": "red"}, "'colour' was unexpected"),
-                ({"out": "out"}, "'manifest' is a required")]
+    good = {"manifest": args.manifest, "out": str(tmp_path / "never"), "options": {"batch_size": 2}}
+    rejected = [({**good, "options": {"batch_size": 0}}, "field 'options.batch_size'"),
+                ({**good, "options": {"colour": "red"}}, "'colour' was unexpected"),
+                ({**good, "manifest": ""}, "field 'manifest'"),
+                ({**good, "manifest": ["a.parquet"]}, "is not of type 'string'")]
     with get_client(sync_client=True) as client:
         for bad, reason in rejected:
             with pytest.raises(PrefectHTTPStatusError, match=reason):  # by the API, from the pydantic schema
-                client.create_flow_run_from_deployment(deployment_id, parameters={"job": bad})
-        created = client.create_flow_run_from_deployment(deployment_id, parameters={"job": good})
+                client.create_flow_run_from_deployment(deployment_id, parameters=bad)
+        created = client.create_flow_run_from_deployment(deployment_id, parameters=good)
         client.delete_flow_run(created.id)  # the one valid run was accepted: nothing left to execute
 
 
@@ -90,13 +91,15 @@ def test_prefect_yaml_example_deploys_the_scheduled_flow():
     import yaml
     from prefect.client.schemas.schedules import CronSchedule
 
-    from flows.serve import ScheduledRender
+    from ipaflow.specs.options import RenderOptions
 
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     [deployment] = config["deployments"]
     path, function = deployment["entrypoint"].split(":")
-    assert (ROOT / path).exists() and function == "scheduled_render"
-    ScheduledRender.model_validate(deployment["parameters"]["job"])
+    assert (ROOT / path).exists() and function == "render_manifest"
+    parameters = deployment["parameters"]
+    assert set(parameters) == {"manifest", "out", "options"} and "{date}" in parameters["out"]
+    RenderOptions.model_validate(parameters["options"])
     for schedule in deployment["schedules"]:
         CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
     assert deployment["work_pool"]["name"] and deployment["concurrency_limit"] == 1

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import PIL.Image
 import pytest
-
 from util import read_records
 
 TEXT2IMG = {"spec": "sdxl-text2img", "ip_image": "inputs/bear.png", "num_inference_steps": 1}
@@ -171,13 +170,13 @@ def _snapshot(folder: Path, skip: Path) -> dict[str, int]:
 
 
 def test_render_renders_good_rows_and_records_bad_ones(mixed, models_env, prefect_api):
-    from flows.render import render_manifest
-    from flows.validate import validate_manifest
+    from ipaflow.flows.render import render_manifest
+    from ipaflow.flows.validate import validate_manifest
 
     folder = mixed.parent
     out = folder / "out"
     parent_before = _snapshot(folder.parent, out)
-    summary = render_manifest(str(mixed), out=str(out), batch_size=4)
+    summary = render_manifest(str(mixed), out=str(out), options={"batch_size": 4})
     assert _snapshot(folder.parent, out) == parent_before  # nothing written outside --out
 
     rows = len(GOOD_ROWS) + len(BAD_ROWS)
@@ -197,20 +196,21 @@ def test_render_renders_good_rows_and_records_bad_ones(mixed, models_env, prefec
         ["good-unicode.png", "good-long.png", "good.relative_path-1.png", "7.png", "good-two-0.png", "good-two-1.png"])
 
     # Every bad row failed with the reasons validate gives, the column named; invalid ids have no record.
-    problems, _ = validate_manifest(str(mixed))
+    failed, _ = validate_manifest(str(mixed))
     failures = {f["id"]: f["error"] for f in summary["failures"]}
-    for problem in problems:
-        reason = f"{problem.column}: {' '.join(problem.reason.split())}"
-        assert reason in failures[problem.row], (problem, failures[problem.row])
-        if not problem.row.startswith("#"):
-            assert records.loc[problem.row, "status"] == "failed"
-            assert reason in records.loc[problem.row, "error"]
+    for row in failed:
+        for problem in row.problems:
+            reason = str(problem)
+            assert reason in failures[row.row], (problem, failures[row.row])
+            if not row.row.startswith("#"):
+                assert records.loc[row.row, "status"] == "failed"
+                assert reason in records.loc[row.row, "error"]
     assert not any(label.startswith("#") for label in records.index)
     assert len(records) == rows - sum(1 for _, label, _ in BAD_ROWS if label == "#") - 1  # "dup" once
 
 
 def test_max_failures_stops_early_with_nonzero_exit(tmp_path, inputs_dir, models_env, prefect_api):
-    from flows.cli import main
+    from ipaflow.flows.cli import main
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # exists (passes the up-front check), cannot decode

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tasks.shards import auto_shard_size, plan_shards
+from ipaflow.tasks.shards import auto_shard_size, plan_shards
 
 
 @pytest.mark.parametrize("batch_size", [1, 4, 16])
@@ -23,8 +23,8 @@ def test_task_count_stays_sane(batch_size):
 
 
 def test_plan_of_a_big_two_spec_manifest():
-    from specs.jobs import resolve_rows
-    from specs.registry import SpecRegistry
+    from ipaflow.specs.registry import SpecRegistry
+    from ipaflow.specs.rows import resolve_rows
 
     specs = ["sdxl-text2img", "sd15-plus-face"]
     rows = [{"id": f"row-{i:05d}", "spec": specs[i % 7 == 0], "prompt": f"p{i}", "ip_image": f"/in/{i % 5}.png",

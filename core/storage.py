@@ -6,8 +6,8 @@
 - Writes carry a content type on S3 (image/png, image/gif, text/html, parquet, ...).
 - Writes are atomic: an object appears whole or not at all (object stores PUT atomically; local files are
   written aside and renamed into place).
-- Credentials come the standard ways (AWS_* variables, ``--storage-options``, fsspec config) and are
-  redacted from every message ipaflow writes (``redact``).
+- Credentials come the standard ways (AWS_* variables, ``--storage-options``, fsspec config); each Storage
+  carries the ``Redactor`` of its options, and every message it writes goes through it.
 """
 
 from __future__ import annotations
@@ -19,15 +19,18 @@ import logging
 import os
 import posixpath
 import random
-import re
 import threading
 import time
 import uuid
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from ipaflow.core.redaction import Redactor
 
 log = logging.getLogger("ipaflow.storage")
 T = TypeVar("T")
@@ -43,45 +46,10 @@ CONTENT_TYPES = {
     ".parquet": "application/vnd.apache.parquet",
     ".json": "application/json",
 }
-SECRET_KEYS = re.compile(r"(secret|token|password|passwd|key|credential|signature|auth)", re.I)
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
-_SIGNED_QUERY = re.compile(r"(?i)((?:x-amz-(?:signature|credential|security-token)|signature|sig|token)=)[^&\s]+")
-_known_secrets: set[str] = set()
-_secrets_lock = threading.Lock()
 
 
 class TransientStorageError(OSError):
     """Storage kept failing after every retry."""
-
-
-def _collect_secrets(options: Any, parent_key: str = "") -> None:
-    if isinstance(options, dict):
-        for key, value in options.items():
-            _collect_secrets(value, str(key))
-    elif isinstance(options, (list, tuple)):
-        for value in options:
-            _collect_secrets(value, parent_key)
-    elif isinstance(options, str) and len(options) >= 4 and SECRET_KEYS.search(parent_key):
-        with _secrets_lock:
-            _known_secrets.add(options)
-
-
-def redact(text: Any) -> str:
-    """``text`` with credentials removed: known secret values, URL user-info and signed query strings."""
-    text = str(text)
-    secrets = set(_known_secrets)
-    secrets.update(v for v in (os.environ.get(name) for name in SECRET_ENV) if v and len(v) >= 4)
-    for secret in sorted(secrets, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return redact_url(text)
-
-
-def redact_url(uri: Any) -> str:
-    """A URI without the credentials a URI itself may carry (user-info, a signed query), and otherwise intact:
-    for URIs that must stay usable, such as the outputs named in metadata, where replacing a known secret's
-    value would break a bucket or file name that merely contains it (a short key such as ``admin``)."""
-    return _SIGNED_QUERY.sub(r"\1***", _USERINFO.sub(r"\g<scheme>***@", str(uri)))
 
 
 def is_local(uri: str) -> bool:
@@ -108,7 +76,7 @@ _TRANSIENT_WORDS = ("timeout", "timed out", "reset by peer", "throttl", "slow do
                     "internal error", "serviceunavailable", "service unavailable", "bad gateway", "temporarily")
 
 
-def _transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException) -> bool:
     """Whether a storage error is worth retrying (the network or the service), not a final answer."""
     if isinstance(exc, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)):
         return False
@@ -132,7 +100,8 @@ def _identity(info: dict) -> str | None:
     return None
 
 
-_filesystems: dict[str, fsspec.AbstractFileSystem] = {}
+FILESYSTEM_CACHE_SIZE = 16  # distinct (protocol, options, environment) a process keeps clients for
+_filesystems: OrderedDict[str, fsspec.AbstractFileSystem] = OrderedDict()
 _filesystems_lock = threading.Lock()
 
 
@@ -143,14 +112,20 @@ def _filesystem(protocol: str, options: dict) -> fsspec.AbstractFileSystem:
     process (a Dask worker, ``serve``, a test running the flow twice) would see a bucket as it was when first
     listed, and keep the endpoint and credentials the environment had then. A new instance per run would
     avoid both but costs a new S3 client (botocore loads its service models again) for every shard task.
+    At most FILESYSTEM_CACHE_SIZE are kept, least recently used dropped first: a long-lived worker that sees
+    many option sets (``serve`` over months, rotating credentials) does not grow without bound.
     """
     environment = sorted((name, value) for name, value in os.environ.items() if name.startswith("AWS_"))
     token = json.dumps([protocol, options, environment, os.getpid()], sort_keys=True, default=repr)
     key = hashlib.sha256(token.encode()).hexdigest()
     with _filesystems_lock:
-        if key not in _filesystems:
+        if key in _filesystems:
+            _filesystems.move_to_end(key)
+        else:
             cls = fsspec.get_filesystem_class(protocol)
             _filesystems[key] = cls(**{**options, "skip_instance_cache": True, "use_listings_cache": False})
+            while len(_filesystems) > FILESYSTEM_CACHE_SIZE:
+                _filesystems.popitem(last=False)
         return _filesystems[key]
 
 
@@ -170,9 +145,15 @@ class Storage:
     retries: int = 5
     backoff_s: float = 0.2
     local_staging: str | None = None  # where local writes are staged before their rename
+    redactor: Redactor = field(default=None, repr=False)  # default: the redactor of ``options``
 
     def __post_init__(self) -> None:
-        _collect_secrets(self.options)
+        if self.redactor is None:
+            self.redactor = Redactor(self.options)
+
+    def redact(self, text) -> str:
+        """``text`` without the credentials of this storage's options or the environment."""
+        return self.redactor.redact(text)
 
     def options_for(self, protocol: str) -> dict:
         """The fsspec kwargs for one protocol (see the class docstring)."""
@@ -202,31 +183,31 @@ class Storage:
             try:
                 return fn()
             except Exception as exc:  # noqa: BLE001 - classified below
-                if not _transient(exc):
+                if not is_transient(exc):
                     raise
                 if attempt == self.retries:
                     raise TransientStorageError(
-                        f"{what}: still failing after {attempt + 1} tries: {type(exc).__name__}: {redact(exc)}"
+                        f"{what}: still failing after {attempt + 1} tries: {type(exc).__name__}: {self.redact(exc)}"
                     ) from None
                 delay = self.backoff_s * (2**attempt) * (0.5 + random.random())
-                log.warning("%s failed (%s); retrying in %.2fs", what, redact(exc), delay)
+                log.warning("%s failed (%s); retrying in %.2fs", what, self.redact(exc), delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
     # -- reading -----------------------------------------------------------------------------------------
     def read_bytes(self, uri: str) -> bytes:
         fs, path = self.fs(uri)
-        return self.retry(f"read {redact(uri)}", lambda: fs.cat_file(path))
+        return self.retry(f"read {self.redact(uri)}", lambda: fs.cat_file(path))
 
     def exists(self, uri: str) -> bool:
         fs, path = self.fs(uri)
-        return self.retry(f"stat {redact(uri)}", lambda: fs.exists(path))
+        return self.retry(f"stat {self.redact(uri)}", lambda: fs.exists(path))
 
     def identity(self, uri: str) -> str:
         """What identifies the current content of ``uri``: an object's ETag (or size and mtime) without
         reading it; a local file's content hash."""
         fs, path = self.fs(uri)
-        info = self.retry(f"stat {redact(uri)}", lambda: fs.info(path))
+        info = self.retry(f"stat {self.redact(uri)}", lambda: fs.info(path))
         if info.get("type") == "directory":
             raise IsADirectoryError(uri)
         if isinstance(fs, LocalFileSystem) or not _identity(info):  # local reads are cheap: hash the content
@@ -237,7 +218,7 @@ class Storage:
         """(URI, identity) of the image files directly under a folder or prefix, sorted by name; other
         files are ignored. One listing, no per-file requests."""
         fs, path = self.fs(folder_uri)
-        entries = self.retry(f"list {redact(folder_uri)}", lambda: fs.ls(path.rstrip("/"), detail=True))
+        entries = self.retry(f"list {self.redact(folder_uri)}", lambda: fs.ls(path.rstrip("/"), detail=True))
         local = fsspec.utils.get_protocol(folder_uri) in ("file", "local")
         found = [
             (e["name"] if local else fs.unstrip_protocol(e["name"]), _identity(e) or "")
@@ -251,7 +232,7 @@ class Storage:
         fs, path = self.fs(folder_uri)
         root = path.rstrip("/")
         try:
-            found = self.retry(f"list {redact(folder_uri)}", lambda: fs.find(root))
+            found = self.retry(f"list {self.redact(folder_uri)}", lambda: fs.find(root))
         except FileNotFoundError:
             return []
         return sorted(posixpath.relpath(name, root) for name in found)
@@ -281,7 +262,7 @@ class Storage:
         content_type = CONTENT_TYPES.get(posixpath.splitext(path)[1].lower())
         if content_type and fsspec.utils.get_protocol(uri) in ("s3", "s3a"):
             kwargs["ContentType"] = content_type
-        self.retry(f"write {redact(uri)}", lambda: fs.pipe_file(path, data, **kwargs))
+        self.retry(f"write {self.redact(uri)}", lambda: fs.pipe_file(path, data, **kwargs))
 
     def clean_staging(self) -> int:
         """Remove the partial files a killed run left in ``local_staging``; returns how many."""
@@ -298,6 +279,6 @@ class Storage:
     def delete(self, uri: str) -> None:
         fs, path = self.fs(uri)
         try:
-            self.retry(f"delete {redact(uri)}", lambda: fs.rm_file(path))
+            self.retry(f"delete {self.redact(uri)}", lambda: fs.rm_file(path))
         except FileNotFoundError:
             pass

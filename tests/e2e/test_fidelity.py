@@ -6,12 +6,11 @@ writers); each output is compared with the guide's code (tests/guide.py) run on 
 
 from __future__ import annotations
 
+import guide
 import numpy as np
 import PIL.Image
 import pytest
 from diffusers.utils import export_to_gif, load_image
-
-import guide
 from util import read_records, write_manifest
 
 STEPS = 3
@@ -37,14 +36,32 @@ def _rows():
          "ip_image": "face.png", "seed": 0},
         {"id": "depth", "spec": "sd15-controlnet-depth", "ip_image": "diner.png", "control_image": "depth.png",
          "seed": 33},
+        # the same row through a user spec whose controlnet.conditioning_scale is 0.5 (CONTROLNET_HALF)
+        {"id": "depth-half", "spec": "controlnet-half", "ip_image": "diner.png", "control_image": "depth.png",
+         "seed": 33},
     ]
+
+
+CONTROLNET_HALF = """
+name: controlnet-half
+task: controlnet
+model: stable-diffusion-v1-5/stable-diffusion-v1-5
+controlnet: {model: lllyasviel/control_v11f1p_sd15_depth, conditioning_scale: 0.5}
+ip_adapters:
+  - {model: h94/IP-Adapter, subfolder: models, weight_name: ip-adapter_sd15.bin, scale: 1.0}
+defaults:
+  prompt: "best quality, high quality"
+  negative_prompt: "monochrome, lowres, bad anatomy, worst quality, low quality"
+"""
 
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory, models_env, inputs_dir, prefect_api):
-    from flows.render import render_manifest
+    from ipaflow.flows.render import render_manifest
 
     root = tmp_path_factory.mktemp("fidelity")
+    (root / "specs").mkdir()
+    (root / "specs" / "controlnet-half.yaml").write_text(CONTROLNET_HALF)
     rows = _rows()
     for row in rows:
         for column in ("ip_image", "image", "mask", "control_image", "style_folder"):
@@ -53,7 +70,8 @@ def rendered(tmp_path_factory, models_env, inputs_dir, prefect_api):
         if row["spec"] != "lcm-instant":
             row["num_inference_steps"] = STEPS
     manifest = write_manifest(root / "manifest.parquet", rows)
-    summary = render_manifest(str(manifest), out=str(root / "out"), batch_size=4)
+    summary = render_manifest(str(manifest), out=str(root / "out"),
+                              options={"batch_size": 4, "specs": [str(root / "specs")]})
     return root / "out", summary
 
 
@@ -97,6 +115,8 @@ REFERENCES = {
                                                    _img(d, "face.png"), "wonderwoman", 0, STEPS),
     "lcm": lambda d: guide.lcm_instant(_img(d, "face.png"), "herge_style woman in armor, best quality, high quality", 0),
     "depth": lambda d: guide.sd15_controlnet_depth(_img(d, "depth.png"), _img(d, "diner.png"), 33, STEPS),
+    "depth-half": lambda d: guide.sd15_controlnet_depth(_img(d, "depth.png"), _img(d, "diner.png"), 33, STEPS,
+                                                        controlnet_conditioning_scale=0.5),
 }
 
 
@@ -117,6 +137,16 @@ def test_video_row_matches_the_guide_gif(rendered, inputs_dir, tmp_path):
         ours.seek(index)
         theirs.seek(index)
         assert _max_diff(ours, theirs) <= TOLERANCE
+
+
+def test_the_spec_controlnet_conditioning_scale_takes_effect(rendered):
+    """depth-half equals the guide's call at scale 0.5 (above); here: that differs from the default 1.0."""
+    out, _ = rendered
+    assert _max_diff(_output(out, "depth-half"), _output(out, "depth")) > 4 * TOLERANCE
+    records = read_records(out).set_index("id")
+    import json
+
+    assert json.loads(records.loc["depth-half", "params"])["controlnet_conditioning_scale"] == 0.5
 
 
 def test_png_carries_its_parameters(rendered):

@@ -1,0 +1,92 @@
+"""The render options, defined once.
+
+``RenderOptions`` is the single definition of how a render runs. Everything else derives from it: the
+``render`` and ``serve`` command-line flags (``ipaflow.flows.cli`` builds them from these fields, with their
+bounds and help), the render flow's ``options`` parameter (so the Prefect UI's run form and a deployment's
+parameter schema are this model), and the shard workers' settings (``ipaflow.tasks.worker.RunSettings``
+carries the model). tests/test_options.py fails when one of them lacks a field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+DEFAULT_BATCH_SIZE = 8  # rows per pipeline call: 2-4x the throughput of single rows on a CPU and on an H200
+STORAGE_OPTIONS_ENV = "IPAFLOW_STORAGE_OPTIONS"  # JSON, used when --storage-options is not given
+
+
+def _cli(metavar: str | None = None, secret: bool = False) -> dict[str, Any]:
+    """What the command line needs beyond type, bounds and help: the flag's metavar; ``secret`` fields are
+    kept out of a deployment's stored parameters (see ipaflow.flows.serve)."""
+    extra: dict[str, Any] = {}
+    if metavar:
+        extra["metavar"] = metavar
+    if secret:
+        extra["secret"] = True
+    return extra
+
+
+class RenderOptions(BaseModel):
+    """How a manifest is rendered (everything but the manifest and the output URI)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    specs: list[str] = Field(default_factory=list, json_schema_extra=_cli("DIR"),
+                             description="extra spec folder, local or fsspec URI (repeatable)")
+    models: str | None = Field(default=None, json_schema_extra=_cli("DIR"),
+                               description="folder of models in hub layout (default $IPAFLOW_MODELS)")
+    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, le=1024, json_schema_extra=_cli("N"),
+                            description=f"rows per pipeline call (default {DEFAULT_BATCH_SIZE}); a batch that runs "
+                                        "out of GPU memory is split")
+    shard_size: int | None = Field(default=None, ge=1, le=1_000_000, json_schema_extra=_cli("N"),
+                                   description="rows per task (default: automatic, ~128 tasks for big manifests)")
+    storage_options: SecretStr | None = Field(
+        default=None, json_schema_extra=_cli("JSON", secret=True),
+        description=f"fsspec keyword arguments as a JSON object, flat or per protocol (default ${STORAGE_OPTIONS_ENV})")
+    overwrite: bool = Field(default=False, description="render every row, even those already done")
+    max_failures: int | None = Field(default=None, ge=1, json_schema_extra=_cli("N"),
+                                     description="stop submitting work once N rows failed")
+    limit: int | None = Field(default=None, ge=1, json_schema_extra=_cli("N"),
+                              description="only the first N manifest rows")
+    dask_address: str | None = Field(default=None, min_length=1, json_schema_extra=_cli("ADDR"),
+                                     description="an existing Dask scheduler, e.g. tcp://host:8786")
+    workers: int | None = Field(default=None, ge=1, le=256, json_schema_extra=_cli("N"),
+                                description="start a local Dask cluster of N GPU workers")
+
+    @field_validator("storage_options")
+    @classmethod
+    def _json_object(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_storage_options(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _one_cluster(self) -> RenderOptions:
+        if self.dask_address and self.workers:
+            raise ValueError("give dask_address or workers, not both")
+        return self
+
+    def storage_options_dict(self) -> dict:
+        """The fsspec options: ``storage_options``, else ``$IPAFLOW_STORAGE_OPTIONS``, else none."""
+        if self.storage_options is not None:
+            return parse_storage_options(self.storage_options.get_secret_value())
+        return parse_storage_options(os.environ.get(STORAGE_OPTIONS_ENV) or "{}")
+
+    @classmethod
+    def secret_fields(cls) -> list[str]:
+        return [name for name, info in cls.model_fields.items() if (info.json_schema_extra or {}).get("secret")]
+
+
+def parse_storage_options(text: str) -> dict:
+    """A JSON object of fsspec keyword arguments; the error never repeats the text (it may hold secrets)."""
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"storage options must be a JSON object (not valid JSON at character {exc.pos})") from None
+    if not isinstance(options, dict):
+        raise ValueError("storage options must be a JSON object")
+    return options
