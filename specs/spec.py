@@ -19,7 +19,7 @@ Task = Literal[TASKS]  # the names of the task profiles
 
 # A hub id (org/name) or a local folder; resolved by ipaflow.tasks.models.resolve_model.
 _MODEL_REF = r"^[^\s]{1,512}$"
-SPEC_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+SPEC_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # matched whole (fullmatch)
 
 # An IP-Adapter scale: a float, or an InstantStyle per-block dict such as {"up": {"block_0": [0, 1, 0]}}.
 AdapterScale = Union[float, dict[str, Any]]
@@ -120,7 +120,7 @@ class Spec(StrictModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not SPEC_NAME.match(value):
+        if not SPEC_NAME.fullmatch(value):
             raise ValueError("spec names are 1-64 characters of a-z, 0-9, '.', '_', '-', starting alphanumeric")
         return value
 

@@ -77,3 +77,17 @@ def test_spec_unknown_keys_are_errors():
     assert "ip_adapters.0.scael: Extra inputs are not permitted" in message
     assert "defaults.num_steps: Extra inputs are not permitted" in message
 
+
+
+@pytest.mark.parametrize("name", ["nl\n", "ok\n", "a b", "UPPER", ".x", ""])
+def test_spec_names_are_matched_whole(name):
+    text = yaml.safe_dump({"name": name, "task": "text2img", "model": "a/b",
+                           "ip_adapters": [{"model": "h94/IP-Adapter", "weight_name": "a.bin"}]})
+    with pytest.raises(SpecError, match="name: Value error, spec names are"):
+        parse_spec(text, "x.yaml")
+
+
+@pytest.mark.parametrize("value", ["nl\n", "CON\n", "a\n"])
+def test_ids_with_a_trailing_newline_are_refused(value):
+    with pytest.raises(RowFailed):
+        check_id(value)
