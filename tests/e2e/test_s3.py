@@ -330,13 +330,15 @@ def test_storage_options_forms():
     from ipaflow.core.storage import Storage
 
     s3 = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}}
-    assert Storage(options=s3).options_for("s3") == s3
-    assert Storage(options=s3).options_for("https") == {}  # flat kwargs would become request arguments
+    timeouts = {"config_kwargs": {"connect_timeout": 10.0, "read_timeout": 30.0}}  # ipaflow's defaults (Timeouts)
+    assert Storage(options=s3).options_for("s3") == {**s3, **timeouts}
+    assert Storage(options=s3).options_for("https").keys() == {"client_kwargs"}  # flat kwargs would become request arguments
     assert Storage(options=s3).options_for("file") == {}
     both = Storage(options={"anon": False, "s3": s3, "http": {"headers": {"X-A": "1"}}})
-    assert both.options_for("s3") == {"anon": False, **s3}
-    assert both.options_for("s3a") == {"anon": False, **s3}
-    assert both.options_for("https") == {"headers": {"X-A": "1"}}
+    assert both.options_for("s3") == {"anon": False, **s3, **timeouts}
+    assert both.options_for("s3a") == {"anon": False, **s3, **timeouts}
+    assert both.options_for("https").keys() == {"headers", "client_kwargs"}
+    assert both.options_for("https")["headers"] == {"X-A": "1"}
 
 
 # -- credentials ----------------------------------------------------------------------------------------------
