@@ -466,18 +466,18 @@ class Storage:
                 if not is_transient(exc):
                     raise
                 now = time.monotonic()
-                late = deadline is not None and now >= deadline
-                if late and any(cls.__name__ in _TIMEOUT_TYPES for cls in type(exc).__mro__):
+                delay = self.backoff_s * (2**attempt) * (0.5 + random.random())
+                out_of_time = deadline is not None and now + delay >= deadline  # no time left for another try
+                if out_of_time and any(cls.__name__ in _TIMEOUT_TYPES for cls in type(exc).__mro__):
                     raise InputTimeout(f"no complete answer within {self.timeouts.input:g} s "
                                        f"(${INPUT_TIMEOUT_ENV})") from None
-                if late or attempt == self.retries:
+                if out_of_time or attempt == self.retries:
+                    # cut by the deadline, the number of tries depends on the backoff's jitter: say the limit
+                    spent = (f"retries within {self.timeouts.input:g} s (${INPUT_TIMEOUT_ENV})" if out_of_time
+                             else f"{attempt + 1} tries")
                     raise TransientStorageError(
-                        f"{what + ': ' if what else ''}still failing after {attempt + 1} tries: "
-                        f"{self.redact(describe_error(exc))}"
+                        f"{what + ': ' if what else ''}still failing after {spent}: {self.redact(describe_error(exc))}"
                     ) from None
-                delay = self.backoff_s * (2**attempt) * (0.5 + random.random())
-                if deadline is not None:
-                    delay = min(delay, deadline - now)
                 log.warning("%s failed (%s); retrying in %.2fs", what or "a read", self.redact(describe_error(exc)), delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
