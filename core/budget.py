@@ -20,12 +20,19 @@ class Budget:
         # re-entrant: ``give`` may run from a weakref finalizer while this thread is inside ``take``
         self._changed = threading.Condition(threading.RLock())
 
-    def take(self, amount: int, now: Callable[[], bool] = lambda: False) -> None:
-        """Wait until ``amount`` fits (or nothing else is held, or ``now()`` says go), then hold it."""
-        with self._changed:
-            while not (self.held == 0 or self.held + amount <= self.capacity or now()):
+    def take(self, amount: int, now: Callable[[], bool] = lambda: False,
+             make_room: Callable[[int], None] | None = None) -> None:
+        """Wait until ``amount`` fits (or nothing else is held, or ``now()`` says go), then hold it.
+        ``make_room(amount)`` is called before each wait, outside the lock (it may let go of what a cache
+        holds, whose holders then ``give``)."""
+        while True:
+            if make_room is not None:
+                make_room(amount)
+            with self._changed:
+                if self.held == 0 or self.held + amount <= self.capacity or now():
+                    self.held += amount
+                    return
                 self._changed.wait(timeout=1.0)  # also re-checks ``now`` when a waker forgot to call wake()
-            self.held += amount
 
     def give(self, amount: int) -> None:
         with self._changed:

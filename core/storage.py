@@ -612,7 +612,7 @@ class Storage:
         (``odd/x.png``, ``./odd//x.png``); any other URI as written (``a//b`` and ``a/b`` are different keys)."""
         if not is_local(uri):
             return uri
-        return os.path.realpath(fsspec.core.url_to_fs(uri)[1])
+        return os.path.realpath(uri.removeprefix("file://"))
 
     # -- writing -----------------------------------------------------------------------------------------
     def write_atomic(self, uri: str, data: bytes) -> None:

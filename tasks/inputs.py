@@ -7,10 +7,11 @@
   prompt at most ``MAX_PROMPT_PIXELS``: checked from the images' headers, before any pixel is decoded. A style
   folder gives at most ``MAX_STYLE_IMAGES`` images, and never one of ipaflow's own outputs when it lies
   inside ``--out``.
-- Decoded images the fetcher holds ahead of its caller are bounded (``PIXELS_AHEAD``): a row decodes only
-  when its pixels fit, except the row the caller is waiting for, which always goes ahead (so nothing waits
-  forever). ``take`` hands rows over in parts that end when that budget is used, so the caller holds no more
-  than it either.
+- Decoded images the fetcher holds are bounded (``PIXELS_AHEAD``): a row decodes only when its pixels fit,
+  except the row the caller is waiting for, which always goes ahead (so nothing waits forever). An image
+  later rows use again is kept for them (decoded once per shard, as a shared style folder is), and let go
+  first when room is needed. ``take`` hands rows over in parts that end when that budget is used, so the
+  caller holds no more than it either.
 
 The problem of an input is told the same way whether planning met it (``tasks/keys.py``), ``validate`` or a
 worker did: ``input_failure``.
@@ -22,7 +23,7 @@ import hashlib
 import os
 import threading
 import weakref
-from collections import Counter
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -139,17 +140,28 @@ class InputFetcher:
         self._files: dict[str, Future] = {}  # by resolved name
         self._folders: dict[str, Future] = {}
         self._rows: dict[str, _Once] = {}
-        self._uses = Counter(key for job in jobs for key in self._keys(job))
+        self._names: dict[str, str] = {}  # URI as written -> read key (resolving a local path costs syscalls)
+        self._uses = Counter(key for job in jobs for key in self._keys(job))  # reads still to be taken
+        self._pending = Counter(key for job in jobs for key in set(self._keys(job)))  # rows still to be prepared
         self._decoded: weakref.WeakValueDictionary[str, PIL.Image.Image] = weakref.WeakValueDictionary()
+        self._kept: OrderedDict[str, PIL.Image.Image] = OrderedDict()  # decoded images later rows will use
+        self._digest_keys: dict[str, set[str]] = defaultdict(set)
         self._wanted: str | None = None
         self._closed = False
+
+    def _key(self, uri: str) -> str:
+        """The read key of a file URI: one per resolved name."""
+        key = self._names.get(uri)
+        if key is None:
+            key = self._names[uri] = "file:" + self.storage.resolved(uri)
+        return key
 
     def _keys(self, job: Job) -> Iterator[str]:
         for column, value in job.inputs.items():
             if column == "style_folder":
                 yield "folder:" + value
             else:
-                yield from ("file:" + self.storage.resolved(uri) for uri in _listed(value))
+                yield from (self._key(uri) for uri in _listed(value))
 
     # -- reading ----------------------------------------------------------------------------------------------
     def _read(self, uri: str) -> _Raw:
@@ -157,7 +169,7 @@ class InputFetcher:
         return _Raw(uri, data, hashlib.sha256(data).hexdigest(), probe_image(data))
 
     def _file(self, uri: str) -> Future:
-        key = "file:" + self.storage.resolved(uri)
+        key = self._key(uri)
         with self._lock:
             if key not in self._files:
                 self._files[key] = self._io.submit(self._read, uri)
@@ -210,13 +222,17 @@ class InputFetcher:
                     raws[column] = self._taken("folder:" + value, self._folder(value), column, value)
                 else:
                     raws[column] = [item for uri in _listed(value) for item in self._taken(
-                        "file:" + self.storage.resolved(uri), self._file(uri), column, uri)]
+                        self._key(uri), self._file(uri), column, uri)]
             except RowFailed as exc:
                 failure = failure or exc
         if failure:
+            self._prepared(job, {})
             raise failure
         self._check_pixels(raws, spec)
-        images = self._decode(job, raws)
+        try:
+            images = self._decode(job, raws)
+        finally:
+            self._prepared(job, {raw.digest: key for key, items in self._row_keys(job, raws) for raw in items})
         inputs = RowInputs()
         for column in spec.profile.inputs:
             inputs.images[column] = images[raws[column][0].digest]
@@ -253,6 +269,37 @@ class InputFetcher:
                                f"too large: the row's images hold {total} pixels in all ({details}), more than "
                                f"the {MAX_ROW_PIXELS} a row may use")
 
+    def _row_keys(self, job: Job, raws: dict[str, list[_Raw]]) -> Iterator[tuple[str, list[_Raw]]]:
+        """(read key, its images) for each input of the row."""
+        for column, value in job.inputs.items():
+            if column == "style_folder":
+                yield "folder:" + value, raws.get(column, [])
+            else:
+                for uri, raw in zip(_listed(value), raws.get(column, [])):
+                    yield self._key(uri), [raw]
+
+    def _prepared(self, job: Job, digests: dict[str, str]) -> None:
+        """The row is prepared: keep its images that rows still to come use, let go of the others."""
+        with self._lock:
+            for key in set(self._keys(job)):
+                self._pending[key] -= 1
+            for digest, key in digests.items():
+                self._digest_keys[digest].add(key)
+            for digest in digests:
+                image = self._decoded.get(digest)
+                if image is not None and any(self._pending[key] > 0 for key in self._digest_keys[digest]):
+                    self._kept[digest] = image
+                    self._kept.move_to_end(digest)
+                else:
+                    self._kept.pop(digest, None)
+
+    def _make_room(self, pixels: int) -> None:
+        """Let go of kept images (oldest first) until ``pixels`` more would fit; an image a row still holds
+        stays alive, and gives its pixels back when that row lets go of it."""
+        with self._lock:
+            while self._kept and self.pixels.held + pixels > self.pixels.capacity:
+                self._kept.popitem(last=False)
+
     def _decode(self, job: Job, raws: dict[str, list[_Raw]]) -> dict[str, PIL.Image.Image]:
         """The row's images by content digest: those still alive shared, the others decoded once their pixels
         fit in the fetcher's budget (each gives its pixels back when the last reference to it goes)."""
@@ -267,7 +314,7 @@ class InputFetcher:
                     else:
                         missing[raw.digest] = (column, raw)
         unspent = sum(raw.probe.pixels for _, raw in missing.values())
-        self.pixels.take(unspent, now=lambda: self._closed or self._wanted == job.id)
+        self.pixels.take(unspent, now=lambda: self._closed or self._wanted == job.id, make_room=self._make_room)
         try:
             if self._closed:
                 raise CancelledError

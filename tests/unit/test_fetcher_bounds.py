@@ -108,3 +108,29 @@ def test_decoded_pixels_held_ahead_stay_within_the_budget(tmp_path, monkeypatch)
     fetcher.close()
     assert not worker.is_alive(), "the fetcher waited forever"
     assert not failed and sum(parts) == 12 and max(parts) == 3
+
+
+def test_images_later_rows_use_are_kept_unless_room_is_needed(tmp_path, monkeypatch):
+    decodes = []
+    original = inputs_module.decode_image
+    monkeypatch.setattr(inputs_module, "decode_image", lambda data: decodes.append(1) or original(data))
+    rows = []
+    for number in range(4):
+        PIL.Image.new("RGB", (64, 64), (number * 50, 0, 0)).save(tmp_path / f"{number}.png")
+    rows = [{"id": f"r{i}", "spec": "sdxl-text2img", "ip_image": str(tmp_path / f"{i % 4}.png")} for i in range(24)]
+
+    def fetch_all() -> None:
+        fetcher, jobs = _fetcher(rows)
+        for start in range(0, len(jobs), 4):  # as the worker does: a window at a time, images let go after it
+            window = jobs[start:start + 4]
+            fetcher.prefetch(window)
+            ready = [fetcher.get(job) for job in window]
+            del ready
+        fetcher.close()
+
+    fetch_all()
+    assert len(decodes) == 4  # each shared image decoded once for all 24 rows
+    decodes.clear()
+    monkeypatch.setattr(inputs_module, "PIXELS_AHEAD", 64 * 64)  # room for one image: kept ones must go
+    fetch_all()
+    assert 4 < len(decodes) <= 24
