@@ -473,7 +473,9 @@ def entry_point() -> None:
     full garbage collection (the ~800k objects of torch, diffusers and Prefect: 3-4 s at exit on a CPU box)."""
     import gc
 
-    _interrupt.install()
+    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    if command != "serve":  # serve keeps Prefect's own Ctrl-C: it pauses its schedules on the way out
+        _interrupt.install()
     try:
         code = main()
     except KeyboardInterrupt:  # between the handler's return and main's (a second Ctrl-C)
