@@ -456,9 +456,10 @@ class Storage:
         fs = _filesystem(protocol, self.options_for(protocol))
         return fs, fs._strip_protocol(uri)
 
-    def retry(self, what: str, fn: Callable[[], T], deadline: float | None = None) -> T:
+    def retry(self, what: str, fn: Callable[[], T], deadline: float | None = None, prefix: bool = True) -> T:
         """Run ``fn``, retrying transient storage errors with jittered exponential backoff; with a
-        ``deadline`` (``time.monotonic()``), no try starts after it."""
+        ``deadline`` (``time.monotonic()``), no try starts after it. ``what`` names the operation in the log
+        and, with ``prefix``, in the final error (an input's reason names its URI itself)."""
         for attempt in range(self.retries + 1):
             try:
                 return fn()
@@ -476,9 +477,9 @@ class Storage:
                     spent = (f"retries within {self.timeouts.input:g} s (${INPUT_TIMEOUT_ENV})" if out_of_time
                              else f"{attempt + 1} tries")
                     raise TransientStorageError(
-                        f"{what + ': ' if what else ''}still failing after {spent}: {self.redact(describe_error(exc))}"
+                        f"{what + ': ' if prefix else ''}still failing after {spent}: {self.redact(describe_error(exc))}"
                     ) from None
-                log.warning("%s failed (%s); retrying in %.2fs", what or "a read", self.redact(describe_error(exc)), delay)
+                log.warning("%s failed (%s); retrying in %.2fs", what, self.redact(describe_error(exc)), delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -508,8 +509,9 @@ class Storage:
                     for chunk in _chunks(handle, max_bytes):
                         collected.add(chunk)
                     return collected.data()
-        deadline = self._deadline()  # the reasons of inputs name the URI themselves: no "what" here
-        return self.retry("", lambda: self._read_remote(fs, path, max_bytes, deadline), deadline)
+        deadline = self._deadline()
+        return self.retry(f"read {self.redact(uri)}", lambda: self._read_remote(fs, path, max_bytes, deadline), deadline,
+                          prefix=False)  # the row's reason names the URI itself
 
     def _read_remote(self, fs, path: str, max_bytes: int, deadline: float) -> bytes | bytearray:
         info = self._info(fs, path, deadline)
@@ -557,7 +559,7 @@ class Storage:
                     digest.update(chunk)
             return "sha256:" + digest.hexdigest()
         deadline = self._deadline()
-        info = self.retry("", lambda: self._info(fs, path, deadline), deadline)
+        info = self.retry(f"stat {self.redact(uri)}", lambda: self._info(fs, path, deadline), deadline, prefix=False)
         if info.get("type") == "directory":
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), uri)
         if info.get("size") is not None and info["size"] > max_bytes:
@@ -574,7 +576,8 @@ class Storage:
             entries = _list_local(path, limit)
         else:
             deadline = self._deadline()
-            entries = self.retry("", lambda: self._list_remote(fs, path, limit, deadline), deadline)
+            entries = self.retry(f"list {self.redact(folder_uri)}", lambda: self._list_remote(fs, path, limit, deadline),
+                                 deadline, prefix=False)
         if len(entries) > limit:
             raise InputRefused(f"too many entries: more than {limit}")
         found = [
