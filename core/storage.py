@@ -437,7 +437,11 @@ class Storage:
             client = dict(chosen.get("client_kwargs") or {})
             timeout = client.get("timeout")
             if isinstance(timeout, dict):  # JSON storage options: the fields of aiohttp.ClientTimeout
-                client["timeout"] = aiohttp.ClientTimeout(**timeout)
+                try:
+                    client["timeout"] = aiohttp.ClientTimeout(**timeout)
+                except TypeError as exc:
+                    raise ValueError(f"storage options: http client_kwargs.timeout takes total, connect, "
+                                     f"sock_connect, sock_read ({exc})") from None
             elif timeout is None:
                 client["timeout"] = aiohttp.ClientTimeout(total=self.timeouts.input, sock_connect=self.timeouts.connect,
                                                           sock_read=self.timeouts.read)

@@ -225,13 +225,12 @@ class InputFetcher:
                         self._key(uri), self._file(uri), column, uri)]
             except RowFailed as exc:
                 failure = failure or exc
-        if failure:
-            self._prepared(job, {})
-            raise failure
-        self._check_pixels(raws, spec)
         try:
+            if failure:
+                raise failure
+            self._check_pixels(raws, spec)
             images = self._decode(job, raws)
-        finally:
+        finally:  # whatever the outcome, the row no longer needs what later rows may still use
             self._prepared(job, {raw.digest: key for key, items in self._row_keys(job, raws) for raw in items})
         inputs = RowInputs()
         for column in spec.profile.inputs:
