@@ -476,6 +476,9 @@ def entry_point() -> None:
     command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
     if command != "serve":  # serve keeps Prefect's own Ctrl-C: it pauses its schedules on the way out
         _interrupt.install()
+        # --workers N: after a Ctrl-C, multiprocessing's resource tracker (a process of its own, started with
+        # these options) cleans up the local Dask workers' semaphores, and would also print a warning about it
+        sys.warnoptions.append("ignore::UserWarning:multiprocessing.resource_tracker")
     try:
         code = main()
     except KeyboardInterrupt:  # between the handler's return and main's (a second Ctrl-C)
