@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +17,7 @@ from ipaflow.flows.prefect_api import APIServerError, TemporaryAPIServer
 from ipaflow.specs.options import RenderOptions, parse_storage_options
 
 DEFAULT_ZOO = Path("~/.cache/ipaflow/zoo").expanduser()
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command ended by Ctrl-C
 
 
 def _quiet_environment() -> None:
@@ -151,11 +157,138 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except KeyboardInterrupt:
-        print("ipaflow: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+        _interrupt.say()
+        return EXIT_INTERRUPTED
     except APIServerError as exc:
         print(f"ipaflow: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        if (line := _one_line(exc, getattr(args, "out", None))) is None:
+            raise
+        print(f"ipaflow: {line}", file=sys.stderr)
+        return 1
+
+
+# -- failures said in one line, and Ctrl-C -----------------------------------------------------------------------
+
+# OS errors that mean the output (or another place ipaflow must write) cannot be written; inputs never raise
+# them this far (a row's input problem fails the row).
+_UNWRITABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                         errno.EISDIR, errno.EFBIG})
+
+
+def _one_line(exc: BaseException, out: str | None = None) -> str | None:
+    """The one line a failure is told in, for those that are the user's to fix and need no traceback; None
+    for the others (a traceback then helps whoever fixes ipaflow)."""
+    from ipaflow.core.lease import OutputInUse, OutputUnusable
+
+    if isinstance(exc, (OutputInUse, OutputUnusable)):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in _UNWRITABLE:
+        where = f" to --out {out}" if out else f" {exc.filename}" if exc.filename else ""
+        return f"cannot write{where}: {os.strerror(exc.errno)}"
+    return None
+
+
+# Prefect's console lines that repeat what the CLI says: an interrupted run's crash, and the notice of its
+# event queue draining at exit after a run that ended early.
+_PREFECT_NOISE = ("Crash detected! Execution was aborted by an interrupt signal", "Still processing items:")
+
+
+class _OneLineFailures(logging.Filter):
+    """Keeps off the terminal what the CLI says itself in one line: Prefect's traceback of a flow that failed
+    that way (an unusable or busy --out, a bad manifest or spec), and its "Crash detected!" of an interrupted
+    one, and the notice of its event queue draining at exit. The Prefect API (the UI) still gets the first two."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from ipaflow.specs.manifest import ManifestError
+        from ipaflow.specs.registry import SpecError
+
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, (KeyboardInterrupt, ManifestError, SpecError)) or (error and _one_line(error)):
+            return False
+        return not str(record.msg).startswith(_PREFECT_NOISE)
+
+
+def _quiet_console() -> None:
+    """Add the filter to Prefect's console handlers (Prefect configures its logging when first imported)."""
+    import prefect.logging.handlers  # noqa: F401 - configures Prefect's logging first
+
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+                                       if name.startswith("prefect")]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not any(
+                    isinstance(f, _OneLineFailures) for f in handler.filters):
+                handler.addFilter(_OneLineFailures())
+
+
+class _Interrupt:
+    """Ctrl-C ends a run within seconds, with exit status 130 and one line.
+
+    The first SIGINT raises KeyboardInterrupt in the main thread, as Python does; the flow engine records the
+    run as crashed on its way out. What can keep the main thread from ending (a task runner joining a worker
+    thread that is inside a pipeline call) gets another KeyboardInterrupt each second, and after GRACE_S the
+    process ends anyway, as a second Ctrl-C ends it at once. Ending it skips joining busy worker threads: what
+    they had not journaled is rendered again by the next run, as after a kill. The temporary Prefect API
+    server runs in its own process group (a terminal's Ctrl-C does not reach it), so the run's last reports
+    find it alive; it is stopped on the way out.
+    """
+
+    GRACE_S = 5.0
+    MESSAGE = "ipaflow: interrupted; re-run the same command to resume"
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.handled = False  # main() caught the KeyboardInterrupt and returns
+        self._kicked = False  # the watchdog sent the pending SIGINT, not the user
+        self._said = threading.Lock()
+        self._saying = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.handled:
+            self.end()  # main() is on its way out already
+        if self.first is None:
+            self.first = time.monotonic()
+            threading.Thread(target=self._watch, name="ipaflow-interrupt", daemon=True).start()
+        elif not self._kicked:
+            self.end()  # the user pressed Ctrl-C again
+        self._kicked = False
+        raise KeyboardInterrupt
+
+    def _watch(self) -> None:
+        while time.monotonic() < self.first + self.GRACE_S:
+            time.sleep(1.0)
+            if not self.handled:
+                self._kicked = True
+                os.kill(os.getpid(), signal.SIGINT)
+        self.end()
+
+    def say(self) -> None:
+        self.handled = True
+        with self._said:
+            if not self._saying:
+                self._saying = True
+                print(self.MESSAGE, file=sys.stderr, flush=True)
+
+    def end(self) -> None:
+        """Leave now: the one line, the temporary server stopped, the terminal's cursor back, no thread joined."""
+        self.say()
+        TemporaryAPIServer.stop_all()
+        if sys.stderr.isatty():
+            sys.stderr.write("\x1b[?25h")  # a progress bar interrupted mid-draw hides the cursor
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(EXIT_INTERRUPTED)
+
+
+_interrupt = _Interrupt()
 
 
 def cmd_zoo(args) -> int:
@@ -229,6 +362,7 @@ def _render(manifest: str, out: str, options: RenderOptions, api_server=None) ->
 
     if api_server is not None:
         api_server.wait_until_ready()
+    _quiet_console()
     # The ~800k objects of torch, diffusers and Prefect outlive the run: keep them out of the collector's full
     # passes (0.3-0.5 s each, several per run on a CPU box).
     gc.freeze()
@@ -339,7 +473,18 @@ def entry_point() -> None:
     full garbage collection (the ~800k objects of torch, diffusers and Prefect: 3-4 s at exit on a CPU box)."""
     import gc
 
-    code = main()
+    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    if command != "serve":  # serve keeps Prefect's own Ctrl-C: it pauses its schedules on the way out
+        _interrupt.install()
+        # --workers N: after a Ctrl-C, multiprocessing's resource tracker (a process of its own, started with
+        # these options) cleans up the local Dask workers' semaphores, and would also print a warning about it
+        sys.warnoptions.append("ignore::UserWarning:multiprocessing.resource_tracker")
+    try:
+        code = main()
+    except KeyboardInterrupt:  # between the handler's return and main's (a second Ctrl-C)
+        code = EXIT_INTERRUPTED
+    if code == EXIT_INTERRUPTED:
+        _interrupt.end()
     gc.freeze()
     sys.exit(code)
 

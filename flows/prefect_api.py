@@ -7,6 +7,11 @@ Prefect's ``SubprocessASGIServer`` runs: uvicorn on Prefect's app factory, loopb
 temporary server's services) as the command's first step and points Prefect at it through
 ``PREFECT_API_URL``, so the server starts while torch, diffusers and the first pipeline load. Worker
 processes of ``--workers N`` inherit the URL and report to the same server instead of starting one each.
+
+The server runs in a session (process group) of its own: a Ctrl-C in the terminal reaches ipaflow, not the
+server, so the interrupted run can still report to it (with a shared group it died first, and every report
+ended in a connection-refused traceback). It still dies with ipaflow: ipaflow stops it on every way out, and
+on Linux the kernel sends it SIGTERM when ipaflow dies, even by SIGKILL.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class APIServerError(RuntimeError):
 
 
 class TemporaryAPIServer:
+    _running: set[TemporaryAPIServer] = set()  # what stop_all stops
+
     def __init__(self) -> None:
         self.process: subprocess.Popen | None = None
         self.port = 0
@@ -63,8 +70,15 @@ class TemporaryAPIServer:
             return None
         server = cls()
         server._launch()
+        cls._running.add(server)
         atexit.register(server.stop)
         return server
+
+    @classmethod
+    def stop_all(cls) -> None:
+        """Stop every server this process started (a process that ends with os._exit runs no atexit)."""
+        for server in list(cls._running):
+            server.stop()
 
     def _launch(self) -> None:
         from prefect.context import refresh_global_settings_context
@@ -79,7 +93,8 @@ class TemporaryAPIServer:
                "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
         env.pop("PREFECT_API_URL", None)
         self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=self._errors, preexec_fn=_end_with_parent())
+                                        stderr=self._errors, preexec_fn=_end_with_parent(),
+                                        start_new_session=True)
         os.environ["PREFECT_API_URL"] = self.api_url
         refresh_global_settings_context()  # Prefect's process-wide settings read the environment again
 
@@ -109,6 +124,7 @@ class TemporaryAPIServer:
                              "(raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or set PREFECT_API_URL)")
 
     def stop(self) -> None:
+        TemporaryAPIServer._running.discard(self)
         if self.process is None:
             return
         self.process.terminate()

@@ -13,6 +13,7 @@ scheduled deployment of this same flow writes each night to a folder of its own.
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import time
@@ -26,6 +27,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from pydantic import Field
 
+from ipaflow.core.lease import OutputLease
 from ipaflow.core.problems import FailedRow, Problem, RowFailed
 from ipaflow.core.storage import Storage, is_local, join
 from ipaflow.flows.monitoring import RunMonitor, write_contact_sheet
@@ -98,7 +100,24 @@ def _is_done(record: dict | None, key: str, job: Job, spec: Spec, present: set[s
     )
 
 
+def _holding_out(body):
+    """The flow body runs holding the lease on its ``--out`` (ipaflow.core.lease), taken before anything is
+    written there: a second run into the same folder is refused (OutputInUse), an unusable folder said in one
+    line (OutputUnusable). The body gets ``out`` already resolved; resolving it again changes nothing."""
+
+    @functools.wraps(body)
+    def run(manifest: str, out: str, options: RenderOptions = RenderOptions()) -> dict[str, Any]:
+        from prefect.runtime import flow_run
+
+        out = absolute_uri(fill_template(out, _run_time()))
+        with OutputLease(Storage(options=options.storage_options_dict()), out, run=flow_run.name or ""):
+            return body(manifest, out, options)
+
+    return run
+
+
 @flow(name="ipaflow-render", flow_run_name=_run_name, log_prints=False, validate_parameters=True)
+@_holding_out
 def render_manifest(
     manifest: Annotated[str, Field(min_length=1, description="manifest URI or path (.parquet, .csv, .jsonl)")],
     out: Annotated[str, Field(min_length=1, description="output URI or path; {date} and {datetime} are filled in")],
@@ -185,7 +204,7 @@ def plan_rows(opened, registry: SpecRegistry, storage: Storage, metadata: Metada
         jobs = [job for job in jobs if job.index < limit]
         rejected = [failed for failed in rejected if failed.index < limit]
     specs_used = {job.spec: registry.get(job.spec) for job in jobs}
-    identities = identify_inputs(storage, jobs)
+    identities = identify_inputs(storage, jobs, out=metadata.out)  # a style folder inside out skips ipaflow's files
     keys: dict[str, str] = {}
     runnable: list[Job] = []
     for job in jobs:

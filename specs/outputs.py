@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     from ipaflow.specs.spec import Spec
 
 EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "gif": ".gif"}
+# What ipaflow writes directly under ``--out`` (folders and files). A style folder that is ``--out``, or lies
+# inside it, never takes its images from these: a re-run would otherwise read its own contact sheet or
+# renders as style images, and render again every time (ipaflow.tasks.inputs.style_images).
+OWN_ENTRIES = frozenset({"images", "videos", "metadata", "_ipaflow", "index.html", "contact-sheet.png"})
 
 
 def output_stems(row_id: str, count: int) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -21,8 +21,51 @@ Task = Literal[TASKS]  # the names of the task profiles
 _MODEL_REF = r"^[^\s]{1,512}$"
 SPEC_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # matched whole (fullmatch)
 
-# An IP-Adapter scale: a float, or an InstantStyle per-block dict such as {"up": {"block_0": [0, 1, 0]}}.
+# An IP-Adapter scale: a float, or an InstantStyle per-block dict such as {"up": {"block_0": [0, 1, 0]}}, as
+# diffusers' set_ip_adapter_scale takes it: per part (down, mid, up) a number or one per transformer layer, or
+# per block of a part a number or one per layer. Checked exactly (_adapter_scale), so no value can be large.
 AdapterScale = Union[float, dict[str, Any]]
+MAX_SCALE = 10.0  # as a row's ip_scale
+MAX_LAYERS = 16  # scales per block (SDXL's deepest block has 10 transformer layers)
+_BLOCK = re.compile(r"block_[0-9]{1,2}")
+
+
+def _scale_number(where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_SCALE:
+        raise ValueError(f"{where}: a scale is a number in [0, {MAX_SCALE:g}], got {str(value)[:40]!r}")
+    return float(value)
+
+
+def _layer_scales(where: str, value: Any) -> float | list[float]:
+    if isinstance(value, list):
+        if not 1 <= len(value) <= MAX_LAYERS:
+            raise ValueError(f"{where}: give 1 to {MAX_LAYERS} scales (one per transformer layer), got {len(value)}")
+        return [_scale_number(where, item) for item in value]
+    return _scale_number(where, value)
+
+
+def _adapter_scale(value: Any) -> AdapterScale:
+    """A number, or ``{part: number | [numbers] | {block_N: number | [numbers]}}`` for part in down/mid/up."""
+    if not isinstance(value, dict):
+        return _scale_number("scale", value)
+    if not value:
+        raise ValueError("a per-block scale needs at least one of down, mid, up")
+    checked: dict[str, Any] = {}
+    for part, scales in value.items():
+        if part not in ("down", "mid", "up"):
+            raise ValueError(f"per-block scale keys must be down/mid/up, not {str(part)[:40]!r}")
+        if not isinstance(scales, dict):
+            checked[part] = _layer_scales(part, scales)
+            continue
+        if not 1 <= len(scales) <= MAX_LAYERS:
+            raise ValueError(f"{part}: give 1 to {MAX_LAYERS} blocks, got {len(scales)}")
+        for block in scales:
+            if not isinstance(block, str) or not _BLOCK.fullmatch(block):
+                raise ValueError(f"{part}: blocks are named block_0, block_1, ..., not {str(block)[:40]!r}")
+        checked[part] = {block: _layer_scales(f"{part}.{block}", item) for block, item in scales.items()}
+    return checked
+
+
 # Output sizes must be multiples of this: the SD-family pipelines reject others (their `check_inputs`), since
 # the VAE scales by 8. Checked here so that a bad spec default and a bad row cell get the same message.
 SIZE_FACTOR = 8
@@ -32,16 +75,19 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_ConfigValue = Union[bool, int, float, Annotated[str, Field(max_length=256)], None]
+
+
 class SchedulerSpec(StrictModel):
     """A diffusers scheduler class, built with ``Class.from_config(pipeline.scheduler.config, **config)``."""
 
     name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9]*Scheduler$")
-    config: dict[str, Union[bool, int, float, str, None]] = {}
+    config: Annotated[dict[Annotated[str, Field(max_length=64)], _ConfigValue], Field(max_length=64)] = {}
 
 
 class ModelRef(StrictModel):
     model: str = Field(pattern=_MODEL_REF)
-    subfolder: str | None = None
+    subfolder: str | None = Field(default=None, max_length=512)
 
 
 class IPAdapterSpec(ModelRef):
@@ -49,14 +95,10 @@ class IPAdapterSpec(ModelRef):
     scale: AdapterScale = 1.0
     image_column: Literal["ip_image", "style_folder", "image", "control_image"] = "ip_image"
 
-    @field_validator("scale")
+    @field_validator("scale", mode="before")
     @classmethod
-    def _scale_blocks(cls, value: AdapterScale) -> AdapterScale:
-        if isinstance(value, dict):
-            unknown = set(value) - {"down", "mid", "up"}
-            if unknown:
-                raise ValueError(f"per-block scale keys must be down/mid/up, not {sorted(unknown)}")
-        return value
+    def _scale(cls, value: Any) -> AdapterScale:
+        return _adapter_scale(value)
 
 
 class LoraSpec(ModelRef):
@@ -102,15 +144,15 @@ class OutputSpec(StrictModel):
 
 class Spec(StrictModel):
     name: str
-    description: str = ""
+    description: str = Field(default="", max_length=2000)
     task: Task
     model: str = Field(pattern=_MODEL_REF)
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    variant: str | None = None
+    variant: str | None = Field(default=None, max_length=64)
     scheduler: SchedulerSpec | None = None
     image_encoder: ModelRef | None = None
     ip_adapters: list[IPAdapterSpec] = Field(min_length=1, max_length=8)
-    loras: list[LoraSpec] = []
+    loras: list[LoraSpec] = Field(default=[], max_length=16)
     controlnet: ControlNetSpec | None = None
     motion_adapter: ModelRef | None = None
     memory: MemorySpec = MemorySpec()

@@ -36,8 +36,19 @@ class EmbeddingCache:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
+        # each distinct image once (a cell may list one image several times): the image processor holds
+        # full-size copies of every image it is given
+        position: dict[int, int] = {}
+        distinct: list[PIL.Image.Image] = []
+        for image in images:
+            if id(image) not in position:
+                position[id(image)] = len(distinct)
+                distinct.append(image)
         with torch.inference_mode():
-            positive, negative = pipe.encode_image(list(images), device, 1, hidden_states)
+            positive, negative = pipe.encode_image(distinct, device, 1, hidden_states)
+        if len(distinct) < len(images):
+            order = torch.tensor([position[id(image)] for image in images])
+            positive, negative = positive[order], negative[order]
         embeds = torch.stack([negative, positive])  # (2, n_images, ...): what prepare_ip_adapter_image_embeds builds
         with self._lock:
             self.encoded += 1

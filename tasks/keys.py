@@ -1,8 +1,9 @@
 """Row keys: a content hash of everything that determines a row's output.
 
 The key covers the spec's content (models, adapters, scheduler, ...), the resolved parameters and seed, and
-the identity of every input (a local file's content hash; an object's ETag, or size and mtime; for a style
-folder, its image files' names and identities).
+the identity of every input (a local file's content hash, streamed; an object's ETag, or size and mtime; for a
+style folder, its image files' names and identities). Inputs are looked up with the same bounds and refusals as
+they are read (``Storage.identity``), and a failing one is worded as ``validate`` words it.
 A re-run renders exactly the rows whose key changed. Identities are looked up concurrently, once per URI.
 """
 
@@ -14,53 +15,53 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from ipaflow.core.problems import RowFailed
-from ipaflow.core.storage import Storage, is_local
+from ipaflow.core.storage import MAX_INPUT_BYTES, Storage, is_local
 from ipaflow.specs.rows import Job
 from ipaflow.specs.spec import Spec
+from ipaflow.tasks.inputs import input_failure, style_images
 
 # Bump when ipaflow's rendering changes what the same row produces.
 RENDER_VERSION = 1
 
 
-def _identify(storage: Storage, column: str, uri: str) -> str:
-    redact = storage.redact
+def _identify(storage: Storage, column: str, uri: str, out: str | None) -> str:
     try:
         if column == "style_folder":
-            files = storage.list_images(uri)
-            if not files:
-                raise RowFailed.at(column, f"no images in {redact(uri)}")
+            files = style_images(storage, uri, out)
             if is_local(uri) or not all(identity for _, identity in files):
                 # as for single files: local content hashes; remote listing identities (an object store lists
                 # ETags), or each file's own where the listing has none (an http index page)
-                files = [(name, storage.identity(name)) for name, _ in files]
+                files = [(name, storage.identity(name, MAX_INPUT_BYTES)) for name, _ in files]
             return hashlib.sha256(repr([(n.rsplit("/", 1)[-1], i) for n, i in files]).encode()).hexdigest()
-        return storage.identity(uri)
-    except RowFailed:
-        raise
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise RowFailed.at(column, f"not found: {redact(uri)}") from None
-    except Exception as exc:  # noqa: BLE001 - any storage failure becomes the row's reason
-        raise RowFailed.at(column, f"cannot read {redact(uri)}: {redact(exc)}") from None
+        return storage.identity(uri, MAX_INPUT_BYTES)
+    except Exception as exc:  # noqa: BLE001 - any storage failure becomes the row's reason, worded as validate does
+        raise input_failure(column, uri, exc, storage.redact) from None
 
 
-def identify_inputs(storage: Storage, jobs: Iterable[Job], threads: int = 16) -> dict[tuple[str, str], str | RowFailed]:
-    """Identity of every (column, URI) the jobs use, or the RowFailed saying why it has none."""
+def identify_inputs(storage: Storage, jobs: Iterable[Job], threads: int = 16,
+                    out: str | None = None) -> dict[tuple[str, str], str | RowFailed]:
+    """Identity of every (column, URI) the jobs use, or the RowFailed saying why it has none. Spellings of one
+    local file (``odd/x.png``, ``./odd//x.png``) are looked up once; a style folder inside ``out`` leaves
+    ipaflow's own outputs out."""
     wanted = {
         (column, uri)
         for job in jobs
         for column, value in job.inputs.items()
         for uri in (value if isinstance(value, list) else [value])
     }
+    distinct = {(column, uri if column == "style_folder" else storage.resolved(uri)): (column, uri)
+                for column, uri in sorted(wanted)}
 
     def one(item: tuple[str, str]) -> str | RowFailed:
         try:
-            return _identify(storage, *item)
+            return _identify(storage, *item, out)
         except RowFailed as exc:
             return exc
 
-    items = sorted(wanted)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ipaflow-stat") as pool:
-        return dict(zip(items, pool.map(one, items)))
+        found = dict(zip(distinct, pool.map(one, distinct.values())))
+    return {(column, uri): found[(column, uri if column == "style_folder" else storage.resolved(uri))]
+            for column, uri in wanted}
 
 
 def row_key(job: Job, spec: Spec, identities: dict[tuple[str, str], str | RowFailed]) -> str:

@@ -13,7 +13,7 @@ import time
 
 from pydantic import BaseModel
 
-from ipaflow.core.problems import FailedRow, Problem, RowFailed, describe_exception
+from ipaflow.core.problems import FailedRow, Problem, describe_exception
 from ipaflow.core.storage import Storage, join
 from ipaflow.specs.options import RenderOptions
 from ipaflow.specs.rows import Job
@@ -79,7 +79,7 @@ def run_shard(shard: ShardPlan, settings: RunSettings) -> ShardStats:
     jobs = [job for job in shard.jobs if job.id not in done]
     stats.skipped = len(shard.jobs) - len(jobs)
     writer = ShardWriter(storage, settings.out, settings.run_id, shard.name, shard.spec, shard.row_keys)
-    fetcher = InputFetcher(storage, jobs, {shard.spec.name: shard.spec})
+    fetcher = InputFetcher(storage, jobs, {shard.spec.name: shard.spec}, out=settings.out)
     try:
         try:
             built = time.perf_counter()
@@ -99,17 +99,14 @@ def run_shard(shard: ShardPlan, settings: RunSettings) -> ShardStats:
         for number, rows in enumerate(windows):
             if number + 1 < len(windows):
                 fetcher.prefetch(windows[number + 1])
-            ready: dict[str, RowInputs] = {}
-            for job in rows:
-                try:
-                    ready[job.id] = fetcher.get(job)
-                except RowFailed as exc:
-                    writer.fail(job, *exc.problems)
-            batchable = [job for job in rows if job.id in ready]
-            for batch in _batches(loaded, batchable, ready, batch_size):
-                for rendered in render_rows(loaded, batch, [ready[job.id] for job in batch], storage.redact):
-                    writer.submit(rendered)
-                writer.flush()
+            # in parts that end early when the window's decoded inputs fill the fetcher's pixel budget
+            for ready in fetcher.take(rows, lambda job, exc: writer.fail(job, *exc.problems)):
+                batchable = [job for job in rows if job.id in ready]
+                for batch in _batches(loaded, batchable, ready, batch_size):
+                    for rendered in render_rows(loaded, batch, [ready[job.id] for job in batch], storage.redact):
+                        writer.submit(rendered)
+                    writer.flush()
+                del ready  # the part's images go before the next part is fetched
     finally:
         fetcher.close()
         writer.close()

@@ -1,13 +1,16 @@
 """Real HTTP endpoints on loopback for the storage tests: moto's S3 server, a fault-injecting proxy in front
-of it, and a static file server for http:// inputs. Each runs in a daemon thread and stops on ``close()``."""
+of it, a static file server for http:// inputs, and a hostile one (silent, trickling, endless answers). Each
+runs in a daemon thread and stops on ``close()``."""
 
 from __future__ import annotations
 
 import http.server
 import logging
+import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -210,3 +213,82 @@ class StaticServer:
 class _QuietFiles(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
+
+
+class HostileServer:
+    """An HTTP server on 127.0.0.1 that misbehaves by path, as servers in the wild do:
+
+    - ``/silent/...``: accepts the connection, reads the request, never answers;
+    - ``/trickle/...``: answers 200 with no length, then one byte every 50 ms, forever;
+    - ``/endless/...``: answers 200 with no length, then 64 KiB chunks as fast as it can, forever;
+    - anything else: the file of that name in ``folder`` (when given), else 404.
+
+    ``requests`` counts the requests per first path segment. ``close()`` ends every hanging answer."""
+
+    def __init__(self, folder: str | None = None):
+        self.folder = folder
+        self.requests: dict[str, int] = {}
+        self.closing = threading.Event()
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HostileHandler)
+        self._server.daemon_threads = True
+        self._server.hostile = self  # type: ignore[attr-defined]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def close(self) -> None:
+        self.closing.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class _HostileHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"  # the body ends when the connection does: no length needed
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _answer(self) -> None:
+        hostile: HostileServer = self.server.hostile  # type: ignore[attr-defined]
+        kind = self.path.strip("/").split("/", 1)[0]
+        hostile.requests[kind] = hostile.requests.get(kind, 0) + 1
+        try:
+            if kind == "silent":
+                hostile.closing.wait()
+                return
+            if kind in ("trickle", "endless"):
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.end_headers()
+                if self.command == "HEAD":
+                    return
+                chunk, pause = (b"\x89", 0.05) if kind == "trickle" else (b"\0" * 65536, 0)
+                while not hostile.closing.is_set():
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+                    if pause:
+                        time.sleep(pause)
+                return
+            path = os.path.join(hostile.folder or "/nonexistent", self.path.lstrip("/"))
+            if not hostile.folder or not os.path.isfile(path):
+                self.send_error(404)
+                return
+            with open(path, "rb") as handle:
+                data = handle.read()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command == "GET":
+                self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up, as it should
+            pass
+
+    do_GET = do_HEAD = _answer
+
+
+def refused_url() -> str:
+    """An http:// URL on 127.0.0.1 where nothing listens (connections are refused)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,3 +22,52 @@ def read_records(out) -> pandas.DataFrame:
     import pandas as pd
 
     return pd.read_parquet(Path(out) / "metadata")
+
+
+def header_only_png(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixels: what a decompression bomb's header looks like, and
+    proof that a check made on it read nothing more."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+_MEASURE = ("import resource, subprocess, sys\n"
+            "code = subprocess.call(sys.argv[2:])\n"
+            "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024))\n"
+            "sys.exit(code)\n")
+
+
+def run_measured(command: list[str], env: dict, timeout: float, workdir: Path):
+    """Run a command as a process of its own; (completed process, its peak resident memory in bytes, seconds).
+    The peak is read from the process (getrusage of a launcher that runs only it), not estimated."""
+    import subprocess
+    import sys
+    import time
+
+    peak_file = workdir / f"peak-{time.monotonic_ns()}"
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", _MEASURE, str(peak_file), *command], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    return done, int(peak_file.read_text()), time.monotonic() - started
+
+
+def ipaflow_command() -> str:
+    """The installed console script next to this interpreter."""
+    import sys
+
+    return str(Path(sys.executable).with_name("ipaflow"))
+
+
+SPEC_HEAD = "name: odd\ntask: text2img\nmodel: a/b\n"
+
+
+def alias_bomb() -> str:
+    """The issue's case: nine levels of nine aliases (9**9 = 387 million numbers) in an IP-Adapter's scale."""
+    lines = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    for level in range(1, 9):
+        lines.append(f"a{level}: &a{level} [" + ", ".join([f"*a{level - 1}"] * 9) + "]")
+    bomb = "\n".join(f"  {line}" for line in lines)
+    return SPEC_HEAD + f"x-anchors:\n{bomb}\nip_adapters: [{{model: h94/IP-Adapter, weight_name: a.bin, scale: {{up: *a8}}}}]\n"

@@ -295,6 +295,23 @@ def test_storage_retries_when_the_sdk_gives_up(moto, proxy, bucket):
 # -- storage details ------------------------------------------------------------------------------------------
 
 
+def test_the_lease_on_an_s3_out(moto, aws_env, bucket):
+    """No flock on an object store: the lease is created with a conditional PUT (If-None-Match), so of two
+    runs taking it at once one wins; a second run is refused while the first holds it."""
+    from ipaflow.core.lease import OutputInUse, OutputLease
+    from ipaflow.core.storage import Storage
+
+    aws_env.setenv("AWS_ENDPOINT_URL", moto.endpoint)
+    storage = Storage()
+    assert storage.create_exclusive(f"s3://{bucket}/x.json", b"first")
+    assert not storage.create_exclusive(f"s3://{bucket}/x.json", b"second")
+    assert moto.get(bucket, "x.json")[0] == b"first"
+    with OutputLease(storage, f"s3://{bucket}/out", run="first"):
+        with pytest.raises(OutputInUse, match=f"--out s3://{bucket}/out is in use by run first on "):
+            OutputLease(storage, f"s3://{bucket}/out").acquire()
+    assert "out/_ipaflow/lease.json" not in moto.objects(bucket)
+
+
 def test_content_types_and_fresh_listings(moto, aws_env, bucket):
     from ipaflow.core.storage import Storage
 
@@ -330,13 +347,15 @@ def test_storage_options_forms():
     from ipaflow.core.storage import Storage
 
     s3 = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}}
-    assert Storage(options=s3).options_for("s3") == s3
-    assert Storage(options=s3).options_for("https") == {}  # flat kwargs would become request arguments
+    timeouts = {"config_kwargs": {"connect_timeout": 10.0, "read_timeout": 30.0}}  # ipaflow's defaults (Timeouts)
+    assert Storage(options=s3).options_for("s3") == {**s3, **timeouts}
+    assert Storage(options=s3).options_for("https").keys() == {"client_kwargs"}  # flat kwargs would become request arguments
     assert Storage(options=s3).options_for("file") == {}
     both = Storage(options={"anon": False, "s3": s3, "http": {"headers": {"X-A": "1"}}})
-    assert both.options_for("s3") == {"anon": False, **s3}
-    assert both.options_for("s3a") == {"anon": False, **s3}
-    assert both.options_for("https") == {"headers": {"X-A": "1"}}
+    assert both.options_for("s3") == {"anon": False, **s3, **timeouts}
+    assert both.options_for("s3a") == {"anon": False, **s3, **timeouts}
+    assert both.options_for("https").keys() == {"headers", "client_kwargs"}
+    assert both.options_for("https")["headers"] == {"X-A": "1"}
 
 
 # -- credentials ----------------------------------------------------------------------------------------------

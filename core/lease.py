@@ -1,0 +1,212 @@
+"""One run at a time per output folder: a lease in ``<out>/_ipaflow/lease.json``.
+
+Two runs writing into one ``--out`` fold each other's journals and record each other's rows as failed, so a
+run takes the lease before it writes anything and a second run is refused with a message that says who holds
+it. The lease is a small JSON object, so it works the same on a local disk and on an object store (where
+there is no flock):
+
+- taking it: created only if absent (a local hard link, S3's conditional PUT), so of two runs starting
+  together one wins;
+- holding it: a heartbeat thread rewrites it every ``ttl / 4`` seconds;
+- a dead run's lease does not block forever: it expires ``ttl`` seconds after its last heartbeat (clocks of
+  the machines involved are assumed to agree within that), and at once when its holder ran on this machine
+  (same host and process namespace) and that process is gone, as after a SIGKILL;
+- giving it back: deleted when the run ends, whatever the way it ends.
+
+    with OutputLease(storage, out, run="nightly-2026-12-01"):
+        ...  # write into out
+
+``OutputInUse`` and ``OutputUnusable`` say, in one line, why a run cannot start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+from ipaflow.core.storage import InputRefused, Storage, describe_error, is_local, join
+
+log = logging.getLogger("ipaflow.lease")
+
+LEASE_FILE = "_ipaflow/lease.json"
+LEASE_TTL_ENV = "IPAFLOW_LEASE_TTL"
+DEFAULT_TTL_S = 60.0
+MAX_LEASE_BYTES = 64 * 1024
+
+
+class OutputInUse(RuntimeError):
+    """Another live run holds the output folder."""
+
+
+class OutputUnusable(RuntimeError):
+    """The output folder cannot be written (a file, read-only, full, no permission, ...)."""
+
+
+def _machine() -> str:
+    """This host, and on Linux its process namespace: pids are only comparable within one."""
+    try:
+        namespace = f"/pidns:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        namespace = ""
+    return socket.gethostname() + namespace
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OSError):
+        return False
+    return False
+
+
+def _ttl_from_environment() -> float:
+    text = os.environ.get(LEASE_TTL_ENV)
+    try:
+        return float(text) if text and float(text) > 0 else DEFAULT_TTL_S
+    except ValueError:
+        log.warning("ignoring %s=%r: not a number of seconds above 0", LEASE_TTL_ENV, text)
+        return DEFAULT_TTL_S
+
+
+@dataclass(frozen=True)
+class Holder:
+    """What a lease file says."""
+
+    token: str
+    machine: str
+    pid: int
+    run: str
+    started: float  # time.time()
+    heartbeat: float
+    ttl: float
+
+    def expired(self, now: float) -> bool:
+        return now > self.heartbeat + self.ttl
+
+    def gone(self) -> bool:
+        """Its process died on this machine (a SIGKILL leaves no time to give the lease back)."""
+        return self.machine == _machine() and _process_gone(self.pid)
+
+    def describe(self, now: float) -> str:
+        started = datetime.fromtimestamp(self.started, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        host = self.machine.split("/pidns:", 1)[0]
+        name = f"run {self.run} " if self.run else "a run "
+        return f"{name}on {host} (pid {self.pid}), started {started}, last seen {max(0, now - self.heartbeat):.0f} s ago"
+
+
+class OutputLease:
+    def __init__(self, storage: Storage, out: str, run: str = "", ttl: float | None = None):
+        self.storage = storage
+        self.out = out
+        self.uri = join(out, LEASE_FILE)
+        self.run = run
+        self.ttl = ttl if ttl is not None else _ttl_from_environment()
+        self.token = uuid.uuid4().hex
+        self._started = time.time()
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    # -- reading and writing the file -----------------------------------------------------------------------
+    def _holder(self) -> Holder | None:
+        """The lease's holder, None when there is no lease; an unreadable lease counts as an expired one."""
+        try:
+            data = json.loads(bytes(self.storage.read_input(self.uri, MAX_LEASE_BYTES)))
+            return Holder(**{name: data[name] for name in Holder.__dataclass_fields__})
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError, InputRefused) as exc:
+            log.warning("the lease %s is damaged (%s); taking it as expired", self.storage.redact(self.uri), exc)
+            return Holder(token="", machine="", pid=0, run="", started=0.0, heartbeat=0.0, ttl=0.0)
+
+    def _content(self) -> bytes:
+        now = time.time()
+        holder = Holder(token=self.token, machine=_machine(), pid=os.getpid(), run=self.run, started=self._started,
+                        heartbeat=now, ttl=self.ttl)
+        return json.dumps(asdict(holder), sort_keys=True).encode()
+
+    def _unusable(self, exc: BaseException) -> OutputUnusable:
+        return OutputUnusable(f"cannot write to --out {self.storage.redact(self.out)}: "
+                              f"{self.storage.redact(describe_error(exc))}")
+
+    # -- the lease's life -----------------------------------------------------------------------------------
+    def acquire(self) -> OutputLease:
+        """Take the lease, or raise OutputInUse (a live run holds it) or OutputUnusable (--out cannot be written)."""
+        if is_local(self.out):
+            path = self.storage.fs(self.out)[1]
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise OutputUnusable(f"cannot write to --out {self.out}: it is a file, not a folder")
+        try:
+            for _ in range(5):  # each pass either ends or saw the lease change under it
+                holder = self._holder()
+                now = time.time()
+                if holder is not None and not holder.expired(now) and not holder.gone():
+                    raise OutputInUse(
+                        f"--out {self.storage.redact(self.out)} is in use by {holder.describe(now)}; wait for that "
+                        f"run to end or choose another --out (if it died, its lease ends {holder.ttl:g} s after it "
+                        f"was last seen, or remove {self.storage.redact(self.uri)})")
+                if holder is not None:
+                    log.warning("taking over the lease on %s left by %s", self.storage.redact(self.out),
+                                holder.describe(now))
+                    self.storage.delete(self.uri)
+                if self.storage.create_exclusive(self.uri, self._content()):
+                    if holder is None or self._still_ours():
+                        break
+            else:
+                raise OutputInUse(f"--out {self.storage.redact(self.out)}: another run keeps taking its lease")
+        except (OutputInUse, OutputUnusable):
+            raise
+        except OSError as exc:
+            raise self._unusable(exc) from None
+        self._beat = threading.Thread(target=self._heartbeat, name="ipaflow-lease", daemon=True)
+        self._beat.start()
+        return self
+
+    def _still_ours(self) -> bool:
+        """After taking over an expired lease: another run that took it over at the same moment deletes and
+        writes too; a short pause and a second look leave one of the two holding it."""
+        time.sleep(min(0.5, self.ttl / 10))
+        holder = self._holder()
+        return holder is not None and holder.token == self.token
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                holder = self._holder()
+                if holder is None or holder.token != self.token:
+                    log.error("the lease on %s was taken by %s; this run no longer holds --out",
+                              self.storage.redact(self.out), holder.describe(time.time()) if holder else "nobody")
+                    return
+                self.storage.write_atomic(self.uri, self._content())
+            except Exception as exc:  # noqa: BLE001 - a missed beat is retried at the next one
+                log.warning("could not renew the lease on %s: %s", self.storage.redact(self.out),
+                            self.storage.redact(describe_error(exc)))
+
+    def release(self) -> None:
+        """Stop the heartbeat and delete the lease if it is still ours."""
+        self._stop.set()
+        if self._beat is None:
+            return
+        self._beat.join(timeout=5)
+        self._beat = None
+        try:
+            holder = self._holder()
+            if holder is not None and holder.token == self.token:
+                self.storage.delete(self.uri)
+        except Exception as exc:  # noqa: BLE001 - the lease then expires on its own
+            log.warning("could not remove the lease on %s: %s", self.storage.redact(self.out),
+                        self.storage.redact(describe_error(exc)))
+
+    def __enter__(self) -> OutputLease:
+        return self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
