@@ -5,18 +5,21 @@ What is compiled follows diffusers' own recipes: LoRAs are fused into the weight
 unloaded), self-attention runs on fused QKV projections where the adapters allow it (IP-Adapter processors own
 the cross-attention, so only the self-attention projections are fused), and on a GPU the denoiser is compiled
 with CUDA graphs (inductor's ``reduce-overhead`` plus diffusers' ``conv_1x1_as_mm``), so a step is one graph
-launch: that is what a batch of one needs most. Compilation is static per shape (``dynamic=False``): each batch
-shape gets its own kernels and graphs. ``IPAFLOW_COMPILE_SCOPE=regional`` compiles the repeated transformer
-blocks instead of the whole denoiser (about half the compile time on the CPU, measured; no whole-step graph).
+launch: that is what a batch of one needs most. The batch dimension is compiled dynamic, so one compile per
+(spec, image shape) serves every batch size (the full batches, a shard's last smaller one, another
+``--batch-size``), while the CUDA graphs, which are static, are recorded per batch shape on its first call;
+both are kept by the worker process for the pipeline's life. ``IPAFLOW_COMPILE_SCOPE=regional`` compiles the
+repeated transformer blocks instead of the whole denoiser (about half the compile time on the CPU, measured;
+no whole-step graph).
 
 When (``compile: auto|on|off`` in a spec, ``render --compile`` over it):
 
 - ``off``: eager.
-- ``on``: every shape is compiled the first time it is seen.
-- ``auto`` (the default): on a GPU only, a shape is compiled when its rows make it pay: the rows of that batch
-  shape the shard still holds x steps x the eager time per row-step (measured on its first batch, run eagerly)
-  x the share compiling saves (measured once compiled, ``DEFAULT_SAVING`` before) against the compile time
-  (measured on this machine before, from the records below, else ``DEFAULT_COMPILE_SECONDS``).
+- ``on``: the denoiser is compiled for every shape the first time it is seen (the VAE decoder as in ``auto``).
+- ``auto`` (the default): on a GPU only, a shape is compiled when its rows make it pay: the rows of that shape
+  the shard still holds x steps x the eager time per row-step (measured on its first batch, run eagerly) x the
+  share compiling saves (measured once compiled, ``DEFAULT_SAVING`` before) against the compile time (measured
+  on this machine before, from the records below, else ``DEFAULT_COMPILE_SECONDS``).
 
 The compiler's caches (inductor's FX graph and autotuning caches, Triton kernels) live in
 ``$IPAFLOW_COMPILE_CACHE`` (default ``~/.cache/ipaflow/compile``) unless ``TORCHINDUCTOR_CACHE_DIR`` is set, so
@@ -33,6 +36,7 @@ stays eager and says so once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -153,6 +157,33 @@ def fuse_self_attention(module: torch.nn.Module) -> int:
     return fused
 
 
+def _mark_batch_dynamic(value) -> None:
+    """Mark the leading (batch) dimension of every tensor in a call's arguments as dynamic, where it can be."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim > 0:
+            torch._dynamo.maybe_mark_dynamic(value, 0)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _mark_batch_dynamic(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _mark_batch_dynamic(item)
+
+
+def _batch_dynamic(compiled):
+    """A compiled forward whose kernels take any batch size: one compile per image shape serves the full batches,
+    the last smaller batch of a shard and every ``--batch-size``; CUDA graphs are still recorded per batch size
+    (a graph is static), which costs one call, not a compile. A batch dimension of 1 (one row without guidance) is
+    specialised by the compiler and compiles once more."""
+    @functools.wraps(compiled)
+    def forward(*args, **kwargs):
+        _mark_batch_dynamic(args)
+        _mark_batch_dynamic(kwargs)
+        return compiled(*args, **kwargs)
+
+    return forward
+
+
 def _regions(module: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks compiled in the regional scope: the transformer blocks (attention + feed-forward)."""
     from diffusers.models.attention import BasicTransformerBlock
@@ -175,7 +206,7 @@ class Unit:
             return
         targets = [r for m in self.modules for r in _regions(m)] if scope == "regional" and self.name == "denoiser" \
             else self.modules
-        self.compiled = [(m, torch.compile(m.forward, dynamic=False, **self.options)) for m in targets]
+        self.compiled = [(m, _batch_dynamic(torch.compile(m.forward, **self.options))) for m in targets]
 
     @contextlib.contextmanager
     def armed(self) -> Iterator[None]:
@@ -282,8 +313,10 @@ class Compiler:
         return Plan(use, fresh)
 
     def _worth(self, unit: Unit, key, group: str, rows: int, steps: int) -> bool:
-        if self.setting == "on":
-            return unit.name == "denoiser" or self.device.type == "cuda"  # a CPU gains nothing on the decoder
+        if self.setting == "on" and unit.name == "denoiser":
+            return True
+        if self.device.type != "cuda":
+            return False
         eager = self._eager.get((unit.name, key))
         if eager is None:
             return False  # the first batch of a shape runs eagerly and is measured
@@ -297,8 +330,8 @@ class Compiler:
         saving = DEFAULT_SAVING
         if record.get("eager_s") and record.get("compiled_s"):
             saving = max(0.0, 1 - record["compiled_s"] / record["eager_s"])
-        left = max(self._left.get(group, 0), rows)
-        work = (left // rows) * rows * (steps if unit.name == "denoiser" else 1)  # in the full batches to come
+        left = max(self._left.get(group, 0), rows)  # one compile serves every batch size of the shape
+        work = left * (steps if unit.name == "denoiser" else 1)
         pays = compile_pays(work, eager, saving, compile_s)
         log.info("spec %s: %s the %s for %s (%d %s left x %.2f ms eager x %.0f%% saved vs %.0f s to compile)",
                  self.spec.name, "compiling" if pays else "not compiling", unit.name, _key_text(key), work,
@@ -343,12 +376,12 @@ class Compiler:
             self._written.add((unit, key, name))
             self._records.update(self._record_key(unit, key), **{name: value})
 
-    def failed(self, plan: Plan, key, exc: BaseException) -> None:
-        """A compiled call failed: eager from now on (the caller renders the batch again eagerly)."""
+    def failed(self, plan: Plan, key, reason: str) -> None:
+        """A compiled call failed (``reason``: the exception, one line) and the batch rendered eagerly: eager from
+        now on, with one warning; recorded, so that ``auto`` does not try this shape again on this machine."""
         for unit in plan.fresh:
-            self._write(unit.name, key, "failed", type(exc).__name__)
-        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        self._disable(f"compiling failed ({type(exc).__name__}: {text})", warn=True)
+            self._write(unit.name, key, "failed", reason.split(":")[0])
+        self._disable(f"compiling failed ({reason})", warn=True)
 
     def _disable(self, reason: str, warn: bool) -> None:
         if self.disabled:
@@ -365,5 +398,4 @@ def _shape_text(shape) -> str:
 
 
 def _key_text(key) -> str:
-    rows, shape = key[0], key[1]
-    return f"batches of {rows} rows at {_shape_text(shape)}"
+    return _shape_text(key[0])

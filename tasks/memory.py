@@ -31,6 +31,7 @@ import torch
 
 log = logging.getLogger("ipaflow.memory")
 
+MiB = 1 << 20
 GiB = 1 << 30
 SAFETY = 1.3  # traced peaks x this: allocator fragmentation, cuDNN / attention workspaces
 RESERVE = 1 * GiB  # kept free: CUDA graph pools, the CUDA context of other processes, growth of the caches
@@ -181,7 +182,8 @@ def _twin(module, dtype: torch.dtype, **overrides) -> Callable[[], torch.nn.Modu
     """A builder of a meta copy of a diffusers model from its config (an IP-Adapter's image projection left out:
     its few tokens weigh nothing next to the feature maps)."""
     def build():
-        return type(module).from_config({**dict(module.config), **overrides}).to(dtype)
+        # nn.Module.to: diffusers' own `to` warns about float32-kept modules, which a twin has no use for
+        return torch.nn.Module.to(type(module).from_config({**dict(module.config), **overrides}), dtype)
     return build
 
 

@@ -187,6 +187,7 @@ def build_pipeline(spec: Spec, models_dir: str | None = None, device: torch.devi
             pipe.set_adapters(names, [lora.weight for lora in spec.loras])
 
     loaded = LoadedPipeline(spec=spec, pipe=pipe, device=device, dtype=dtype)
+    loaded.memory.weights = pipeline_bytes(pipe)
     offload = choose_offload(loaded)
     if offload.on:
         pipe.enable_model_cpu_offload(device=device)
@@ -206,7 +207,7 @@ def choose_offload(loaded: LoadedPipeline):
     width, height = loaded.default_size
     shape = RowShape(width=width, height=height, frames=16 if spec.profile.output == "video" else None)
     row = loaded.memory.need(shape, 1, slicing=spec.memory.vae_slicing is not False)
-    decision = decide_offload(spec.memory.cpu_offload, pipeline_bytes(loaded.pipe), row, free)
+    decision = decide_offload(spec.memory.cpu_offload, loaded.memory.weights, row, free)
     log.info("spec %s: %s (%s)", spec.name, "model CPU offload" if decision.on else "resident on the GPU", decision.reason)
     return decision
 
@@ -224,9 +225,16 @@ class PipelineCache:
         self._lock = threading.Lock()
         self.builds = 0
 
+    @staticmethod
+    def _key(spec: Spec, models_dir: str | None, device: torch.device | None) -> tuple:
+        # the runtime fields too: a spec that only differs in its memory savers is built differently
+        runtime = spec.model_dump_json(include={"memory"})
+        return (spec.fingerprint(), runtime, str(models_dir or os.environ.get("IPAFLOW_MODELS", "")),
+                str(device or pick_device()))
+
     def get(self, spec: Spec, models_dir: str | None = None, device: torch.device | None = None) -> LoadedPipeline:
+        key = self._key(spec, models_dir, device)
         device = device or pick_device()
-        key = (spec.fingerprint(), str(models_dir or os.environ.get("IPAFLOW_MODELS", "")), str(device))
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -243,6 +251,14 @@ class PipelineCache:
             self.builds += 1
             self._items[key] = loaded
             return loaded
+
+    def discard(self, spec: Spec, models_dir: str | None = None, device: torch.device | None = None) -> None:
+        """Drop one spec's pipeline (if loaded), freeing its memory."""
+        with self._lock:
+            self._items.pop(self._key(spec, models_dir, device), None)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def clear(self) -> None:
         with self._lock:

@@ -145,11 +145,13 @@ def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
     return [PIL.Image.fromarray(p) for p in pixels]
 
 
-def compile_key(loaded: LoadedPipeline, jobs: Sequence[Job], inputs: Sequence[RowInputs], shape) -> tuple:
-    """What fixes the denoiser's input shapes for a batch: rows, the row shape, image prompts per adapter (their
-    tokens) and the input images' sizes."""
-    return (len(jobs), shape, tuple(len(images) for _, images in inputs[0].adapters),
-            tuple((name, image.size) for name, image in sorted(inputs[0].images.items())))
+def compile_key(jobs: Sequence[Job], inputs: Sequence[RowInputs], shape) -> tuple:
+    """What fixes the denoiser's compiled code for a batch: the row shape, image prompts per adapter (their tokens),
+    the input images' sizes, and whether the batch dimension is 1 (which the compiler specialises); not the
+    batch size, which is compiled dynamic (``ipaflow.tasks.compile``)."""
+    return (shape, tuple(len(images) for _, images in inputs[0].adapters),
+            tuple((name, image.size) for name, image in sorted(inputs[0].images.items())),
+            len(jobs) * shape.samples == 1)
 
 
 def _call(loaded: LoadedPipeline, jobs: Sequence[Job], inputs: Sequence[RowInputs], plan: Plan):
@@ -157,12 +159,26 @@ def _call(loaded: LoadedPipeline, jobs: Sequence[Job], inputs: Sequence[RowInput
         return loaded.pipe(**call_kwargs(loaded, jobs, inputs), output_type="pt")
 
 
+def _compiled_call(loaded: LoadedPipeline, jobs: Sequence[Job], inputs: Sequence[RowInputs], plan: Plan):
+    """(output, None), or (None, what failed) when a call with compiled units failed otherwise than out of memory;
+    returned rather than handled inside ``except``, whose traceback would hold the failed call's tensors while the
+    eager call runs."""
+    try:
+        return _call(loaded, jobs, inputs, plan), None
+    except Exception as exc:
+        if not plan.units or _is_oom(exc):
+            raise
+        log.debug("compiled call failed:\n%s", traceback.format_exc())
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        return None, f"{type(exc).__name__}: {text}"
+
+
 def render_batch(loaded: LoadedPipeline, jobs: Sequence[Job], inputs: Sequence[RowInputs]) -> list[list[PIL.Image.Image]]:
     """One pipeline call; per row its images (or its video's frames)."""
     shape = loaded.row_shape(jobs[0], inputs[0].images)
     rows, steps = len(jobs), loaded.steps(jobs[0])
     compiler, clock = loaded.compiler, loaded.clock
-    key = compile_key(loaded, jobs, inputs, shape)
+    key = compile_key(jobs, inputs, shape)
     with loaded.lock, torch.inference_mode(), per_row_ip_embeds(loaded.pipe, rows):
         loaded.pipe.set_ip_adapter_scale(_scales(jobs[0]))
         loaded.memory.apply_vae_savers(shape, rows)
@@ -170,15 +186,11 @@ def render_batch(loaded: LoadedPipeline, jobs: Sequence[Job], inputs: Sequence[R
         watch = clock.watching() if compiler.watching() else contextlib.nullcontext()
         try:
             with watch, loaded.memory.measured(shape, rows):
-                try:
-                    output = _call(loaded, jobs, inputs, plan)
-                except Exception as exc:
-                    if not plan.units or _is_oom(exc):
-                        raise
+                output, failure = _compiled_call(loaded, jobs, inputs, plan)
+                if failure is not None:  # a compile failure never fails a row: the same call, eagerly
                     _restore_vae_dtype(loaded)
-                    log.debug("compiled call failed:\n%s", traceback.format_exc())
                     output = _call(loaded, jobs, inputs, Plan([], []))  # raises if the rows are at fault
-                    compiler.failed(plan, key, exc)
+                    compiler.failed(plan, key, failure)
                     plan = Plan([], [])
             if compiler.watching():
                 compiler.observe(plan, key, rows, steps, clock.seconds())
