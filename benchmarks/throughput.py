@@ -278,7 +278,7 @@ def _cell(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+        return f"{value:.4g}" if abs(value) < 10 else f"{value:.1f}"
     return str(value)
 
 
@@ -411,8 +411,8 @@ def run_model(setup: Setup, registry, images, table: Table, work: Path, budget: 
 
     flops = capture_unet_flops(loaded.pipe, lambda: warm_call(1))
     warm_call(2)
-    table.note(f"{setup.name}: {setup.size}x{setup.size}, {setup.steps} steps; UNet forward {flops / 1e9:.1f} GFLOP "
-               f"per latent sample; weights {loaded.memory.weights / 2**30 if loaded.memory.weights else 0:.1f} GiB")
+    table.note(f"{setup.name}: {setup.size}x{setup.size}, {setup.steps} steps; UNet forward {flops / 1e9:.4g} GFLOP "
+               f"per latent sample; weights {loaded.memory.weights / 2**30:.3g} GiB")
     pixels: dict[str, dict] = {}  # "way-batch" -> pixels by row id
     seconds_per_row: dict[tuple, float] = {}  # (way, batch) -> s/row
 
@@ -430,17 +430,18 @@ def run_model(setup: Setup, registry, images, table: Table, work: Path, budget: 
         """``count`` rows through the shard worker at ``batch`` rows per call: one row of the table."""
         target = PIPELINES.get(target_spec)
         clock = StageClock(target.pipe, target.device)
+        own = jobs if target_spec is spec else [job.model_copy(update={"spec": target_spec.name}) for job in jobs]
         options = RenderOptions(batch_size=batch, compile=compile_mode)
         compile_s = None
         if warm:  # compile this shape / record the CUDA graphs of this batch size, on one step of one batch
             warm_jobs = [job.model_copy(update={"params": {**job.params, "num_inference_steps": 1}})
-                         for job in jobs[:batch]]
+                         for job in own[:batch]]
             with clock.watching():
                 run_shard(ShardPlan(name="warm", spec=target_spec, jobs=warm_jobs, row_keys={}),
                           RunSettings(run_id="warm", out=str(work / "warm"), options=options))
                 warm_denoise = clock.seconds().get("denoiser", 0.0)
         folder = work / f"{setup.name}-{way.split()[0]}-{batch}"
-        plan = ShardPlan(name="bench", spec=target_spec, jobs=jobs[:count], row_keys={j.id: "k" for j in jobs})
+        plan = ShardPlan(name="bench", spec=target_spec, jobs=own[:count], row_keys={j.id: "k" for j in own})
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         _sync(cuda)

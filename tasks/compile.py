@@ -1,5 +1,6 @@
 """The compiled mode: ``torch.compile`` of the denoiser (UNet, AnimateDiff's motion UNet, a ControlNet) and of the
-VAE decoder where it pays, kept per worker per (spec, batch shape), with the compiler's cache on disk.
+VAE decoder where it pays, kept per worker per (spec, image shape) with CUDA graphs per batch shape, and the
+compiler's cache on disk.
 
 What is compiled follows diffusers' own recipes: LoRAs are fused into the weights first (and their layers
 unloaded), self-attention runs on fused QKV projections where the adapters allow it (IP-Adapter processors own
@@ -64,9 +65,10 @@ RECOMPILE_LIMIT = 64  # compiled variants per function: (block shapes x batch sh
 GPU_OPTIONS = {"triton.cudagraphs": True, "conv_1x1_as_mm": True}  # reduce-overhead + diffusers' SD recipe
 
 
-def compile_pays(row_steps: float, eager_seconds_per_row_step: float, saving: float, compile_seconds: float) -> bool:
-    """Whether compiling a shape pays: the eager time of the row-steps left x the share saved > compile time."""
-    return row_steps * eager_seconds_per_row_step * saving > compile_seconds
+def compile_pays(work: float, eager_seconds_per_work: float, saving: float, compile_seconds: float) -> bool:
+    """Whether compiling a shape pays: the eager time of the work left (row-steps for the denoiser, rows for the
+    decoder) x the share compiling saves > the compile time."""
+    return work * eager_seconds_per_work * saving > compile_seconds
 
 
 def resolve_setting(run: str | None, spec: str) -> str:

@@ -49,6 +49,7 @@ class LoadedPipeline:
     memory: MemoryPlan | None = None
     compiler: Compiler | None = None
     clock: StageClock | None = None
+    _defaults: dict | None = field(default=None, repr=False)
 
     def __post_init__(self):
         spec = self.spec
@@ -110,9 +111,12 @@ class LoadedPipeline:
         return float(self._call_default("guidance_scale"))
 
     def _call_default(self, name: str):
-        import inspect
+        """A default of the pipeline's ``__call__`` (its signature read once: several lookups per batch)."""
+        if self._defaults is None:
+            import inspect
 
-        return inspect.signature(type(self.pipe).__call__).parameters[name].default
+            self._defaults = {n: p.default for n, p in inspect.signature(type(self.pipe).__call__).parameters.items()}
+        return self._defaults[name]
 
 
 def _scheduler_class(name: str):

@@ -139,7 +139,7 @@ def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
     """Images in [0, 1], (N, C, H, W) on any device, as PIL images: scaled, rounded and cast to 8 bits where they
     are (on the GPU: one small copy to the host instead of float32 frames), with the arithmetic of diffusers'
     ``numpy_to_pil`` (float32 x 255, round half to even), so the pixels are the same."""
-    pixels = images.float().mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    pixels = images.float().mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
     if pixels.shape[-1] == 1:
         return [PIL.Image.fromarray(np.ascontiguousarray(p[..., 0]), mode="L") for p in pixels]
     return [PIL.Image.fromarray(p) for p in pixels]
