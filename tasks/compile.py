@@ -18,9 +18,10 @@ When (``compile: auto|on|off`` in a spec, ``render --compile`` over it):
 - ``off``: eager.
 - ``on``: the denoiser is compiled for every shape the first time it is seen (the VAE decoder as in ``auto``).
 - ``auto`` (the default): on a GPU only, a shape is compiled when its rows make it pay: the rows of that shape
-  the shard still holds x steps x the eager time per row-step (measured on its first batch, run eagerly) x the
-  share compiling saves (measured once compiled, ``DEFAULT_SAVING`` before) against the compile time (measured
-  on this machine before, from the records below, else ``DEFAULT_COMPILE_SECONDS``).
+  the shard still holds, plus as many as the worker already rendered of it (a long run keeps its compiled
+  modules from shard to shard), x steps x the eager time per row-step (measured on its first batch, run
+  eagerly) x the share compiling saves (measured once compiled, ``DEFAULT_SAVING`` before) against the compile
+  time (measured on this machine before, from the records below, else ``DEFAULT_COMPILE_SECONDS``).
 
 The compiler's caches (inductor's FX graph and autotuning caches, Triton kernels) live in
 ``$IPAFLOW_COMPILE_CACHE`` (default ``~/.cache/ipaflow/compile``) unless ``TORCHINDUCTOR_CACHE_DIR`` is set, so
@@ -239,6 +240,7 @@ class Compiler:
         self.disabled: str | None = None
         self._prepared = False
         self._left: Counter = Counter()  # rows planned per call group, not yet rendered
+        self._seen: Counter = Counter()  # rows rendered per call group by this process (earlier shards too)
         self._eager: dict[tuple, float] = {}  # (unit, key) -> eager seconds per unit of work
         self._decided: set = set()
         self._written: set = set()
@@ -253,12 +255,15 @@ class Compiler:
 
     # -- the shard's plan
     def plan(self, setting: str, groups: Counter) -> None:
-        """The setting for the coming rows, and how many of them each call group (``Job.call_group``) holds."""
+        """The setting for the coming rows (a shard), and how many of them each call group (``Job.call_group``)
+        holds; shapes judged not to pay are judged again with them."""
         self.setting = setting
         self._left = Counter(groups)
+        self._decided.clear()
 
     def rendered(self, group: str, rows: int) -> None:
         self._left[group] = max(0, self._left[group] - rows)
+        self._seen[group] += rows
 
     # -- preparing
     @property
@@ -332,7 +337,10 @@ class Compiler:
         saving = DEFAULT_SAVING
         if record.get("eager_s") and record.get("compiled_s"):
             saving = max(0.0, 1 - record["compiled_s"] / record["eager_s"])
-        left = max(self._left.get(group, 0), rows)  # one compile serves every batch size of the shape
+        # the rows left in the shard, plus as many as this worker has already rendered of the group: a run that
+        # has rendered that many rows of a shape is likely to render as many more (compiled modules outlive a
+        # shard); one compile serves every batch size of the shape
+        left = max(self._left.get(group, 0), rows) + self._seen.get(group, 0)
         work = left * (steps if unit.name == "denoiser" else 1)
         pays = compile_pays(work, eager, saving, compile_s)
         log.info("spec %s: %s the %s for %s (%d %s left x %.2f ms eager x %.0f%% saved vs %.0f s to compile)",

@@ -115,3 +115,17 @@ def test_an_offloaded_pipeline_stays_eager(gpu_compiler, monkeypatch):
     compiler.plan("on", Counter())
     assert compiler.choose(KEY, GROUP, 2, 25).units == [] and "offloaded" in compiler.disabled
 
+
+
+def test_auto_counts_the_rows_earlier_shards_rendered(gpu_compiler):
+    """A long run cut into shards of 780 rows: no shard alone pays 90 s of compiling, but the compiled modules
+    outlive a shard, so the worker compiles once it has seen enough rows of the shape."""
+    compiler = gpu_compiler()
+    decisions = []
+    for _shard in range(3):
+        compiler.plan("auto", Counter({GROUP: 780}))
+        plan = compiler.choose(KEY, GROUP, 16, 25)
+        decisions.append(_names(plan))
+        compiler.observe(plan, KEY, 16, 25, {"denoiser": 16 * 25 * 0.0088})
+        compiler.rendered(GROUP, 780)
+    assert decisions == [[], [], ["denoiser"]]
