@@ -247,8 +247,12 @@ def _install_gpu_wheels() -> None:
     if not wheels.is_dir():
         raise SystemExit("diffusers/pydantic are missing and there is no .gpu-wheels/: run benchmarks/gpu_wheels.sh "
                          "where pip can download, and bring .gpu-wheels/ along")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels),
-                    "diffusers", "pydantic"], check=True)
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels)]
+    if subprocess.run([*pip, "diffusers", "pydantic"]).returncode != 0:
+        # the machine's packages and the folder's do not resolve together: take the folder's as they are
+        print("pip could not resolve diffusers/pydantic against this machine's packages; installing the wheels "
+              "without dependency checks", flush=True)
+        subprocess.run([*pip, "--no-deps", *sorted(str(p) for p in wheels.glob("*.whl"))], check=True)
 
 
 class Table:

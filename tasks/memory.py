@@ -316,7 +316,7 @@ class MemoryPlan:
         tile = getattr(self.pipe.vae, "tile_sample_min_size", None) or max(shape.width, shape.height)
         tile_h, tile_w = min(shape.height, tile), min(shape.width, tile)
         one = decode_bytes(self.pipe, 1, shape.height, shape.width, self.dtype)
-        batch = decode_bytes(self.pipe, self._decoded_at_once(shape, rows), shape.height, shape.width, self.dtype)
+        batch = one * self._decoded_at_once(shape, rows)  # linear in the images (traced: 4 images = 4x one)
         tiled = decode_bytes(self.pipe, 1, tile_h, tile_w, self.dtype)
         factor = self.correction.get(shape, 1.0)
         return decide_vae(self.slicing, self.tiling, factor * batch, factor * one, factor * tiled,
