@@ -491,7 +491,7 @@ def run_model(setup: Setup, registry, images, table: Table, work: Path, budget: 
         if affordable("compiled", batch, setup.rows[batch], extra=150 if index == 0 else 5):
             record(measure("compiled", batch, setup.rows[batch], "on", warm=True), f"eager-{batch}")
             if index == 0:  # the same rows again, in the same mode: bit-stable?
-                again = measure("compiled again", batch, batch, "on")["pixels"]
+                again = measure("recheck (compiled)", batch, batch, "on")["pixels"]
                 table.note(f"{setup.name}: compiled, batch {batch}, rendered twice: "
                            f"{'bit-identical' if _worst(again, pixels[f'compiled-{batch}']) == 0 else 'DIFFERENT'}")
     summarize(setup, seconds_per_row, pixels, table)
