@@ -69,6 +69,8 @@ def _adapter_scale(value: Any) -> AdapterScale:
 # Output sizes must be multiples of this: the SD-family pipelines reject others (their `check_inputs`), since
 # the VAE scales by 8. Checked here so that a bad spec default and a bad row cell get the same message.
 SIZE_FACTOR = 8
+# Spec fields that say how a row is run, not what it renders (left out of the fingerprint).
+RUNTIME_FIELDS = ("memory", "compile")
 
 
 class StrictModel(BaseModel):
@@ -113,12 +115,20 @@ class ControlNetSpec(ModelRef):
     conditioning_scale: float | None = Field(default=None, ge=0.0, le=10.0, allow_inf_nan=False)
 
 
-class MemorySpec(StrictModel):
-    """Memory savers. ``cpu_offload`` is applied after the adapters are loaded and only where a GPU is present."""
+# A memory saver or the compiled mode: always, never, or where ipaflow judges it needed (memory) or paying (compile).
+Switch = Literal["auto", "on", "off"]
+SaverSetting = Union[bool, Literal["auto"]]
 
-    cpu_offload: bool = False
-    vae_slicing: bool = False
-    vae_tiling: bool = False
+
+class MemorySpec(StrictModel):
+    """Memory savers, each ``true``, ``false`` or ``auto`` (the default): on a GPU, ``auto`` turns a saver on only
+    when what it saves would not fit in free GPU memory (``ipaflow.tasks.memory``). ``cpu_offload`` is applied
+    after the adapters are loaded (the guide's warning) and only where a GPU is present; the VAE savers are
+    decided per batch."""
+
+    cpu_offload: SaverSetting = "auto"
+    vae_slicing: SaverSetting = "auto"
+    vae_tiling: SaverSetting = "auto"
 
 
 class Params(StrictModel):
@@ -156,6 +166,8 @@ class Spec(StrictModel):
     controlnet: ControlNetSpec | None = None
     motion_adapter: ModelRef | None = None
     memory: MemorySpec = MemorySpec()
+    # The compiled mode of the denoiser (and the VAE decoder where it pays); `render --compile` overrides it.
+    compile: Switch = "auto"
     defaults: Params = Params()
     output: OutputSpec | None = None
 
@@ -165,6 +177,12 @@ class Spec(StrictModel):
         if not SPEC_NAME.fullmatch(value):
             raise ValueError("spec names are 1-64 characters of a-z, 0-9, '.', '_', '-', starting alphanumeric")
         return value
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value: Any) -> Any:
+        """YAML reads a bare ``on`` / ``off`` as true / false: take those for what was written."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _consistent(self) -> Spec:
@@ -213,7 +231,9 @@ class Spec(StrictModel):
         return needed
 
     def fingerprint(self) -> str:
-        """A content hash of everything in the spec that can change an output (not its name or description)."""
-        payload = self.model_dump(mode="json", exclude={"name", "description"})
+        """A content hash of everything in the spec that decides an output: not its name or description, nor how
+        fast or in how much memory it runs (``memory``, ``compile``: their effect on pixels stays within the
+        float tolerance that batching already has), so switching them does not render a finished dataset again."""
+        payload = self.model_dump(mode="json", exclude={"name", "description", *RUNTIME_FIELDS})
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -2,7 +2,12 @@
 
 Order matters and follows the guide: base pipeline (with image encoder / ControlNet / motion adapter passed
 in), scheduler, IP-Adapters, then LoRAs (after the IP-Adapters), then memory savers (CPU offload last, and
-only where a GPU is present). Everything is loaded through the public diffusers/transformers API.
+only where a GPU is present and, with ``cpu_offload: auto``, only when the pipeline and a row do not fit in free
+GPU memory: ``ipaflow.tasks.memory``). Everything is loaded through the public diffusers/transformers API.
+
+A loaded pipeline carries what renders learn about it: the batch size that fits per shape (traced, measured,
+taught by out-of-memory splits), its compiled mode (``ipaflow.tasks.compile``) and its stage clock
+(``ipaflow.tasks.stages``).
 """
 
 from __future__ import annotations
@@ -16,9 +21,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ipaflow.specs.rows import Job
 from ipaflow.specs.spec import Spec
+from ipaflow.tasks.compile import Compiler
 from ipaflow.tasks.embeddings import EmbeddingCache
+from ipaflow.tasks.memory import MemoryPlan, RowShape, available_bytes, decide_offload, pipeline_bytes
 from ipaflow.tasks.models import pick_device, pick_dtype, resolve_model
+from ipaflow.tasks.stages import StageClock
 
 log = logging.getLogger("ipaflow.pipelines")
 CACHE_SIZE_ENV = "IPAFLOW_PIPELINE_CACHE_SIZE"
@@ -37,6 +46,46 @@ class LoadedPipeline:
     # Largest batch that fit in GPU memory, per output shape (width, height, frames), learnt from
     # out-of-memory splits so that later batches of that shape do not fail first.
     batch_limits: dict[tuple, int] = field(default_factory=dict)
+    memory: MemoryPlan | None = None
+    compiler: Compiler | None = None
+    clock: StageClock | None = None
+    _defaults: dict | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        spec = self.spec
+        if self.memory is None:
+            self.memory = MemoryPlan(self.pipe, self.device, self.dtype, spec.memory.vae_slicing, spec.memory.vae_tiling)
+        if self.compiler is None:
+            self.compiler = Compiler(spec, self.pipe, self.device)
+        if self.clock is None:
+            self.clock = StageClock(self.pipe, self.device)
+
+    def row_shape(self, job: Job, images: dict | None = None) -> RowShape:
+        """What decides a row's memory: its output size, frames, images per prompt and guidance. ``images``: the
+        row's input images by column; a task that refuses width/height renders at the size of its init image."""
+        image = (images or {}).get("image")
+        sized = image is not None and "width" in self.spec.profile.refused
+        default_w, default_h = image.size if sized else self.default_size
+        params = job.params
+        frames = params.get("num_frames", 16) if self.spec.profile.output == "video" else None
+        return RowShape(width=int(params.get("width") or default_w), height=int(params.get("height") or default_h),
+                        frames=frames, images=job.num_images,
+                        cfg=self.uses_cfg(params.get("guidance_scale", self.default_guidance)))
+
+    def steps(self, job: Job) -> int:
+        """Denoising steps the row runs (image-to-image style tasks run steps x strength)."""
+        steps = int(job.params.get("num_inference_steps") or self._call_default("num_inference_steps"))
+        if self.spec.profile.steps_scale_with_strength:
+            steps = max(1, int(steps * float(job.params.get("strength", self._call_default("strength")))))
+        return steps
+
+    def batch_size(self, job: Job, cap: int, images: dict | None = None) -> int:
+        """Rows per call for ``job``'s shape: what fits in free GPU memory (``memory``), at most ``cap`` and at
+        most what an out-of-memory split taught."""
+        from ipaflow.tasks.render import output_shape
+
+        cap = min(cap, self.batch_limits.get(output_shape(job), cap))
+        return self.memory.batch_rows(self.row_shape(job, images), cap)
 
     @property
     def adapter_hidden_states(self) -> list[bool]:
@@ -59,9 +108,15 @@ class LoadedPipeline:
 
     @property
     def default_guidance(self) -> float:
-        import inspect
+        return float(self._call_default("guidance_scale"))
 
-        return float(inspect.signature(type(self.pipe).__call__).parameters["guidance_scale"].default)
+    def _call_default(self, name: str):
+        """A default of the pipeline's ``__call__`` (its signature read once: several lookups per batch)."""
+        if self._defaults is None:
+            import inspect
+
+            self._defaults = {n: p.default for n, p in inspect.signature(type(self.pipe).__call__).parameters.items()}
+        return self._defaults[name]
 
 
 def _scheduler_class(name: str):
@@ -135,16 +190,30 @@ def build_pipeline(spec: Spec, models_dir: str | None = None, device: torch.devi
         if len(names) > 1 or any(lora.weight != 1.0 for lora in spec.loras):
             pipe.set_adapters(names, [lora.weight for lora in spec.loras])
 
-    if spec.memory.vae_slicing:
-        pipe.vae.enable_slicing()
-    if spec.memory.vae_tiling:
-        pipe.vae.enable_tiling()
-    if spec.memory.cpu_offload and device.type == "cuda":
+    loaded = LoadedPipeline(spec=spec, pipe=pipe, device=device, dtype=dtype)
+    loaded.memory.weights = pipeline_bytes(pipe)
+    offload = choose_offload(loaded)
+    if offload.on:
         pipe.enable_model_cpu_offload(device=device)
     elif device.type != "cpu":  # loaded on the CPU already
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    return LoadedPipeline(spec=spec, pipe=pipe, device=device, dtype=dtype)
+    return loaded
+
+
+def choose_offload(loaded: LoadedPipeline):
+    """Model CPU offload or resident: as the spec says, or (``auto``) offload only when the weights and one row at
+    the pipeline's default size do not fit in the free GPU memory (said in the log)."""
+    spec, device = loaded.spec, loaded.device
+    free = available_bytes(device)
+    if free is None:
+        return decide_offload(spec.memory.cpu_offload, 0, 0, None)
+    width, height = loaded.default_size
+    shape = RowShape(width=width, height=height, frames=16 if spec.profile.output == "video" else None)
+    row = loaded.memory.need(shape, 1, slicing=spec.memory.vae_slicing is not False)
+    decision = decide_offload(spec.memory.cpu_offload, loaded.memory.weights, row, free)
+    log.info("spec %s: %s (%s)", spec.name, "model CPU offload" if decision.on else "resident on the GPU", decision.reason)
+    return decision
 
 
 class PipelineCache:
@@ -160,9 +229,16 @@ class PipelineCache:
         self._lock = threading.Lock()
         self.builds = 0
 
+    @staticmethod
+    def _key(spec: Spec, models_dir: str | None, device: torch.device | None) -> tuple:
+        # the runtime fields too: a spec that only differs in its memory savers is built differently
+        runtime = spec.model_dump_json(include={"memory"})
+        return (spec.fingerprint(), runtime, str(models_dir or os.environ.get("IPAFLOW_MODELS", "")),
+                str(device or pick_device()))
+
     def get(self, spec: Spec, models_dir: str | None = None, device: torch.device | None = None) -> LoadedPipeline:
+        key = self._key(spec, models_dir, device)
         device = device or pick_device()
-        key = (spec.fingerprint(), str(models_dir or os.environ.get("IPAFLOW_MODELS", "")), str(device))
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -179,6 +255,14 @@ class PipelineCache:
             self.builds += 1
             self._items[key] = loaded
             return loaded
+
+    def discard(self, spec: Spec, models_dir: str | None = None, device: torch.device | None = None) -> None:
+        """Drop one spec's pipeline (if loaded), freeing its memory."""
+        with self._lock:
+            self._items.pop(self._key(spec, models_dir, device), None)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def clear(self) -> None:
         with self._lock:

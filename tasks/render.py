@@ -3,6 +3,11 @@ IP-Adapter image(s); a batch that runs out of GPU memory is split and retried; a
 
 A batch of one row is exactly the guide's call (``prompt`` a string, one ``torch.Generator("cpu")``); a batch
 of several passes lists and per-row generators, which gives the same pixels row by row.
+
+Around the call: the VAE savers the batch needs (``ipaflow.tasks.memory``), the compiled mode where it runs or
+pays (``ipaflow.tasks.compile``; a compile failure renders the batch again eagerly and never fails a row), and
+the images come back as one tensor, turned into 8-bit pixels on the device in one step (the rounding of
+diffusers' own ``numpy_to_pil``, so the pixels are the same) and copied to the host once per batch.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import PIL.Image
 import torch
 
 from ipaflow.core.problems import Problem, describe_exception
 from ipaflow.specs.rows import CALL_PARAMS, Job
+from ipaflow.tasks.compile import Plan
 from ipaflow.tasks.embeddings import batch_embeds
 from ipaflow.tasks.inputs import RowInputs
 from ipaflow.tasks.pipelines import LoadedPipeline
@@ -128,18 +135,75 @@ def _restore_vae_dtype(loaded: LoadedPipeline) -> None:
         vae.to(dtype=loaded.dtype)
 
 
+def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
+    """Images in [0, 1], (N, C, H, W) on any device, as PIL images: scaled, rounded and cast to 8 bits where they
+    are (on the GPU: one small copy to the host instead of float32 frames), with the arithmetic of diffusers'
+    ``numpy_to_pil`` (float32 x 255, round half to even), so the pixels are the same."""
+    pixels = images.float().mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    if pixels.shape[-1] == 1:
+        return [PIL.Image.fromarray(np.ascontiguousarray(p[..., 0]), mode="L") for p in pixels]
+    return [PIL.Image.fromarray(p) for p in pixels]
+
+
+def compile_key(jobs: Sequence[Job], inputs: Sequence[RowInputs], shape) -> tuple:
+    """What fixes the denoiser's compiled code for a batch: the row shape, image prompts per adapter (their tokens),
+    the input images' sizes, and whether the batch dimension is 1 (which the compiler specialises); not the
+    batch size, which is compiled dynamic (``ipaflow.tasks.compile``)."""
+    return (shape, tuple(len(images) for _, images in inputs[0].adapters),
+            tuple((name, image.size) for name, image in sorted(inputs[0].images.items())),
+            len(jobs) * shape.samples == 1)
+
+
+def _call(loaded: LoadedPipeline, jobs: Sequence[Job], inputs: Sequence[RowInputs], plan: Plan):
+    with loaded.compiler.running(plan):
+        return loaded.pipe(**call_kwargs(loaded, jobs, inputs), output_type="pt")
+
+
+def _compiled_call(loaded: LoadedPipeline, jobs: Sequence[Job], inputs: Sequence[RowInputs], plan: Plan):
+    """(output, None), or (None, what failed) when a call with compiled units failed otherwise than out of memory;
+    returned rather than handled inside ``except``, whose traceback would hold the failed call's tensors while the
+    eager call runs."""
+    try:
+        return _call(loaded, jobs, inputs, plan), None
+    except Exception as exc:
+        if not plan.units or _is_oom(exc):
+            raise
+        log.debug("compiled call failed:\n%s", traceback.format_exc())
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        return None, f"{type(exc).__name__}: {text}"
+
+
 def render_batch(loaded: LoadedPipeline, jobs: Sequence[Job], inputs: Sequence[RowInputs]) -> list[list[PIL.Image.Image]]:
     """One pipeline call; per row its images (or its video's frames)."""
-    with loaded.lock, torch.inference_mode(), per_row_ip_embeds(loaded.pipe, len(jobs)):
+    shape = loaded.row_shape(jobs[0], inputs[0].images)
+    rows, steps = len(jobs), loaded.steps(jobs[0])
+    compiler, clock = loaded.compiler, loaded.clock
+    key = compile_key(jobs, inputs, shape)
+    with loaded.lock, torch.inference_mode(), per_row_ip_embeds(loaded.pipe, rows):
         loaded.pipe.set_ip_adapter_scale(_scales(jobs[0]))
+        loaded.memory.apply_vae_savers(shape, rows)
+        plan = compiler.choose(key, jobs[0].call_group(), rows, steps)
+        watch = clock.watching() if compiler.watching() else contextlib.nullcontext()
         try:
-            output = loaded.pipe(**call_kwargs(loaded, jobs, inputs), output_type="pil")
+            with watch, loaded.memory.measured(shape, rows):
+                output, failure = _compiled_call(loaded, jobs, inputs, plan)
+                if failure is not None:  # a compile failure never fails a row: the same call, eagerly
+                    _restore_vae_dtype(loaded)
+                    output = _call(loaded, jobs, inputs, Plan([], []))  # raises if the rows are at fault
+                    compiler.failed(plan, key, failure)
+                    plan = Plan([], [])
+            if compiler.watching():
+                compiler.observe(plan, key, rows, steps, clock.seconds())
         finally:
             _restore_vae_dtype(loaded)
+    compiler.rendered(jobs[0].call_group(), rows)
     if loaded.spec.profile.output == "video":
-        return [list(frames) for frames in output.frames]
-    per_row = len(output.images) // len(jobs)
-    return [output.images[i * per_row:(i + 1) * per_row] for i in range(len(jobs))]
+        frames = output.frames  # (rows, frames, C, H, W)
+        pixels = to_pil(frames.flatten(0, 1))
+        return [pixels[i * frames.shape[1]:(i + 1) * frames.shape[1]] for i in range(rows)]
+    images = to_pil(output.images)
+    per_row = len(images) // rows
+    return [images[i * per_row:(i + 1) * per_row] for i in range(rows)]
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 
 from pydantic import BaseModel
 
@@ -17,10 +18,11 @@ from ipaflow.core.problems import FailedRow, Problem, describe_exception
 from ipaflow.core.storage import Storage, join
 from ipaflow.specs.options import RenderOptions
 from ipaflow.specs.rows import Job
+from ipaflow.tasks.compile import resolve_setting
 from ipaflow.tasks.inputs import InputFetcher, RowInputs
 from ipaflow.tasks.metadata import MetadataStore
 from ipaflow.tasks.pipelines import PIPELINES
-from ipaflow.tasks.render import batch_key, output_shape, render_rows
+from ipaflow.tasks.render import batch_key, render_rows
 from ipaflow.tasks.shards import ShardPlan
 from ipaflow.tasks.writers import ShardWriter
 
@@ -59,13 +61,13 @@ class ShardStats(BaseModel):
 
 
 def _batches(loaded, jobs: list[Job], inputs: dict[str, RowInputs], batch_size: int):
-    """Group a window's rows by call compatibility (first-seen order), then cut groups to batch_size, or to
-    the smaller size an out-of-memory taught the pipeline for that shape."""
+    """Group a window's rows by call compatibility (first-seen order), then cut groups to batch_size, or to the
+    smaller size that fits in free GPU memory or that an out-of-memory taught the pipeline for that shape."""
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
         groups.setdefault(batch_key(job, inputs[job.id]), []).append(job)
     for group in groups.values():
-        size = min(batch_size, loaded.batch_limits.get(output_shape(group[0]), batch_size))
+        size = loaded.batch_size(group[0], batch_size, inputs[group[0].id].images)  # memory, OOM splits, the cap
         for start in range(0, len(group), size):
             yield group[start:start + size]
 
@@ -91,6 +93,8 @@ def run_shard(shard: ShardPlan, settings: RunSettings) -> ShardStats:
             for job in jobs:
                 writer.fail(job, problem)
             return stats
+        loaded.compiler.plan(resolve_setting(settings.options.compile, shard.spec.compile),
+                             Counter(job.call_group() for job in jobs))
         batch_size = settings.options.batch_size
         window = max(batch_size * 2, 2)
         windows = [jobs[i:i + window] for i in range(0, len(jobs), window)]

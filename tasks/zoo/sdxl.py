@@ -11,7 +11,9 @@ image encoder comes with `load_ip_adapter` (or is passed in).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from . import components as c
 from .sd import VAE as SD_VAE
@@ -77,15 +79,28 @@ def text_encoder_configs(tok1: TokenizerSpec, tok2: TokenizerSpec) -> tuple[dict
     return te1, te2
 
 
-def write_sdxl_repo(repo_dir: Path, repo_id: str, *, inpainting: bool = False) -> None:
-    tok1 = write_clip_tokenizer(repo_dir / "tokenizer")
-    tok2 = write_clip_tokenizer(repo_dir / "tokenizer_2", pad_token="!")
-    te1, te2 = text_encoder_configs(tok1, tok2)
-    c.save_model(c.clip_text(te1, f"{repo_id}/text_encoder"), repo_dir / "text_encoder")
-    c.save_model(c.clip_text(te2, f"{repo_id}/text_encoder_2", with_projection=True), repo_dir / "text_encoder_2")
-    unet_config = dict(UNET, in_channels=9) if inpainting else UNET
-    c.save_model(c.unet(unet_config, f"{repo_id}/unet"), repo_dir / "unet")
-    c.save_model(c.vae(VAE, f"{repo_id}/vae"), repo_dir / "vae")
+def write_sdxl_repo(
+    repo_dir: Path,
+    repo_id: str,
+    *,
+    inpainting: bool = False,
+    unet_config: dict = UNET,
+    vae_config: dict = VAE,
+    text_encoders: Callable[[TokenizerSpec, TokenizerSpec], tuple[dict, dict]] = text_encoder_configs,
+    tokenizer_pad_to: int | None = None,
+    **model_kw: Any,
+) -> None:
+    """Write a StableDiffusionXL(Inpaint)Pipeline repo. The defaults are the tiny zoo; `full_size` passes the real
+    configs with `model_kw` (std, dtype, empty)."""
+    tok1 = write_clip_tokenizer(repo_dir / "tokenizer", pad_to=tokenizer_pad_to)
+    tok2 = write_clip_tokenizer(repo_dir / "tokenizer_2", pad_token="!", pad_to=tokenizer_pad_to)
+    te1, te2 = text_encoders(tok1, tok2)
+    c.save_model(c.clip_text(te1, f"{repo_id}/text_encoder", **model_kw), repo_dir / "text_encoder")
+    c.save_model(c.clip_text(te2, f"{repo_id}/text_encoder_2", with_projection=True, **model_kw),
+                 repo_dir / "text_encoder_2")
+    unet_config = dict(unet_config, in_channels=9) if inpainting else unet_config
+    c.save_model(c.unet(unet_config, f"{repo_id}/unet", **model_kw), repo_dir / "unet")
+    c.save_model(c.vae(vae_config, f"{repo_id}/vae", **model_kw), repo_dir / "vae")
     c.write_scheduler(repo_dir / "scheduler", c.EULER_SDXL)
     extra = {"force_zeros_for_empty_prompt": True}
     if inpainting:

@@ -246,6 +246,55 @@ def test_full_size_configs_have_real_parameter_counts():
     assert configs["image_encoder"]["image_size"] == 224 and configs["unet"]["cross_attention_dim"] == 768
 
 
+def test_full_size_sdxl_configs_have_real_parameter_counts():
+    """SDXL base as the guide uses it (UNet 2.57B, CLIP ViT-L + OpenCLIP ViT-bigG text towers, the SDXL VAE) and
+    the IP-Adapter encoders (ViT-H, and ViT-bigG for ip-adapter_sdxl), counted on the meta device; the adapter
+    state dicts fit that UNet (70 cross-attention processors) and encoder."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    from ipaflow.tasks.zoo import full_size_sdxl_configs
+    from ipaflow.tasks.zoo.full_size import SDXL_ADAPTERS
+    from ipaflow.tasks.zoo.ip_adapter import adapter_state_dict, cross_attention_hidden_sizes
+
+    configs = full_size_sdxl_configs()
+    with torch.device("meta"):
+        models = {
+            "unet": UNet2DConditionModel(**configs["unet"]),
+            "vae": AutoencoderKL(**configs["vae"]),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
+            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"])),
+            "image_encoder": CLIPVisionModelWithProjection(CLIPVisionConfig(**configs["image_encoder"])),
+            "image_encoder_big_g": CLIPVisionModelWithProjection(CLIPVisionConfig(**configs["image_encoder_big_g"])),
+        }
+    counts = {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in models.items()}
+    assert 2565 < counts["unet"] < 2570, counts
+    assert 83 < counts["vae"] < 84.5, counts
+    assert 122 < counts["text_encoder"] < 124, counts
+    assert 693 < counts["text_encoder_2"] < 696, counts
+    assert 630 < counts["image_encoder"] < 634, counts
+    assert 1840 < counts["image_encoder_big_g"] < 1850, counts
+    unet = configs["unet"]
+    assert unet["sample_size"] * 8 == 1024 and configs["vae"]["force_upcast"]
+    text2 = configs["text_encoder_2"]
+    assert unet["projection_class_embeddings_input_dim"] == 6 * unet["addition_time_embed_dim"] + text2["projection_dim"]
+    assert unet["cross_attention_dim"] == configs["text_encoder"]["hidden_size"] + text2["hidden_size"]
+    assert len(cross_attention_hidden_sizes(unet)) == 70
+    stem, kind, encoder, dim, heads = SDXL_ADAPTERS[1]  # the plus adapter: Resampler of dim 1280, 20 heads
+    with torch.device("meta"):
+        state = adapter_state_dict(stem, kind, unet_config=unet, encoder=encoder, resampler_dim=dim,
+                                   resampler_heads=heads, std=0.02)
+    assert state["image_proj"]["proj_in.weight"].shape == (1280, encoder["hidden_size"])
+    assert state["image_proj"]["proj_out.weight"].shape == (2048, 1280)
+    assert state["ip_adapter"]["139.to_k_ip.weight"].shape[1] == 2048
+
+
 # ----------------------------------------------------------------------------- the guide's workflows
 
 
