@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -56,6 +56,10 @@ class RenderOptions(BaseModel):
                                      description="an existing Dask scheduler, e.g. tcp://host:8786")
     workers: int | None = Field(default=None, ge=1, le=256, json_schema_extra=_cli("N"),
                                 description="start a local Dask cluster of N GPU workers")
+    layout: Literal["files", "sharded", "webdataset", "parquet"] | None = Field(
+        default=None, json_schema_extra=_cli("LAYOUT"),
+        description="output layout: files | sharded | webdataset | parquet (default: each spec's output.layout, "
+                    "else files)")
 
     @field_validator("storage_options")
     @classmethod

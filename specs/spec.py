@@ -98,6 +98,9 @@ class OutputSpec(StrictModel):
     format: Literal["png", "jpeg", "webp", "gif"] | None = None  # default: the task's first format
     quality: int = Field(default=95, ge=1, le=100)
     fps: int = Field(default=8, ge=1, le=60)
+    # files | sharded | webdataset | parquet (specs.outputs); `render --layout` wins. Where outputs are stored,
+    # not what they are: it is left out of the fingerprint, so changing it re-homes outputs without new keys.
+    layout: Literal["files", "sharded", "webdataset", "parquet"] | None = None
 
 
 class Spec(StrictModel):
@@ -173,5 +176,7 @@ class Spec(StrictModel):
     def fingerprint(self) -> str:
         """A content hash of everything in the spec that can change an output (not its name or description)."""
         payload = self.model_dump(mode="json", exclude={"name", "description"})
+        if payload.get("output"):
+            payload["output"].pop("layout", None)
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
