@@ -70,8 +70,14 @@ def output_paths(job: Job, spec: Spec, layout: str = DEFAULT_LAYOUT) -> list[str
     if layout == "sharded":
         return [f"{spec.profile.folder}/{shard_folder(stem)}/{stem}{ext}" for stem in stems]
     if is_container(layout):
-        return [f"{stem}{ext}" for stem in stems]
+        return [f"{sample_key(stem)}{ext}" for stem in stems]
     return [f"{spec.profile.folder}/{stem}{ext}" for stem in stems]
+
+
+def sample_key(stem: str) -> str:
+    """A stem as a WebDataset sample key: readers (``webdataset``, Hugging Face ``datasets``) end a key at the
+    first dot of a member's name, so dots are written ``%2E`` (``%`` is never in an id: one-to-one)."""
+    return stem.replace(".", "%2E")
 
 
 def member_uri(container: str, member: str) -> str:

@@ -3,13 +3,17 @@
 The key covers the spec's content (models, adapters, scheduler, ...), the resolved parameters and seed, and
 the identity of every input (a local file's content hash; an object's ETag, or size and mtime; for a style
 folder, its image files' names and identities).
-A re-run renders exactly the rows whose key changed. Identities are looked up concurrently, once per URI.
+A re-run renders exactly the rows whose key changed. Identities are looked up concurrently, once per URI, and
+kept in a bounded cache (``IdentityCache``) while a manifest streams: a million rows sharing a few inputs cost a
+few lookups, a million distinct inputs never hold a million entries.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -43,14 +47,53 @@ def _identify(storage: Storage, column: str, uri: str) -> str:
         raise RowFailed.at(column, f"cannot read {redact(uri)}: {redact(exc)}") from None
 
 
-def identify_inputs(storage: Storage, jobs: Iterable[Job], threads: int = 16) -> dict[tuple[str, str], str | RowFailed]:
-    """Identity of every (column, URI) the jobs use, or the RowFailed saying why it has none."""
+IDENTITY_CACHE_SIZE = 65_536  # (column, URI) identities a planning pass keeps
+
+
+class IdentityCache:
+    """The identities looked up so far, least recently used dropped first beyond ``capacity``."""
+
+    def __init__(self, capacity: int = IDENTITY_CACHE_SIZE):
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[str, str], str | RowFailed] = OrderedDict()
+        self._lock = threading.Lock()
+        self.lookups = 0
+
+    def get(self, item: tuple[str, str]) -> str | RowFailed | None:
+        with self._lock:
+            found = self._items.get(item)
+            if found is not None:
+                self._items.move_to_end(item)
+            return found
+
+    def put(self, item: tuple[str, str], identity: str | RowFailed) -> None:
+        with self._lock:
+            self._items[item] = identity
+            self._items.move_to_end(item)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def identify_inputs(storage: Storage, jobs: Iterable[Job], threads: int = 16,
+                    cache: IdentityCache | None = None) -> dict[tuple[str, str], str | RowFailed]:
+    """Identity of every (column, URI) the jobs use, or the RowFailed saying why it has none; ``cache`` answers
+    what it holds and keeps what is looked up."""
     wanted = {
         (column, uri)
         for job in jobs
         for column, value in job.inputs.items()
         for uri in (value if isinstance(value, list) else [value])
     }
+    found: dict[tuple[str, str], str | RowFailed] = {}
+    if cache is not None:
+        for item in list(wanted):
+            hit = cache.get(item)
+            if hit is not None:
+                found[item] = hit
+                wanted.discard(item)
 
     def one(item: tuple[str, str]) -> str | RowFailed:
         try:
@@ -59,8 +102,14 @@ def identify_inputs(storage: Storage, jobs: Iterable[Job], threads: int = 16) ->
             return exc
 
     items = sorted(wanted)
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ipaflow-stat") as pool:
-        return dict(zip(items, pool.map(one, items)))
+    if items:
+        with ThreadPoolExecutor(max_workers=min(threads, len(items)), thread_name_prefix="ipaflow-stat") as pool:
+            for item, identity in zip(items, pool.map(one, items)):
+                found[item] = identity
+                if cache is not None:
+                    cache.put(item, identity)
+                    cache.lookups += 1
+    return found
 
 
 def row_key(job: Job, spec: Spec, identities: dict[tuple[str, str], str | RowFailed]) -> str:
