@@ -100,6 +100,13 @@ def _parser() -> argparse.ArgumentParser:
     add_render_options(validate, only=("specs", "storage_options"))
     validate.add_argument("--no-inputs", action="store_true", help="skip reading and decoding the inputs")
 
+    records = commands.add_parser("records", help="the current records of an output folder, one per id")
+    records.add_argument("out", help="the output folder or URI (what --out was)")
+    records.add_argument("--output", metavar="PATH", help="write .parquet, .csv or .jsonl there (default: JSON Lines "
+                                                          "on stdout)")
+    records.set_defaults(command_parser=records)
+    add_render_options(records, only=("storage_options",))
+
     zoo = commands.add_parser("zoo", help="the tiny model zoo").add_subparsers(dest="zoo_command", required=True,
                                                                               metavar="COMMAND")
     build = zoo.add_parser("build", help="write the tiny zoo in hub layout")
@@ -147,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "zoo": cmd_zoo,
         "specs": cmd_specs,
         "serve": cmd_serve,
+        "records": cmd_records,
     }[args.command]
     try:
         return handler(args)
@@ -202,19 +210,22 @@ def cmd_specs(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from ipaflow.flows.validate import validate_manifest
+    from ipaflow.flows.validate import iter_validation
     from ipaflow.specs.manifest import ManifestError
     from ipaflow.specs.registry import SpecError
 
+    counted: list[int] = []
+    failed = 0
     try:
-        failed, rows = validate_manifest(args.manifest, args.options, check_inputs=not args.no_inputs)
+        for row in iter_validation(args.manifest, args.options, not args.no_inputs, counted.append):  # streamed
+            failed += 1
+            for line in row.lines():
+                print(line)
     except (ManifestError, SpecError) as exc:
         print(f"ipaflow: {exc}", file=sys.stderr)
         return 1
-    for row in failed:
-        for line in row.lines():
-            print(line)
-    print(f"{rows} rows checked: {rows - len(failed)} ok, {len(failed)} with problems", file=sys.stderr)
+    rows = counted[0]
+    print(f"{rows} rows checked: {rows - failed} ok, {failed} with problems", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -292,8 +303,7 @@ def cmd_render(args) -> int:
         if args.dry_run:
             from ipaflow.flows.estimate import estimate_manifest, print_estimate
 
-            print_estimate(estimate_manifest(args.manifest, options))
-            return 0
+            return print_estimate(estimate_manifest(args.manifest, options))
         summary = _render(args.manifest, args.out, options, api_server)
     except (ManifestError, SpecError) as exc:
         print(f"ipaflow: {exc}", file=sys.stderr)
@@ -324,6 +334,21 @@ def cmd_demo(args) -> int:
     print_summary(summary)
     print(f"open {out / 'index.html'} in a browser; records in {out / 'metadata'}")
     return 0 if summary["failed"] == 0 else 1
+
+
+def cmd_records(args) -> int:
+    """``ipaflow records OUT [--output PATH]``: see ipaflow.flows.records."""
+    from ipaflow.core.storage import Storage
+    from ipaflow.flows.records import export_records
+
+    storage = Storage(options=args.options.storage_options_dict())
+    try:
+        count = export_records(args.out, args.output, storage)
+    except ValueError as exc:
+        print(f"ipaflow: {exc}", file=sys.stderr)
+        return 2
+    print(f"{count} records" + (f" written to {storage.redact(args.output)}" if args.output else ""), file=sys.stderr)
+    return 0
 
 
 def cmd_serve(args) -> int:

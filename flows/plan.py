@@ -98,8 +98,7 @@ class RowPlanner:
                 self.fail(failed)
             yield from self._plan(resolved.jobs)
             yield None
-        for shard in self.cutter.flush():
-            yield shard
+        yield from self.cutter.flush()
         self.flush()
 
     def _plan(self, jobs: list[Job]) -> Iterator[ShardPlan]:

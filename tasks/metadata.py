@@ -520,7 +520,6 @@ class _PartWriter:
         self.store, self.schema, self.run_id, self.result = store, schema, run_id, result
         self.pending: list[pa.Table] = []
         self.rows = 0
-        self.stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
 
     def add(self, table: pa.Table) -> None:
         if table.num_rows:
@@ -534,7 +533,7 @@ class _PartWriter:
         part, rest = table.slice(0, rows), table.slice(rows)
         self.pending, self.rows = ([rest] if rest.num_rows else []), rest.num_rows
         part = part.sort_by("id")
-        name = f"part-{self.stamp}-{self.run_id}-{self.result.parts_written:05d}.parquet"
+        name = f"part-{self.run_id}-{self.result.parts_written:05d}.parquet"
         data = _to_bytes(part)
         self.store.storage.write_atomic(join(self.store.out, METADATA_DIR, name), data)
         self.result.parts_written += 1

@@ -55,6 +55,7 @@ class ShardStats(BaseModel):
     worker: str = ""  # where it ran (host:pid, or a Dask worker's address)
     pipeline_problem: Problem | None = None  # the spec's pipeline cannot be built: its other shards fail alike
     batch_ends: list[float] = []  # seconds from the shard's start to the end of each pipeline call (estimates)
+    batch_rows: list[int] = []  # rows of each of those calls
     started_at: float = 0.0  # wall-clock times (time.time())
     finished_at: float = 0.0
     problem: Problem | None = None
@@ -132,6 +133,7 @@ def run_shard(shard: ShardPlan, settings: RunSettings) -> ShardStats:
                 for rendered in render_rows(loaded, batch, [ready[job.id] for job in batch], storage.redact):
                     writer.submit(rendered)
                 stats.batch_ends.append(time.perf_counter() - started)
+                stats.batch_rows.append(len(batch))
                 writer.flush()
     finally:
         fetcher.close()
