@@ -53,6 +53,7 @@ class RowPlanner:
         self.cutter = ShardCutter(self.specs, self.size, options.layout)
         self.broken: dict[str, Problem] = {}  # spec -> why its pipeline cannot be built (fail fast)
         self.skipped = self.rejected = self.rows = 0
+        self.first_shard_s: float | None = None
         self._records: list[dict] = []
         self._files = 0
 

@@ -112,7 +112,7 @@ def render_manifest(
     monitor.tag_flow_run(["ipaflow", f"manifest:{name}", *sorted({f"spec:{spec}" for spec in census.specs})])
     planner = RowPlanner(opened, registry, storage, metadata, census, options, run_id, monitor, done)
     del done
-    stats = _run_shards(planner, settings, monitor)
+    stats = _run_shards(planner, settings, monitor, started)
     planner.flush()
     logger.info("%d rows: %d rendered or tried, %d already done, %d failed before rendering", planner.rows,
                 sum(s.rows for s in stats), planner.skipped, planner.rejected)
@@ -134,6 +134,7 @@ def render_manifest(
         "failures": [{"id": f.row, "spec": f.spec, "error": f.error} for f in monitor.failures],
         "shards": monitor.shards,
         "metadata_bytes_written": folded.bytes_written,
+        "first_shard_s": planner.first_shard_s,
     }
     monitor.finish(summary)
     logger.info("done: %d rendered, %d skipped, %d failed in %.1fs; gallery %s", summary["rendered"],
@@ -194,7 +195,7 @@ def _pick(window: deque, last_spec: str | None) -> ShardPlan:
     return window.popleft()
 
 
-def _run_shards(planner: RowPlanner, settings: RunSettings, monitor: RunMonitor) -> list[ShardStats]:
+def _run_shards(planner: RowPlanner, settings: RunSettings, monitor: RunMonitor, started: float) -> list[ShardStats]:
     """Submit shards to the options' task runner as the planner cuts them, keeping its worker count busy;
     stop submitting once ``max_failures`` rows failed; fail a spec's remaining rows at once when its pipeline
     cannot be built."""
@@ -222,6 +223,9 @@ def _run_shards(planner: RowPlanner, settings: RunSettings, monitor: RunMonitor)
                 shard = _pick(window, last_spec)
                 last_spec = shard.spec.name
                 running[runner.submit(render_shard, parameters={"shard": shard, "settings": settings})] = shard
+                if planner.first_shard_s is None:
+                    planner.first_shard_s = round(time.perf_counter() - started, 3)
+                    logger.info("first shard submitted %.1fs after the run started", planner.first_shard_s)
             if not exhausted and (len(window) < LOOKAHEAD or too_many):
                 try:
                     shard = next(shards)
