@@ -260,9 +260,9 @@ def main() -> None:
                 for how in ("block", "scattered"):
                     touched = work / f"m-{size}-{how}.parquet"
                     write_manifest(touched, size, image, touched=how)
-                    copy = work / f"touch-{size}-{how}"
+                    copy = work / f"touch-{size}-{how}"  # a done state of its own (records name absolute paths)
                     subprocess.run(["rm", "-rf", str(copy)])
-                    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
+                    run(me + ["done-state", str(manifest), str(copy), str(zoo)], env)
                     _, _, text = run(me + ["touch", str(touched), str(copy)], env)
                     measured = json.loads(text.strip().splitlines()[-1])
                     written = measured["journal_bytes"] + measured["fold_bytes"]

@@ -11,6 +11,7 @@ as ``failed`` records in batches, and reported to the run monitor.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import numpy as np
@@ -56,6 +57,7 @@ class RowPlanner:
         self.first_shard_s: float | None = None
         self._records: list[dict] = []
         self._files = 0
+        self._redact = functools.lru_cache(maxsize=4096)(storage.redact)  # fail-fast rows share one reason
 
     def layout(self, spec_name: str) -> str:
         return layout_of(self.specs[spec_name], self.options.layout)
@@ -70,10 +72,10 @@ class RowPlanner:
         if job is not None:
             record = make_record(job_id=job.id, spec=job.spec, status="failed", run_id=self.run_id, error=failed.error,
                                  seed=job.seed, params=job.params, key=key, extra=job.extra,
-                                 redact=self.storage.redact, layout=self.layout(job.spec))
+                                 redact=self._redact, layout=self.layout(job.spec))
         else:
             record = make_record(job_id=failed.row, spec=failed.spec or "", status="failed", run_id=self.run_id,
-                                 error=failed.error, redact=self.storage.redact)
+                                 error=failed.error, redact=self._redact)
         self._records.append(record)
         if len(self._records) >= JOURNAL_EVERY:
             self.flush()

@@ -228,14 +228,28 @@ def vouch(batch: RowBatch, registry: SpecRegistry) -> np.ndarray:
     return vouched
 
 
+class _SpecPlan:
+    """What building a vouched row of one spec needs, worked out once per batch and spec."""
+
+    def __init__(self, spec: Spec, columns: dict):
+        profile = spec.profile
+        self.spec = spec
+        self.defaults = {k: v for k, v in spec.default_params().items() if k in profile.all_params}
+        self.params = [(c, int if c in INT_COLUMNS else float if c not in TEXT_PARAMS else None)
+                       for c in PARAM_COLUMNS if c in profile.all_params and c in columns]
+        required = spec.required_columns
+        self.inputs = [c for c in INPUT_COLUMNS if c in required]
+        self.scales = [adapter.scale for adapter in spec.ip_adapters]
+
+
 class JobBuilder:
-    """Resolves vouched rows of a batch into jobs with the conversions ``resolve_row`` applies, without the
-    validation the columns already passed (``Job.model_construct``)."""
+    """Resolves vouched rows of a batch into jobs with the conversions ``resolve_row`` applies (int, float, the
+    same URI resolution), without the validation the columns already passed (``Job.model_construct``)."""
 
     def __init__(self, batch: RowBatch, registry: SpecRegistry, base: str):
         self.batch, self.registry, self.base = batch, registry, base
         self._values: dict[str, list] = {}
-        self._defaults: dict[str, dict[str, Any]] = {}
+        self._plans: dict[str, _SpecPlan] = {}
         self.extra_columns = [name for name in batch.columns if name not in KNOWN_COLUMNS]
 
     def values(self, column: str) -> list:
@@ -243,48 +257,43 @@ class JobBuilder:
             self._values[column] = self.batch.values(column)
         return self._values[column]
 
-    def _spec_defaults(self, spec: Spec) -> dict[str, Any]:
-        if spec.name not in self._defaults:
-            self._defaults[spec.name] = {k: v for k, v in spec.default_params().items() if k in spec.profile.all_params}
-        return self._defaults[spec.name]
+    def _plan(self, name: str) -> _SpecPlan:
+        plan = self._plans.get(name)
+        if plan is None:
+            plan = self._plans[name] = _SpecPlan(self.registry.get(name), self.batch.columns)
+        return plan
 
     def build(self, offset: int) -> R.Job:
-        index = self.batch.start + offset
-        row_id = self.values("id")[offset]
-        row_id = str(row_id)
-        spec = self.registry.get(self.values("spec")[offset])
-        params = dict(self._spec_defaults(spec))
-        profile = spec.profile
-        for column in PARAM_COLUMNS:
-            if column in profile.all_params and column in self.batch.columns:
-                value = self.values(column)[offset]
-                if value is not None:
-                    params[column] = R._param(column, value)
+        row_id = str(self.values("id")[offset])
+        plan = self._plan(self.values("spec")[offset])
+        params = dict(plan.defaults)
+        for column, convert in plan.params:
+            value = self.values(column)[offset]
+            if value is not None:
+                params[column] = value if convert is None else convert(value)
         params.setdefault("prompt", "")
         scale = self.values("ip_scale")[offset] if "ip_scale" in self.batch.columns else None
         if scale is None:
-            scales = [adapter.scale for adapter in spec.ip_adapters]
+            scales = list(plan.scales)
         elif isinstance(scale, list):
             scales = [float(item) for item in scale]
         else:
-            scales = [float(scale)] * len(spec.ip_adapters)
+            scales = [float(scale)] * len(plan.scales)
         params["ip_adapter_scale"] = scales
         seed = self.values("seed")[offset] if "seed" in self.batch.columns else None
         seed = R.default_seed(row_id) if seed is None else int(seed)
         inputs: dict[str, Any] = {}
-        for column in INPUT_COLUMNS:
-            if column in spec.required_columns:
-                value = self.values(column)[offset]
-                if column == "ip_image":
-                    items = value if isinstance(value, list) else [value]
-                    inputs[column] = [self._uri(item) for item in items]
-                else:
-                    inputs[column] = self._uri(value)
+        for column in plan.inputs:
+            value = self.values(column)[offset]
+            if column == "ip_image":
+                inputs[column] = [self._uri(item) for item in (value if isinstance(value, list) else [value])]
+            else:
+                inputs[column] = self._uri(value)
         extra = {name: R._storable(self.values(name)[offset]) for name in self.extra_columns}
-        return R.Job.model_construct(id=row_id, spec=spec.name, index=index, seed=seed, params=params, inputs=inputs,
-                                     extra=extra)
+        return R.Job.model_construct(id=row_id, spec=plan.spec.name, index=self.batch.start + offset, seed=seed,
+                                     params=params, inputs=inputs, extra=extra)
 
     def _uri(self, value: str) -> str:
-        if R.URI_SCHEME.match(value) or value.startswith("/") or not self.base:
+        if value.startswith("/") or not self.base or R.URI_SCHEME.match(value):
             return value
         return posixpath.join(self.base, value)

@@ -71,6 +71,13 @@ class RowBatch:
             values = [_plain(v) for v in values]
         return values
 
+    def slice(self, offset: int, length: int) -> RowBatch:
+        """Rows ``offset`` .. ``offset + length`` of the batch (Arrow columns are not copied)."""
+        length = max(0, min(length, self.num_rows - offset))
+        columns = {name: (c[offset:offset + length] if isinstance(c, list) else c.slice(offset, length))
+                   for name, c in self.columns.items()}
+        return RowBatch(start=self.start + offset, num_rows=length, columns=columns)
+
     def row(self, offset: int) -> dict[str, Any]:
         if self._rows is not None:
             return self._rows[offset]

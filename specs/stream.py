@@ -77,14 +77,21 @@ def resolve_batch(batch: RowBatch, registry: SpecRegistry, base: str, offenders:
     return out
 
 
+PIECE_ROWS = 4096  # rows resolved at a time: the first shard leaves after a few thousand rows, not a whole batch
+
+
 def resolve_stream(manifest: Manifest, registry: SpecRegistry, census: Census | None = None, build: bool = True,
-                   limit: int | None = None) -> Iterator[Resolved]:
-    """Every batch of the manifest, resolved, in order (up to ``limit`` rows)."""
+                   limit: int | None = None, piece: int = PIECE_ROWS) -> Iterator[Resolved]:
+    """Every row of the manifest, resolved, in order, a piece of a batch at a time (up to ``limit`` rows)."""
     census = census or take_census(manifest, registry, limit)
     for batch in manifest.iter_batches():
         if limit is not None and batch.start >= limit:
             break
-        yield resolve_batch(batch, registry, manifest.base, census.offenders, build, limit)
+        for offset in range(0, batch.num_rows, piece):
+            part = batch.slice(offset, piece) if batch.num_rows > piece else batch
+            if limit is not None and part.start >= limit:
+                break
+            yield resolve_batch(part, registry, manifest.base, census.offenders, build, limit)
 
 
 def vouched_share(batch: RowBatch, registry: SpecRegistry) -> float:

@@ -112,6 +112,19 @@ def identify_inputs(storage: Storage, jobs: Iterable[Job], threads: int = 16,
     return found
 
 
+_FINGERPRINTS: OrderedDict[int, tuple[Spec, str]] = OrderedDict()
+
+
+def _fingerprint(spec: Spec) -> str:
+    """``spec.fingerprint()``, remembered per spec object (a run keys millions of rows of a few specs)."""
+    found = _FINGERPRINTS.get(id(spec))
+    if found is None or found[0] is not spec:
+        found = _FINGERPRINTS[id(spec)] = (spec, spec.fingerprint())
+        while len(_FINGERPRINTS) > 256:
+            _FINGERPRINTS.popitem(last=False)
+    return found[1]
+
+
 def row_key(job: Job, spec: Spec, identities: dict[tuple[str, str], str | RowFailed]) -> str:
     """The row's key; raises the RowFailed of its first missing input."""
     inputs = {}
@@ -125,7 +138,7 @@ def row_key(job: Job, spec: Spec, identities: dict[tuple[str, str], str | RowFai
         inputs[column] = ids
     payload = {
         "version": RENDER_VERSION,
-        "spec": spec.fingerprint(),
+        "spec": _fingerprint(spec),
         "seed": job.seed,
         "params": job.params,
         "inputs": inputs,

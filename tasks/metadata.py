@@ -268,12 +268,13 @@ class MetadataStore:
         return [join(root, rel) for rel in self.storage.list_files(root)
                 if rel.endswith(".parquet") and "/" not in rel and rel != schema and not rel.startswith((".", "_"))]
 
-    def iter_tables(self, columns: list[str] | None = None, files: list[str] | None = None
+    def iter_tables(self, columns: list[str] | None = None, files: list[str] | None = None, window: int | None = None
                     ) -> Iterator[tuple[str, pa.Table]]:
         """(part, table) for every part, read a few at a time in background threads (object stores: the reads
-        overlap), in part order; only ``columns`` where given."""
+        overlap), in part order; only ``columns`` where given. Whole records are read 4 files at a time (memory
+        stays a few parts' worth), a few columns READ_THREADS at a time."""
         files = self.part_files() if files is None else files
-        window = READ_THREADS * 2
+        window = window or (4 if columns is None or len(columns) > 6 else READ_THREADS)
         with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="ipaflow-records") as pool:
             for start in range(0, len(files), window):
                 chunk = files[start:start + window]
@@ -334,13 +335,14 @@ class MetadataStore:
         run_id = run_id or uuid.uuid4().hex[:12]
         # 1. the winning journal record of each id (the latest finished_at; a later file wins a tie)
         keys, stamps, file_of, row_of, schemas = [], [], [], [], []
-        for number, (uri, table) in enumerate(self.iter_tables(files=files)):
-            del uri
+        readable: list[str] = []
+        for number, (uri, table) in enumerate(self.iter_tables(["id", "finished_at"], files)):
+            readable.append(uri)
             keys.append(hash_strings(table.column("id")))
             stamps.append(pc.cast(table.column("finished_at"), pa.int64()).to_numpy(zero_copy_only=False))
             file_of.append(np.full(table.num_rows, number, dtype=np.int32))
             row_of.append(np.arange(table.num_rows, dtype=np.int32))
-            schemas.append(table.schema)
+        schemas = [s for s in self._schemas(readable) if s is not None]
         if not keys:
             for uri in files:
                 self.storage.delete(uri)
@@ -375,7 +377,7 @@ class MetadataStore:
             self.storage.write_atomic(join(self.out, SCHEMA_FILE), _to_bytes(canonical.empty_table()))
         # 4. the new parts: the winners, then the small parts merged in
         writer = _PartWriter(self, canonical, run_id, result)
-        for number, (uri, table) in enumerate(self.iter_tables(files=files)):
+        for number, (uri, table) in enumerate(self.iter_tables(files=readable)):
             del uri
             mask = winner[file_no == number]
             chosen = table.filter(pa.array(mask))
