@@ -251,9 +251,9 @@ def _render(manifest: str, out: str, options: RenderOptions, api_server=None) ->
 
 
 def _start_loading_first_pipeline(manifest: str, options: RenderOptions):
-    """With the in-process runner, load the first shard's pipeline while Prefect starts its API server (both
-    take seconds, on different resources); the shard task then finds it in the per-process cache. Any problem
-    is left for the render itself to report."""
+    """With the in-process runner, load the first shard's pipeline (the spec of the manifest's first rows) while
+    Prefect starts its API server (both take seconds, on different resources); the shard task then finds it in
+    the per-process cache. Any problem is left for the render itself to report."""
     import logging
     import threading
 
@@ -266,10 +266,11 @@ def _start_loading_first_pipeline(manifest: str, options: RenderOptions):
 
             storage = Storage(options=options.storage_options_dict())
             registry = SpecRegistry(options.specs, storage=storage)
-            names = {row["spec"] for row in open_manifest(manifest, storage).iter_rows(columns=("spec",))}
-            known = sorted(name for name in names if isinstance(name, str) and name in registry)
+            # shards leave as the manifest streams: the first is most likely of the spec of its first rows
+            first = next(open_manifest(manifest, storage).iter_batches(batch_rows=1024, columns=("spec",)), None)
+            known = [name for name in (first.values("spec") if first else []) if isinstance(name, str) and name in registry]
             if known:
-                PIPELINES.get(registry.get(known[0]), options.models)  # shards run in spec-name order
+                PIPELINES.get(registry.get(known[0]), options.models)
         except Exception:  # noqa: BLE001
             logging.getLogger("ipaflow.cli").debug("preloading the first pipeline failed", exc_info=True)
 
