@@ -15,6 +15,9 @@ Per size, a generated Parquet manifest (tiny-zoo spec ``sd15-full-face``, 64x64,
 - 1% of the rows touched, as a contiguous block of manifest rows and scattered (every 100th row): the journal and
   metadata bytes written by the fold, against the metadata's size.
 
+``--estimate-rows 3000`` also checks ``render --dry-run`` against the real render of that many rows (rendered for
+real on the tiny zoo): the estimated total against the flow's own seconds (both leave out process start-up).
+
 Each process is timed from outside (wall) and its peak RSS read with wait4; medians over ``--rounds``.
 """
 
@@ -192,12 +195,35 @@ def child_touch(manifest: str, out: str) -> None:
                       "metadata_bytes": total}))
 
 
+def check_estimate(work: Path, rows: int, image: Path, zoo: Path, env: dict, cli: list[str], rounds: int) -> dict:
+    """The dry run's estimate against the real render of the same manifest, ``rounds`` times each."""
+    import re
+
+    manifest = work / f"estimate-{rows}.parquet"
+    write_manifest(manifest, rows, image)
+    env = {**env, "IPAFLOW_MODELS": str(zoo)}
+    found = []
+    for number in range(rounds):
+        _, _, text = run(cli + ["render", str(manifest), "--out", str(work / "estimate-scratch"), "--dry-run"], env)
+        total = re.search(r"estimated total on one worker: (\d+)s .*spread (\d+)-(\d+)s", text)
+        out = work / f"estimate-out-{number}"
+        subprocess.run(["rm", "-rf", str(out)])
+        wall, rss, printed = run(cli + ["render", str(manifest), "--out", str(out)], env)
+        flow = float(re.search(r"images in ([\d.]+)s", printed).group(1))
+        found.append({"estimate_s": int(total.group(1)), "low_s": int(total.group(2)), "high_s": int(total.group(3)),
+                      "flow_s": flow, "wall_s": round(wall, 1)})
+        subprocess.run(["rm", "-rf", str(out)])
+    ratios = [f["estimate_s"] / f["flow_s"] for f in found]
+    return {"estimate_rows": rows, "runs": found, "estimate_over_real_median": round(statistics.median(ratios), 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000, 10_000_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000, 10_000_000])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["validate", "broken", "done", "touch"])
+    parser.add_argument("--estimate-rows", type=int, default=0, help="also compare --dry-run with a real render")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -219,6 +245,9 @@ def main() -> None:
     cli = [sys.executable, "-m", "ipaflow.flows.cli"]
     me = [sys.executable, str(Path(__file__).resolve()), "--child"]
     results = []
+    if args.estimate_rows:
+        results.append(check_estimate(work, args.estimate_rows, image, zoo, env, cli, args.rounds))
+        print(json.dumps(results[-1]), flush=True)
     for size in args.sizes:
         manifest = work / f"m-{size}.parquet"
         if not manifest.exists():

@@ -1,6 +1,6 @@
 """``ipaflow render --dry-run``: render a sample of each spec into a scratch folder and estimate the run.
 
-Per spec, the sample is a warm-up batch (the pipeline build, first-call costs) and at least two more batches,
+Per spec, the sample is a warm-up batch (the pipeline build, first-call costs) and three more batches,
 each timed on its own; the estimate is the build plus the median seconds per row of the timed batches times the
 spec's valid rows, and its spread comes from the fastest and slowest timed batch. Each shard task also costs a
 fixed overhead in a real run (the Prefect task, journaling; ``SHARD_OVERHEAD_S``, measured on a 2-core box),
@@ -10,6 +10,7 @@ and no estimate is given: a number from a broken sample would mislead.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import tempfile
 
@@ -23,7 +24,7 @@ from ipaflow.tasks.keys import IdentityCache, identify_inputs, row_key
 from ipaflow.tasks.shards import ShardPlan, auto_shard_size
 from ipaflow.tasks.worker import RunSettings, run_shard
 
-TIMED_BATCHES = 2  # after one warm-up batch
+TIMED_BATCHES = 3  # after one warm-up batch
 SHARD_OVERHEAD_S = 0.15  # per shard task in a real run beyond its rows (submission, journal, result)
 
 
@@ -77,7 +78,12 @@ def estimate_manifest(manifest: str, options: RenderOptions) -> list[dict]:
             keys = {job.id: keys.get(job.id) or keys.get(job.id.rsplit("-dry", 1)[0]) for job in sample}
             settings = RunSettings(run_id="dry-run", out=scratch, options=options)
             shard = ShardPlan(name=f"dry-run-{name}", spec=spec, jobs=sample, row_keys=keys)
-            stats = run_shard(shard, settings)
+            gc.collect()
+            gc.freeze()  # as a run does (ipaflow.flows.cli): a full collection inside a timed batch skews it
+            try:
+                stats = run_shard(shard, settings)
+            finally:
+                gc.unfreeze()
             row["sampled"], row["build_s"] = len(sample), round(stats.build_seconds, 2)
             if stats.pipeline_problem is not None:
                 row["problem"] = str(stats.pipeline_problem)

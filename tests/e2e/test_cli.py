@@ -21,7 +21,7 @@ def test_dry_run_estimates_without_writing(tmp_path, models_env, inputs_dir, cap
     assert main(["render", str(manifest), "--out", str(tmp_path / "out"), "--dry-run", "--batch-size", "2"]) == 0
     printed = capsys.readouterr().out
     line = next(line for line in printed.splitlines() if line.startswith("sdxl-text2img"))
-    assert line.split()[1:3] == ["6", "6"]  # 6 rows; a warm-up batch and two timed batches of 2
+    assert line.split()[1:3] == ["6", "8"]  # 6 rows; a warm-up batch and three timed batches of 2 (rows repeated)
     assert "estimated total" in printed and "spread" in printed
     assert not (tmp_path / "out").exists()
 

@@ -428,3 +428,33 @@ def test_records_keep_usable_output_uris_when_a_short_key_is_part_of_a_name(aws_
                          outputs=["s3://renders-2026/out/images/a.png", "https://user:pw@host/a.png"])
     assert record["outputs"] == ["s3://renders-2026/out/images/a.png", "https://***@host/a.png"]
     assert record["error"] == "key *** rejected"
+
+
+def test_container_layout_on_s3_resumes_and_keeps_one_sample_per_id(moto, proxy, aws_env, bucket, render):
+    """A WebDataset layout on S3: tars published whole with the storage options, resume by key, and a
+    re-rendered row's old sample rewritten out of the older tar."""
+    import tarfile
+
+    options = {"client_kwargs": {"endpoint_url": proxy.endpoint}}
+    out = f"s3://{bucket}/out"
+    rows = text_rows(bucket, 3)
+
+    def keys() -> list[str]:
+        found = []
+        for key in moto.objects(bucket, "out/webdataset/"):
+            with tarfile.open(fileobj=io.BytesIO(moto.get(bucket, key)[0])) as tar:
+                found += [name for name in tar.getnames() if name.endswith(".png")]
+        return sorted(found)
+
+    first = render(upload_manifest(moto, bucket, rows), out, options, layout="webdataset")
+    assert first["rendered"] == 3 and keys() == ["r-0.png", "r-1.png", "r-2.png"]
+    assert not moto.objects(bucket, "out/images/")
+    again = render(upload_manifest(moto, bucket, rows), out, options, layout="webdataset")
+    assert (again["rendered"], again["skipped"]) == (0, 3)
+    rows[2]["prompt"] = "an edited prompt"
+    edited = render(upload_manifest(moto, bucket, rows), out, options, layout="webdataset")
+    assert (edited["rendered"], edited["skipped"]) == (1, 2)
+    assert keys() == ["r-0.png", "r-1.png", "r-2.png"]  # once each: the old r-2 left its tar
+    records = s3_records(moto, bucket).set_index("id")
+    assert len(records) == 3 and records.loc["r-2", "outputs"][0].startswith(f"s3://{bucket}/out/webdataset/")
+    assert json.loads(records.loc["r-2", "params"])["prompt"] == "an edited prompt"
