@@ -116,6 +116,7 @@ def child_done_state(manifest: str, out: str, models: str) -> None:
 
     from ipaflow.core.storage import Storage
     from ipaflow.specs.census import take_census
+    from ipaflow.specs.checks import as_job
     from ipaflow.specs.manifest import open_manifest
     from ipaflow.specs.registry import SpecRegistry
     from ipaflow.specs.stream import resolve_stream
@@ -133,11 +134,12 @@ def child_done_state(manifest: str, out: str, models: str) -> None:
     run_id = "bench-done-state"
     started = time.perf_counter()
     for number, resolved in enumerate(resolve_stream(opened, registry, census)):
-        identities = identify_inputs(storage, resolved.jobs, cache=cache)
-        keys = {job.id: row_key(job, registry.get(job.spec), identities) for job in resolved.jobs}
+        jobs = [as_job(job) for job in resolved.jobs]
+        identities = identify_inputs(storage, jobs, cache=cache)
+        keys = {job.id: row_key(job, registry.get(job.spec), identities) for job in jobs}
         writer = ShardWriter(storage, out, run_id, f"fill-{number:05d}", registry.get("sd15-full-face"), keys,
                              threads=2, flush_every_s=1e9)
-        for job in resolved.jobs:
+        for job in jobs:
             writer.submit(Rendered(job=job, images=[picture]))
         writer.close()
     folded = MetadataStore(storage, out).fold(run_id)
@@ -156,6 +158,7 @@ def child_touch(manifest: str, out: str) -> None:
     from ipaflow.core.storage import Storage
     from ipaflow.flows.render import _records_state
     from ipaflow.specs.census import take_census
+    from ipaflow.specs.checks import as_job
     from ipaflow.specs.manifest import open_manifest
     from ipaflow.specs.registry import SpecRegistry
     from ipaflow.specs.stream import resolve_stream
@@ -175,10 +178,11 @@ def child_touch(manifest: str, out: str) -> None:
     run_id = "bench-touch"
     touched = 0
     for number, resolved in enumerate(resolve_stream(opened, registry, census)):
-        identities = identify_inputs(storage, resolved.jobs, cache=cache)
-        keys = {job.id: row_key(job, registry.get(job.spec), identities) for job in resolved.jobs}
+        jobs = [as_job(job) for job in resolved.jobs]
+        identities = identify_inputs(storage, jobs, cache=cache)
+        keys = {job.id: row_key(job, registry.get(job.spec), identities) for job in jobs}
         hashes = hash_joined(pa.array(list(keys)), pa.array(list(keys.values())), pa.array(["files"] * len(keys)))
-        todo = [job for job, finished in zip(resolved.jobs, members(hashes, done)) if not finished]
+        todo = [job for job, finished in zip(jobs, members(hashes, done)) if not finished]
         if not todo:
             continue
         touched += len(todo)

@@ -16,6 +16,7 @@ import tempfile
 
 from ipaflow.core.storage import Storage
 from ipaflow.specs.census import take_census
+from ipaflow.specs.checks import as_job
 from ipaflow.specs.manifest import open_manifest
 from ipaflow.specs.options import RenderOptions
 from ipaflow.specs.registry import SpecRegistry
@@ -53,7 +54,7 @@ def estimate_manifest(manifest: str, options: RenderOptions) -> list[dict]:
         for job in resolved.jobs:
             counts[job.spec] = counts.get(job.spec, 0) + 1
             if len(picked.setdefault(job.spec, [])) < wanted:
-                picked[job.spec].append(job)
+                picked[job.spec].append(as_job(job))
     shard_size = options.shard_size or auto_shard_size(census.rows, batch_size)
     cache = IdentityCache()
     rows = []

@@ -21,6 +21,7 @@ from ipaflow.core.hashing import hash_joined, members
 from ipaflow.core.problems import FailedRow, Problem, RowFailed
 from ipaflow.core.storage import Storage
 from ipaflow.specs.census import Census
+from ipaflow.specs.checks import as_job
 from ipaflow.specs.manifest import Manifest
 from ipaflow.specs.options import RenderOptions
 from ipaflow.specs.outputs import layout_of
@@ -70,6 +71,7 @@ class RowPlanner:
         if failed.row.startswith("#"):
             return
         if job is not None:
+            job = as_job(job)
             record = make_record(job_id=job.id, spec=job.spec, status="failed", run_id=self.run_id, error=failed.error,
                                  seed=job.seed, params=job.params, key=key, extra=job.extra,
                                  redact=self._redact, layout=self.layout(job.spec))
@@ -80,7 +82,7 @@ class RowPlanner:
         if len(self._records) >= JOURNAL_EVERY:
             self.flush()
 
-    def fail_jobs(self, jobs: list[Job], keys: dict[str, str], problem: Problem) -> None:
+    def fail_jobs(self, jobs: list, keys: dict[str, str], problem: Problem) -> None:
         for job in jobs:
             self.fail(FailedRow(row=job.id, problems=(problem,), index=job.index, spec=job.spec), job, keys.get(job.id))
 
@@ -132,4 +134,4 @@ class RowPlanner:
                 self.fail(FailedRow(row=job.id, problems=(self.broken[job.spec],), index=job.index, spec=job.spec),
                           job, key)
                 continue
-            yield from self.cutter.add(job, key)
+            yield from self.cutter.add(as_job(job), key)

@@ -242,6 +242,27 @@ class _SpecPlan:
         self.scales = [adapter.scale for adapter in spec.ip_adapters]
 
 
+class Draft:
+    """A vouched row resolved but for its passthrough columns: enough to key it (``id``, ``spec``, ``seed``,
+    ``params``, ``inputs``); ``job()`` makes the ``Job``, only for rows that will render (a re-run of a million
+    done rows builds none)."""
+
+    __slots__ = ("id", "spec", "index", "seed", "params", "inputs", "_builder", "_offset")
+
+    def __init__(self, row_id, spec, index, seed, params, inputs, builder, offset):
+        self.id, self.spec, self.index, self.seed, self.params, self.inputs = row_id, spec, index, seed, params, inputs
+        self._builder, self._offset = builder, offset
+
+    def job(self) -> R.Job:
+        extra = {name: R._storable(self._builder.values(name)[self._offset]) for name in self._builder.extra_columns}
+        return R.Job.model_construct(id=self.id, spec=self.spec, index=self.index, seed=self.seed, params=self.params,
+                                     inputs=self.inputs, extra=extra)
+
+
+def as_job(item: R.Job | Draft) -> R.Job:
+    return item.job() if isinstance(item, Draft) else item
+
+
 class JobBuilder:
     """Resolves vouched rows of a batch into jobs with the conversions ``resolve_row`` applies (int, float, the
     same URI resolution), without the validation the columns already passed (``Job.model_construct``)."""
@@ -264,6 +285,9 @@ class JobBuilder:
         return plan
 
     def build(self, offset: int) -> R.Job:
+        return self.draft(offset).job()
+
+    def draft(self, offset: int) -> Draft:
         row_id = str(self.values("id")[offset])
         plan = self._plan(self.values("spec")[offset])
         params = dict(plan.defaults)
@@ -289,9 +313,7 @@ class JobBuilder:
                 inputs[column] = [self._uri(item) for item in (value if isinstance(value, list) else [value])]
             else:
                 inputs[column] = self._uri(value)
-        extra = {name: R._storable(self.values(name)[offset]) for name in self.extra_columns}
-        return R.Job.model_construct(id=row_id, spec=plan.spec.name, index=self.batch.start + offset, seed=seed,
-                                     params=params, inputs=inputs, extra=extra)
+        return Draft(row_id, plan.spec.name, self.batch.start + offset, seed, params, inputs, self, offset)
 
     def _uri(self, value: str) -> str:
         if value.startswith("/") or not self.base or R.URI_SCHEME.match(value):

@@ -16,18 +16,19 @@ import numpy as np
 from ipaflow.core.problems import FailedRow, RowFailed
 from ipaflow.specs import rows as R
 from ipaflow.specs.census import Census, Offence, take_census
-from ipaflow.specs.checks import JobBuilder, vouch
+from ipaflow.specs.checks import Draft, JobBuilder, vouch
 from ipaflow.specs.manifest import Manifest, RowBatch
 from ipaflow.specs.registry import SpecRegistry
 
 
 @dataclass
 class Resolved:
-    """One batch, resolved: its jobs and its failed rows, each in manifest order."""
+    """One batch, resolved: its jobs and its failed rows, each in manifest order. A job may be a ``Draft``
+    (``specs.checks``: a vouched row not yet made a ``Job``; ``as_job`` makes it one)."""
 
     start: int
     num_rows: int
-    jobs: list[R.Job] = field(default_factory=list)
+    jobs: list[R.Job | Draft] = field(default_factory=list)
     failed: list[FailedRow] = field(default_factory=list)
     valid: int = 0  # rows that passed (equals len(jobs) unless jobs were not built)
 
@@ -60,7 +61,7 @@ def resolve_batch(batch: RowBatch, registry: SpecRegistry, base: str, offenders:
         if vouched[offset] and offence is None:
             out.valid += 1
             if build:
-                out.jobs.append(builder.build(offset))
+                out.jobs.append(builder.draft(offset))
             continue
         row = batch.row(offset)
         try:

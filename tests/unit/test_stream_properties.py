@@ -16,6 +16,7 @@ from property_rows import REGISTRY
 from property_rows import rows as mixed_rows
 
 from ipaflow.core.storage import Storage
+from ipaflow.specs.checks import as_job
 from ipaflow.specs.manifest import open_manifest
 from ipaflow.specs.outputs import collision_key
 from ipaflow.specs.rows import resolve_rows
@@ -85,7 +86,7 @@ def _reference(manifest):
 def _streamed(manifest):
     jobs, failed = [], []
     for resolved in resolve_stream(manifest, REGISTRY):
-        jobs.extend(resolved.jobs)
+        jobs.extend(as_job(job) for job in resolved.jobs)
         failed.extend(resolved.failed)
     return jobs, failed
 
