@@ -206,7 +206,6 @@ class RecordIndex:
 
     parts: list[str] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
-    schemas: list[pa.Schema] = field(default_factory=list)
     hashes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     part_of: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
 
@@ -245,10 +244,6 @@ class MetadataStore:
         except pa.ArrowException as exc:  # not ours, or damaged by hand: say so and go on without it
             log.warning("skipping unreadable metadata file %s (%s)", self.storage.redact(uri), exc)
             return None
-
-    def _read(self, uri: str) -> list[dict]:
-        table = self._read_table(uri)
-        return [] if table is None else table.to_pylist()
 
     def journaled_ids(self, run_id: str, prefix: str = "", status: str | None = None) -> set[str]:
         """Ids journaled so far in a run by files starting with ``prefix`` (a shard's earlier attempts, for task
