@@ -106,6 +106,13 @@ def _parser() -> argparse.ArgumentParser:
     add_render_options(validate, only=("specs", "storage_options"))
     validate.add_argument("--no-inputs", action="store_true", help="skip reading and decoding the inputs")
 
+    records = commands.add_parser("records", help="the current records of an output folder, one per id")
+    records.add_argument("out", help="the output folder or URI (what --out was)")
+    records.add_argument("--output", metavar="PATH", help="write .parquet, .csv or .jsonl there (default: JSON Lines "
+                                                          "on stdout)")
+    records.set_defaults(command_parser=records)
+    add_render_options(records, only=("storage_options",))
+
     zoo = commands.add_parser("zoo", help="the tiny model zoo").add_subparsers(dest="zoo_command", required=True,
                                                                               metavar="COMMAND")
     build = zoo.add_parser("build", help="write the tiny zoo in hub layout")
@@ -153,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "zoo": cmd_zoo,
         "specs": cmd_specs,
         "serve": cmd_serve,
+        "records": cmd_records,
     }[args.command]
     try:
         return handler(args)
@@ -335,19 +343,22 @@ def cmd_specs(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from ipaflow.flows.validate import validate_manifest
+    from ipaflow.flows.validate import iter_validation
     from ipaflow.specs.manifest import ManifestError
     from ipaflow.specs.registry import SpecError
 
+    counted: list[int] = []
+    failed = 0
     try:
-        failed, rows = validate_manifest(args.manifest, args.options, check_inputs=not args.no_inputs)
+        for row in iter_validation(args.manifest, args.options, not args.no_inputs, counted.append):  # streamed
+            failed += 1
+            for line in row.lines():
+                print(line)
     except (ManifestError, SpecError) as exc:
         print(f"ipaflow: {exc}", file=sys.stderr)
         return 1
-    for row in failed:
-        for line in row.lines():
-            print(line)
-    print(f"{rows} rows checked: {rows - len(failed)} ok, {len(failed)} with problems", file=sys.stderr)
+    rows = counted[0]
+    print(f"{rows} rows checked: {rows - failed} ok, {failed} with problems", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -374,9 +385,9 @@ def _render(manifest: str, out: str, options: RenderOptions, api_server=None) ->
 
 
 def _start_loading_first_pipeline(manifest: str, options: RenderOptions):
-    """With the in-process runner, load the first shard's pipeline while Prefect starts its API server (both
-    take seconds, on different resources); the shard task then finds it in the per-process cache. Any problem
-    is left for the render itself to report."""
+    """With the in-process runner, load the first shard's pipeline (the spec of the manifest's first rows) while
+    Prefect starts its API server (both take seconds, on different resources); the shard task then finds it in
+    the per-process cache. Any problem is left for the render itself to report."""
     import logging
     import threading
 
@@ -389,10 +400,11 @@ def _start_loading_first_pipeline(manifest: str, options: RenderOptions):
 
             storage = Storage(options=options.storage_options_dict())
             registry = SpecRegistry(options.specs, storage=storage)
-            names = {row["spec"] for row in open_manifest(manifest, storage).iter_rows(columns=("spec",))}
-            known = sorted(name for name in names if isinstance(name, str) and name in registry)
+            # shards leave as the manifest streams: the first is most likely of the spec of its first rows
+            first = next(open_manifest(manifest, storage).iter_batches(batch_rows=1024, columns=("spec",)), None)
+            known = [name for name in (first.values("spec") if first else []) if isinstance(name, str) and name in registry]
             if known:
-                PIPELINES.get(registry.get(known[0]), options.models)  # shards run in spec-name order
+                PIPELINES.get(registry.get(known[0]), options.models)
         except Exception:  # noqa: BLE001
             logging.getLogger("ipaflow.cli").debug("preloading the first pipeline failed", exc_info=True)
 
@@ -426,8 +438,7 @@ def cmd_render(args) -> int:
         if args.dry_run:
             from ipaflow.flows.estimate import estimate_manifest, print_estimate
 
-            print_estimate(estimate_manifest(args.manifest, options))
-            return 0
+            return print_estimate(estimate_manifest(args.manifest, options))
         summary = _render(args.manifest, args.out, options, api_server)
     except (ManifestError, SpecError) as exc:
         print(f"ipaflow: {exc}", file=sys.stderr)
@@ -458,6 +469,21 @@ def cmd_demo(args) -> int:
     print_summary(summary)
     print(f"open {out / 'index.html'} in a browser; records in {out / 'metadata'}")
     return 0 if summary["failed"] == 0 else 1
+
+
+def cmd_records(args) -> int:
+    """``ipaflow records OUT [--output PATH]``: see ipaflow.flows.records."""
+    from ipaflow.core.storage import Storage
+    from ipaflow.flows.records import export_records
+
+    storage = Storage(options=args.options.storage_options_dict())
+    try:
+        count = export_records(args.out, args.output, storage)
+    except ValueError as exc:
+        print(f"ipaflow: {exc}", file=sys.stderr)
+        return 2
+    print(f"{count} records" + (f" written to {storage.redact(args.output)}" if args.output else ""), file=sys.stderr)
+    return 0
 
 
 def cmd_serve(args) -> int:

@@ -1,62 +1,129 @@
-"""``ipaflow render --dry-run``: render a small sample per spec into a scratch folder, then estimate the time
-of the whole manifest (pipeline build once per spec, plus seconds per row measured at the batch size)."""
+"""``ipaflow render --dry-run``: render a sample of each spec into a scratch folder and estimate the run.
+
+Per spec, the sample is a warm-up batch (the pipeline build, first-call costs) and three more batches,
+each timed on its own; the estimate is the build plus the median seconds per row of the timed batches times the
+spec's valid rows, and its spread comes from the fastest and slowest timed batch. Each shard task also costs a
+fixed overhead in a real run (the Prefect task, journaling; ``SHARD_OVERHEAD_S``, measured on a 2-core box),
+counted per shard. When a sample fails (a pipeline that cannot be built, rows that fail), the reason is printed
+and no estimate is given: a number from a broken sample would mislead.
+"""
 
 from __future__ import annotations
 
+import gc
+import statistics
 import tempfile
 
 from ipaflow.core.storage import Storage
+from ipaflow.specs.census import take_census
+from ipaflow.specs.checks import as_job
 from ipaflow.specs.manifest import open_manifest
 from ipaflow.specs.options import RenderOptions
 from ipaflow.specs.registry import SpecRegistry
-from ipaflow.specs.rows import resolve_manifest
-from ipaflow.tasks.keys import identify_inputs, row_key
-from ipaflow.tasks.shards import ShardPlan
+from ipaflow.specs.stream import resolve_stream
+from ipaflow.tasks.keys import IdentityCache, identify_inputs, row_key
+from ipaflow.tasks.shards import ShardPlan, auto_shard_size
 from ipaflow.tasks.worker import RunSettings, run_shard
+
+TIMED_BATCHES = 3  # after one warm-up batch
+SHARD_OVERHEAD_S = 0.15  # per shard task in a real run beyond its rows (submission, journal, result)
+
+
+def _sample(jobs: list, wanted: int) -> list:
+    """``wanted`` rows from ``jobs``, repeating them under new ids when the spec has fewer."""
+    sample = list(jobs[:wanted])
+    copy = 1
+    while len(sample) < wanted and jobs:
+        sample += [job.model_copy(update={"id": f"{job.id}-dry{copy}"}) for job in jobs[:wanted - len(sample)]]
+        copy += 1
+    return sample
 
 
 def estimate_manifest(manifest: str, options: RenderOptions) -> list[dict]:
     storage = Storage(options=options.storage_options_dict())
     registry = SpecRegistry(options.specs, storage=storage)
-    jobs, bad = resolve_manifest(open_manifest(manifest, storage=storage), registry)
-    by_spec: dict[str, list] = {}
-    for job in jobs:
-        by_spec.setdefault(job.spec, []).append(job)
-    identities = identify_inputs(storage, jobs)
+    opened = open_manifest(manifest, storage=storage)
+    census = take_census(opened, registry, options.limit)
     batch_size = options.batch_size
+    wanted = batch_size * (1 + TIMED_BATCHES)
+    counts: dict[str, int] = {}
+    picked: dict[str, list] = {}
+    invalid = 0
+    for resolved in resolve_stream(opened, registry, census, limit=options.limit):
+        invalid += len(resolved.failed)
+        for job in resolved.jobs:
+            counts[job.spec] = counts.get(job.spec, 0) + 1
+            if len(picked.setdefault(job.spec, [])) < wanted:
+                picked[job.spec].append(as_job(job))
+    shard_size = options.shard_size or auto_shard_size(census.rows, batch_size)
+    cache = IdentityCache()
     rows = []
     with tempfile.TemporaryDirectory(prefix="ipaflow-dry-run-") as scratch:
-        for name, spec_jobs in sorted(by_spec.items()):
+        for name in sorted(counts):
             spec = registry.get(name)
-            sample = spec_jobs[:batch_size]
-            keys = {}
-            for job in sample:
+            identities = identify_inputs(storage, picked[name], cache=cache)
+            keys, usable = {}, []
+            for job in picked[name]:
                 try:
                     keys[job.id] = row_key(job, spec, identities)
+                    usable.append(job)
                 except Exception:  # noqa: BLE001 - a row with a missing input is not a good sample
                     pass
-            sample = [job for job in sample if job.id in keys]
+            row = {"spec": name, "rows": counts[name], "sampled": 0, "build_s": None, "s_per_row": None,
+                   "estimate_s": None, "low_s": None, "high_s": None, "problem": None}
+            rows.append(row)
+            sample = _sample(usable, wanted)
             if not sample:
-                rows.append({"spec": name, "rows": len(spec_jobs), "sampled": 0, "build_s": None,
-                             "s_per_row": None, "estimate_s": None})
+                row["problem"] = "no row of this spec has all its inputs"
                 continue
+            keys = {job.id: keys.get(job.id) or keys.get(job.id.rsplit("-dry", 1)[0]) for job in sample}
             settings = RunSettings(run_id="dry-run", out=scratch, options=options)
-            stats = run_shard(ShardPlan(name=f"dry-run-{name}", spec=spec, jobs=sample, row_keys=keys), settings)
-            per_row = max(stats.seconds - stats.build_seconds, 0.0) / len(sample)
-            rows.append({"spec": name, "rows": len(spec_jobs), "sampled": len(sample),
-                         "build_s": round(stats.build_seconds, 2), "s_per_row": round(per_row, 3),
-                         "estimate_s": round(stats.build_seconds + per_row * len(spec_jobs), 1)})
-    rows.append({"spec": "(invalid rows)", "rows": len(bad), "sampled": 0, "build_s": None, "s_per_row": None,
-                 "estimate_s": 0.0})
+            shard = ShardPlan(name=f"dry-run-{name}", spec=spec, jobs=sample, row_keys=keys)
+            gc.collect()
+            gc.freeze()  # as a run does (ipaflow.flows.cli): a full collection inside a timed batch skews it
+            try:
+                stats = run_shard(shard, settings)
+            finally:
+                gc.unfreeze()
+            row["sampled"], row["build_s"] = len(sample), round(stats.build_seconds, 2)
+            if stats.pipeline_problem is not None:
+                row["problem"] = str(stats.pipeline_problem)
+                continue
+            if stats.failed:
+                row["problem"] = f"{stats.failed} of {len(sample)} sample rows failed: {stats.failures[0].error}"
+                continue
+            ends, sizes = stats.batch_ends, stats.batch_rows
+            per_row = [(ends[i] - ends[i - 1]) / sizes[i] for i in range(1, len(ends))]
+            if len(per_row) < TIMED_BATCHES:
+                row["problem"] = f"only {len(per_row)} batch(es) could be timed after the warm-up"
+                continue
+            shards = -(-counts[name] // shard_size)
+            fixed = stats.build_seconds + shards * SHARD_OVERHEAD_S
+            middle = statistics.median(per_row)
+            row.update(s_per_row=round(middle, 4), estimate_s=round(fixed + middle * counts[name], 1),
+                       low_s=round(fixed + min(per_row) * counts[name], 1),
+                       high_s=round(fixed + max(per_row) * counts[name], 1))
+    rows.append({"spec": "(invalid rows)", "rows": invalid, "sampled": 0, "build_s": None, "s_per_row": None,
+                 "estimate_s": 0.0, "low_s": 0.0, "high_s": 0.0, "problem": None})
     return rows
 
 
-def print_estimate(rows: list[dict]) -> None:
-    print(f"{'spec':24} {'rows':>7} {'sampled':>8} {'build s':>8} {'s/row':>8} {'estimate':>10}")
-    total = 0.0
+def print_estimate(rows: list[dict]) -> int:
+    """Print the table and the total; returns the exit code (1 when a sample failed: no total then)."""
+    print(f"{'spec':24} {'rows':>8} {'sampled':>8} {'build s':>8} {'s/row':>8} {'estimate':>10}  spread")
+    fmt = lambda v, spec="": "-" if v is None else format(v, spec)  # noqa: E731
+    failed = [row for row in rows if row["problem"]]
     for row in rows:
-        fmt = lambda v, spec="": "-" if v is None else format(v, spec)  # noqa: E731
-        print(f"{row['spec']:24} {row['rows']:>7} {row['sampled']:>8} {fmt(row['build_s'], '.1f'):>8} "
-              f"{fmt(row['s_per_row'], '.3f'):>8} {fmt(row['estimate_s'], '.0f'):>9}s")
-        total += row["estimate_s"] or 0.0
-    print(f"estimated total on one worker: {total:.0f}s ({total / 3600:.2f} h), excluding start-up")
+        spread = f"{fmt(row['low_s'], '.0f')}-{fmt(row['high_s'], '.0f')}s" if row["low_s"] is not None else ""
+        print(f"{row['spec']:24} {row['rows']:>8} {row['sampled']:>8} {fmt(row['build_s'], '.1f'):>8} "
+              f"{fmt(row['s_per_row'], '.3f'):>8} {fmt(row['estimate_s'], '.0f'):>9}s  {spread}")
+    for row in failed:
+        print(f"cannot estimate spec {row['spec']}: {row['problem']}")
+    if failed:
+        print("no estimate: the sample failed (see above)")
+        return 1
+    total = sum(row["estimate_s"] for row in rows)
+    low, high = sum(row["low_s"] for row in rows), sum(row["high_s"] for row in rows)
+    print(f"estimated total on one worker: {total:.0f}s ({total / 3600:.2f} h; spread {low:.0f}-{high:.0f}s), "
+          "excluding start-up")
+    return 0

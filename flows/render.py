@@ -1,12 +1,13 @@
-"""The render flow: manifest -> rows -> keys -> shards -> render tasks -> metadata + gallery.
+"""The render flow: manifest -> rows -> keys -> shards -> render tasks -> metadata + gallery, streamed.
 
     from ipaflow.flows.render import render_manifest
     from ipaflow.specs.options import RenderOptions
     summary = render_manifest("manifest.parquet", out="s3://bucket/renders", options=RenderOptions(batch_size=8))
 
-Rows whose key (spec, parameters, inputs) matches an ``ok`` record with its output present are skipped; bad
-rows are recorded as ``failed`` with the column at fault and never reach a worker; the rest are cut into
-shards and submitted to the task runner the options name (threads with one GPU worker by default, or a Dask
+The manifest streams (``flows.plan.RowPlanner``): rows whose key (spec, parameters, inputs) matches an ``ok``
+record with its outputs present are skipped; bad rows are recorded as ``failed`` with the column at fault and
+never reach a worker; the rest are cut into shards as they come and submitted to the task runner the options
+name (threads with one GPU worker by default, or a Dask
 cluster). ``{date}`` and ``{datetime}`` in ``out`` are filled from the run's scheduled (or start) time, so a
 scheduled deployment of this same flow writes each night to a folder of its own.
 """
@@ -19,30 +20,30 @@ import posixpath
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
+import numpy as np
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from pydantic import Field
 
+from ipaflow.core.hashing import hash_strings, members
 from ipaflow.core.lease import OutputLease
-from ipaflow.core.problems import FailedRow, Problem, RowFailed
-from ipaflow.core.storage import Storage, is_local, join
+from ipaflow.core.problems import Problem
+from ipaflow.core.storage import Storage, is_local
 from ipaflow.flows.monitoring import RunMonitor, write_contact_sheet
+from ipaflow.flows.plan import FAILURES_KEPT, RowPlanner
 from ipaflow.flows.runners import gpu_routing, make_task_runner
+from ipaflow.specs.census import take_census
 from ipaflow.specs.manifest import open_manifest
 from ipaflow.specs.options import RenderOptions
-from ipaflow.specs.outputs import output_paths
 from ipaflow.specs.registry import SpecRegistry
-from ipaflow.specs.rows import Job, resolve_manifest
-from ipaflow.specs.spec import Spec
-from ipaflow.tasks.gallery import write_gallery
-from ipaflow.tasks.keys import identify_inputs, row_key
-from ipaflow.tasks.metadata import MetadataStore, make_record
+from ipaflow.tasks.containers import containers_of, drop_members, drop_orphans
+from ipaflow.tasks.gallery import GallerySample, write_gallery
+from ipaflow.tasks.metadata import MetadataStore, done_hashes, listing_hashes
 from ipaflow.tasks.prefect_tasks import render_shard
-from ipaflow.tasks.shards import ShardPlan, plan_shards
+from ipaflow.tasks.shards import ShardPlan
 from ipaflow.tasks.worker import RunSettings, ShardStats
 
 
@@ -83,23 +84,6 @@ def _run_name() -> str:
     return f"{manifest_name(flow_run.parameters.get('manifest', 'manifest'))}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
 
-def _existing_outputs(storage: Storage, out: str) -> set[str]:
-    """Relative paths of the outputs present now (one listing per folder)."""
-    found = set()
-    for folder in ("images", "videos"):
-        found.update(f"{folder}/{rel}" for rel in storage.list_files(join(out, folder)))
-    return found
-
-
-def _is_done(record: dict | None, key: str, job: Job, spec: Spec, present: set[str]) -> bool:
-    return (
-        record is not None
-        and record["status"] == "ok"
-        and record["key"] == key
-        and all(path in present for path in output_paths(job, spec))
-    )
-
-
 def _holding_out(body):
     """The flow body runs holding the lease on its ``--out`` (ipaflow.core.lease), taken before anything is
     written there: a second run into the same folder is refused (OutputInUse), an unusable folder said in one
@@ -138,42 +122,38 @@ def render_manifest(
     registry = SpecRegistry(options.specs, storage=storage)
     opened = open_manifest(manifest, storage=storage)
     metadata = MetadataStore(storage, out)
-    if recovered := metadata.compact():  # journals of runs that died fold in first
-        logger.info("folded %d journal file(s) left by an earlier run", recovered)
+    index, done = _records_state(metadata, storage, out, options.overwrite, run_id, logger)
 
-    plan = plan_rows(opened, registry, storage, metadata, options.limit, options.overwrite)
+    census = take_census(opened, registry, options.limit)
     name = manifest_name(manifest)
-    monitor = RunMonitor(name=name, total=plan.total, redact=storage.redact)
+    monitor = RunMonitor(name=name, total=census.rows, redact=storage.redact)
     monitor.start()
-    monitor.tag_flow_run(["ipaflow", f"manifest:{name}", *sorted({f"spec:{spec}" for spec in plan.specs})])
-    monitor.done = monitor.ok = plan.skipped
-    recorded = _journal_rejected(plan, metadata, monitor, run_id)
-    logger.info("%d rows: %d to render, %d already done, %d failed validation",
-                plan.total, len(plan.todo), plan.skipped, len(plan.rejected))
+    monitor.tag_flow_run(["ipaflow", f"manifest:{name}", *sorted({f"spec:{spec}" for spec in census.specs})])
+    planner = RowPlanner(opened, registry, storage, metadata, census, options, run_id, monitor, done)
+    del done
+    stats = _run_shards(planner, settings, monitor, started)
+    planner.flush()
+    logger.info("%d rows: %d rendered or tried, %d already done, %d failed before rendering", planner.rows,
+                sum(s.rows for s in stats), planner.skipped, planner.rejected)
 
-    shards = plan_shards(plan.todo, plan.specs, plan.keys, options.batch_size, options.shard_size)
-    stats = _run_shards(shards, settings, monitor)
-    _journal_unfinished(shards, stats, plan.keys, metadata, monitor, run_id)
-
-    metadata.compact()
-    all_records = list(metadata.load().values())
-    this_run = [r for r in all_records if r["run_id"] == run_id]
-    contact_sheet = write_contact_sheet(storage, out, all_records)
+    folded = metadata.fold(run_id, index, drop_outputs=lambda uris: drop_members(storage, uris))
+    gallery, contact_sheet = _gallery(storage, out, metadata)
     summary = {
         "run_id": run_id,
         "manifest": storage.redact(manifest),
         "out": storage.redact(out),
-        "gallery": storage.redact(write_gallery(storage, out, all_records, contact_sheet)),
+        "gallery": storage.redact(gallery),
         "contact_sheet": contact_sheet and storage.redact(contact_sheet),
-        "rows": plan.total,
-        "rendered": sum(1 for r in this_run if r["status"] == "ok"),
-        "skipped": plan.skipped,
-        # rows without a record of their own (an invalid id, or a repeated one) count too
-        "failed": sum(1 for r in this_run if r["status"] == "failed") + len(plan.rejected) - recorded,
-        "images": sum(len(r["outputs"]) for r in this_run if r["status"] == "ok"),
+        "rows": planner.rows,
+        "rendered": folded.ok,
+        "skipped": planner.skipped,
+        "failed": monitor.failed,
+        "images": folded.images,
         "seconds": round(time.perf_counter() - started, 3),
         "failures": [{"id": f.row, "spec": f.spec, "error": f.error} for f in monitor.failures],
         "shards": monitor.shards,
+        "metadata_bytes_written": folded.bytes_written,
+        "first_shard_s": planner.first_shard_s,
     }
     monitor.finish(summary)
     logger.info("done: %d rendered, %d skipped, %d failed in %.1fs; gallery %s", summary["rendered"],
@@ -181,109 +161,129 @@ def render_manifest(
     return summary
 
 
-@dataclass
-class RowPlan:
-    """What a run does with each manifest row: render it, skip it (done), or reject it (with the reason)."""
+def _records_state(metadata: MetadataStore, storage: Storage, out: str, overwrite: bool, run_id: str, logger):
+    """Fold what killed runs left, then scan the records once: where each id's record lives (for this run's
+    fold) and which (id, key, layout) are done (an ``ok`` record whose outputs are all present)."""
+    state = {"present": None if overwrite else listing_hashes(storage, out)}
+    done_chunks: list[np.ndarray] = []
 
-    todo: list[Job]
-    keys: dict[str, str]  # id -> key, for every row that can run
-    specs: dict[str, Spec]
-    skipped: int
-    rejected: list[FailedRow]
+    def collect(_: str, table) -> None:
+        present = state["present"]
+        if present is not None and len(present):
+            done_chunks.append(done_hashes(table, out, lambda paths: members(hash_strings(paths), present)))
 
-    @property
-    def total(self) -> int:
-        return len(self.todo) + self.skipped + len(self.rejected)
-
-
-def plan_rows(opened, registry: SpecRegistry, storage: Storage, metadata: MetadataStore, limit: int | None,
-              overwrite: bool) -> RowPlan:
-    """Resolve and key every row; rows whose key matches an ``ok`` record with its outputs present are done."""
-    jobs, rejected = resolve_manifest(opened, registry)
-    if limit is not None:
-        jobs = [job for job in jobs if job.index < limit]
-        rejected = [failed for failed in rejected if failed.index < limit]
-    specs_used = {job.spec: registry.get(job.spec) for job in jobs}
-    identities = identify_inputs(storage, jobs, out=metadata.out)  # a style folder inside out skips ipaflow's files
-    keys: dict[str, str] = {}
-    runnable: list[Job] = []
-    for job in jobs:
-        try:
-            keys[job.id] = row_key(job, specs_used[job.spec], identities)
-            runnable.append(job)
-        except RowFailed as exc:  # a missing or unreadable input
-            rejected.append(FailedRow(row=job.id, problems=exc.problems, index=job.index, spec=job.spec))
-    previous = metadata.load()
-    present = _existing_outputs(storage, out=metadata.out) if previous and not overwrite else set()
-    todo = [job for job in runnable
-            if overwrite or not _is_done(previous.get(job.id), keys[job.id], job, specs_used[job.spec], present)]
-    rejected.sort(key=lambda failed: failed.index)
-    return RowPlan(todo=todo, keys=keys, specs=specs_used, skipped=len(runnable) - len(todo), rejected=rejected)
+    columns = ["status", "key", "outputs", "layout", "finished_at"]
+    index = metadata.index(collect, columns)
+    if metadata.repair(index):
+        logger.warning("metadata: dropped superseded copies of records left by an interrupted fold")
+        done_chunks.clear()
+        index = metadata.index(collect, columns)
+    if metadata.journal_files():
+        folded = metadata.fold(f"{run_id}-recovered", index, drop_outputs=lambda uris: drop_members(storage, uris))
+        logger.info("folded %d journal file(s) left by an earlier run", folded.files)
+        done_chunks.clear()
+        state["present"] = None if overwrite else listing_hashes(storage, out)
+        index = metadata.index(collect, columns)
+    done = np.unique(np.concatenate(done_chunks)) if done_chunks else np.zeros(0, np.uint64)
+    return index, done
 
 
-def _journal_rejected(plan: RowPlan, metadata: MetadataStore, monitor: RunMonitor, run_id: str) -> int:
-    """Record the rows that failed before rendering; returns how many records (one per usable id)."""
-    records = {}
-    for failed in plan.rejected:
-        monitor.row_failed(failed)
-        if not failed.row.startswith("#") and failed.row not in records:
-            records[failed.row] = make_record(job_id=failed.row, spec=failed.spec or "", status="failed",
-                                              run_id=run_id, error=failed.error, redact=metadata.storage.redact)
-    metadata.journal(run_id, "invalid-rows", list(records.values()))
-    return len(records)
+def _gallery(storage: Storage, out: str, metadata: MetadataStore) -> tuple[str, str | None]:
+    """``index.html`` and the contact sheet, from one bounded pass over the records; containers that no record
+    points into (an attempt killed after its upload) are removed on the way."""
+    sample = GallerySample()
+    referenced: set[str] = set()
+    for table in metadata.iter_current(GallerySample.COLUMNS):
+        sample.add(table)
+        referenced.update(containers_of(table))
+    drop_orphans(storage, out, referenced)
+    contact_sheet = write_contact_sheet(storage, out, sample.first_files())
+    return write_gallery(storage, out, sample, contact_sheet), contact_sheet
 
 
-def _journal_unfinished(shards: list[ShardPlan], stats: list[ShardStats], keys: dict[str, str],
-                        metadata: MetadataStore, monitor: RunMonitor, run_id: str) -> None:
-    """Rows of shard tasks that failed after their retries, or that never started, fail with the reason."""
-    finished = metadata.journaled_ids(run_id)
-    problems = {s.name: s.problem for s in stats if s.problem is not None}
-    stopped = Problem("not rendered", "the run stopped early (--max-failures)")
-    records = []
-    for shard in shards:
-        for job in shard.jobs:
-            if job.id not in finished:
-                failed = FailedRow(row=job.id, problems=(problems.get(shard.name, stopped),), index=job.index,
-                                   spec=job.spec)
-                monitor.row_failed(failed)
-                records.append(make_record(job_id=job.id, spec=job.spec, status="failed", run_id=run_id,
-                                           error=failed.error, seed=job.seed, params=job.params, key=keys[job.id],
-                                           extra=job.extra, redact=metadata.storage.redact))
-    metadata.journal(run_id, "unfinished-rows", records)
+LOOKAHEAD = 8  # shards planned ahead of the running ones: spec affinity picks among them
 
 
-def _run_shards(shards: list[ShardPlan], settings: RunSettings, monitor: RunMonitor) -> list[ShardStats]:
-    """Submit shards to the options' task runner, keeping its worker count busy; stop submitting once
-    ``max_failures`` rows failed."""
+def _pick(window: deque, last_spec: str | None) -> ShardPlan:
+    """The next shard: one of the spec just submitted when there is one (the worker keeps its pipeline), else
+    the oldest."""
+    for position, shard in enumerate(window):
+        if shard.spec.name == last_spec:
+            del window[position]
+            return shard
+    return window.popleft()
+
+
+def _run_shards(planner: RowPlanner, settings: RunSettings, monitor: RunMonitor, started: float) -> list[ShardStats]:
+    """Submit shards to the options' task runner as the planner cuts them, keeping its worker count busy;
+    stop submitting once ``max_failures`` rows failed; fail a spec's remaining rows at once when its pipeline
+    cannot be built."""
     logger = get_run_logger()
     max_failures = settings.options.max_failures
-    pending = deque(shards)
+    shards = planner.shards()
+    window: deque[ShardPlan] = deque()
     running: dict[Any, ShardPlan] = {}
     results: list[ShardStats] = []
+    exhausted, last_spec = False, None
+    stopped = Problem("not rendered", "the run stopped early (--max-failures)")
     runner, max_in_flight = make_task_runner(settings.options)
     with runner, gpu_routing(runner):  # no tags on task runs: see RunMonitor.tag_flow_run
-        while pending or running:
-            while pending and len(running) < max_in_flight and not _too_many(monitor, max_failures):
-                shard = pending.popleft()
-                future = runner.submit(render_shard, parameters={"shard": shard, "settings": settings})
-                running[future] = shard
-            if not running:
-                break
-            future = next(as_completed(list(running)))
-            shard = running.pop(future)
-            try:
-                stats = future.result()
-            except Exception as exc:  # noqa: BLE001 - the task failed after its retries
-                problem = Problem("worker", monitor.redact(f"{type(exc).__name__}: {exc}"))
-                logger.error("%s failed: %s", shard.name, problem.reason)
-                results.append(ShardStats(name=shard.name, spec=shard.spec.name, rows=len(shard.jobs), problem=problem))
+        while True:
+            for future in [f for f in running if f.wrapped_future.done()]:
+                results.append(_finished(future, running.pop(future), planner, monitor, logger))
+            for shard in [s for s in window if s.spec.name in planner.broken]:
+                window.remove(shard)
+                planner.fail_shard(shard, planner.broken[shard.spec.name])
+            too_many = max_failures is not None and monitor.failed >= max_failures
+            if too_many:
+                while window:
+                    planner.fail_shard(window.popleft(), stopped)
+            while window and len(running) < max_in_flight and not too_many:
+                shard = _pick(window, last_spec)
+                last_spec = shard.spec.name
+                running[runner.submit(render_shard, parameters={"shard": shard, "settings": settings})] = shard
+                if planner.first_shard_s is None:
+                    planner.first_shard_s = round(time.perf_counter() - started, 3)
+                    logger.info("first shard submitted %.1fs after the run started", planner.first_shard_s)
+            if not exhausted and (len(window) < LOOKAHEAD or too_many):
+                try:
+                    shard = next(shards)
+                except StopIteration:
+                    exhausted = True
+                    continue
+                if shard is None:
+                    continue
+                if too_many:
+                    planner.fail_shard(shard, stopped)
+                elif shard.spec.name in planner.broken:
+                    planner.fail_shard(shard, planner.broken[shard.spec.name])
+                else:
+                    window.append(shard)
                 continue
-            results.append(stats)
-            monitor.shard_finished(stats)
-    if pending:
-        logger.warning("stopped after %d failed rows (--max-failures); %d shards not started", monitor.failed, len(pending))
+            if not running:
+                if exhausted and not window:
+                    break
+                continue
+            next(as_completed(list(running)))  # wait for one; handled at the top of the loop
+    if max_failures is not None and monitor.failed >= max_failures:
+        logger.warning("stopped after %d failed rows (--max-failures)", monitor.failed)
     return results
 
 
-def _too_many(monitor: RunMonitor, max_failures: int | None) -> bool:
-    return max_failures is not None and monitor.failed >= max_failures
+def _finished(future, shard: ShardPlan, planner: RowPlanner, monitor: RunMonitor, logger) -> ShardStats:
+    try:
+        stats = future.result()
+    except Exception as exc:  # noqa: BLE001 - the task failed after its retries
+        problem = Problem("worker", monitor.redact(f"{type(exc).__name__}: {exc}"))
+        logger.error("%s failed: %s", shard.name, problem.reason)
+        done = planner.metadata.journaled_ids(planner.run_id, f"{shard.name}-")
+        planner.fail_jobs([job for job in shard.jobs if job.id not in done], shard.row_keys, problem)
+        return ShardStats(name=shard.name, spec=shard.spec.name, rows=len(shard.jobs), problem=problem)
+    if stats.pipeline_problem is not None and shard.spec.name not in planner.broken:
+        planner.broken[shard.spec.name] = stats.pipeline_problem
+        logger.error("spec %s: its pipeline cannot be built (%s); its remaining rows fail with that reason",
+                     shard.spec.name, stats.pipeline_problem.reason)
+    monitor.shard_finished(stats)
+    if len(monitor.failures) > FAILURES_KEPT:
+        del monitor.failures[FAILURES_KEPT:]
+    return stats

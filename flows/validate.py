@@ -1,40 +1,67 @@
 """``ipaflow validate``: every check that ``render`` makes before rendering, plus reading and decoding every
 input, without loading a model (nothing here imports torch). One problem per line: ``row id, column, reason``;
-the reasons are the ones ``render`` records for the same rows."""
+the reasons are the ones ``render`` records for the same rows.
+
+It streams like a run: the census (duplicate ids, colliding outputs), then the rows batch by batch (vectorised
+checks first, the exact ones where those cannot vouch), printing problems in manifest order as they are found.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from ipaflow.core.problems import FailedRow, RowFailed
 from ipaflow.core.storage import Storage
+from ipaflow.specs.census import take_census
+from ipaflow.specs.checks import as_job
 from ipaflow.specs.manifest import open_manifest
 from ipaflow.specs.options import RenderOptions
 from ipaflow.specs.registry import SpecRegistry
-from ipaflow.specs.rows import resolve_manifest
+from ipaflow.specs.stream import resolve_stream
 from ipaflow.tasks.inputs import InputFetcher
 
 WINDOW = 64
 
 
-def validate_manifest(manifest: str, options: RenderOptions = RenderOptions(),
-                      check_inputs: bool = True) -> tuple[list[FailedRow], int]:
-    """The failed rows, in manifest order, and the number of rows checked."""
+def iter_validation(manifest: str, options: RenderOptions = RenderOptions(), check_inputs: bool = True,
+                    counted: Callable[[int], None] | None = None) -> Iterator[FailedRow]:
+    """The failed rows, in manifest order, as the manifest streams; ``counted`` is told the number of rows."""
     storage = Storage(options=options.storage_options_dict())
     registry = SpecRegistry(options.specs, storage=storage)
     opened = open_manifest(manifest, storage=storage)
-    jobs, failed = resolve_manifest(opened, registry)
-    if check_inputs and jobs:
-        specs = {job.spec: registry.get(job.spec) for job in jobs}
-        fetcher = InputFetcher(storage, jobs, specs)
-        try:
-            for start in range(0, len(jobs), WINDOW):
-                window = jobs[start:start + WINDOW]
-                fetcher.prefetch(window)
-                for job in window:
-                    try:
-                        fetcher.get(job)
-                    except RowFailed as exc:
-                        failed.append(FailedRow(row=job.id, problems=exc.problems, index=job.index, spec=job.spec))
-        finally:
-            fetcher.close()
-    failed.sort(key=lambda row: row.index)
-    return failed, opened.num_rows
+    census = take_census(opened, registry)
+    for resolved in resolve_stream(opened, registry, census, build=check_inputs):
+        failed = list(resolved.failed)
+        if check_inputs and resolved.jobs:
+            failed.extend(_input_problems(storage, registry, [as_job(job) for job in resolved.jobs]))
+            failed.sort(key=lambda row: row.index)
+        yield from failed
+    if counted is not None:
+        counted(census.rows)
+
+
+def _input_problems(storage: Storage, registry: SpecRegistry, jobs) -> list[FailedRow]:
+    specs = {job.spec: registry.get(job.spec) for job in jobs}
+    fetcher = InputFetcher(storage, jobs, specs)
+    failed = []
+    try:
+        for start in range(0, len(jobs), WINDOW):
+            window = jobs[start:start + WINDOW]
+            fetcher.prefetch(window)
+            for job in window:
+                try:
+                    fetcher.get(job)
+                except RowFailed as exc:
+                    failed.append(FailedRow(row=job.id, problems=exc.problems, index=job.index, spec=job.spec))
+    finally:
+        fetcher.close()
+    return failed
+
+
+def validate_manifest(manifest: str, options: RenderOptions = RenderOptions(),
+                      check_inputs: bool = True) -> tuple[list[FailedRow], int]:
+    """The failed rows, in manifest order, and the number of rows checked (all failures in a list: small
+    manifests and tests; the command line streams with ``iter_validation``)."""
+    rows: list[int] = []
+    failed = list(iter_validation(manifest, options, check_inputs, rows.append))
+    return failed, rows[0]

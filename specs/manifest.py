@@ -1,9 +1,11 @@
-"""Reading manifests: Parquet (or CSV / JSON Lines) through fsspec, one plain dict per row, streamed.
+"""Reading manifests: Parquet (or CSV / JSON Lines) through fsspec, streamed as batches of rows.
 
-Cells are handed on as they are; judging them is row validation's job (``specs.jobs``), so that one bad cell
-fails its row, never the manifest. Hence CSV keeps the text ``nan`` (a NaN, reported) apart from an empty
-cell (missing), and JSON Lines are parsed line by line in Python, where a column may hold a number in one
-row and a string in the next (Arrow's JSON reader rejects the whole file for that).
+Nothing here reads a whole manifest at once: Parquet is read a record batch at a time (``iter_batches``), CSV
+with Arrow's streaming reader, JSON Lines line by line. Cells are handed on as they are; judging them is row
+validation's job (``specs.rows``, ``specs.checks``), so that one bad cell fails its row, never the manifest.
+Hence CSV keeps the text ``nan`` (a NaN, reported) apart from an empty cell (missing), and JSON Lines are parsed
+in Python, where a column may hold a number in one row and a string in the next (Arrow's JSON reader rejects
+the whole file for that).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
@@ -32,10 +35,53 @@ REQUIRED_COLUMNS = ("id", "spec")
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 # Empty CSV cells and the usual spellings of "missing"; not "nan", which a user typed as a number.
 CSV_NULLS = ["", "NA", "N/A", "n/a", "NULL", "null"]
+BATCH_ROWS = 32_768  # rows per batch: large enough for the vectorised checks, small enough to stream
 
 
 class ManifestError(ValueError):
     """The manifest as a whole cannot be read (missing file, unknown format, missing required column)."""
+
+
+@dataclass
+class RowBatch:
+    """Consecutive manifest rows: ``start`` is the 0-based manifest index of the first. ``columns`` holds each
+    column as an Arrow array (typed, for the vectorised checks) or, where a JSON Lines column mixes types, as a
+    plain list; ``rows()`` gives the plain Python rows the exact checks of ``specs.rows`` take."""
+
+    start: int
+    num_rows: int
+    columns: dict[str, pa.Array | list]
+    _rows: list[dict] | None = None
+
+    def rows(self) -> list[dict[str, Any]]:
+        if self._rows is None:
+            lists = {name: self.values(name) for name in self.columns}
+            self._rows = [{name: lists[name][i] for name in lists} for i in range(self.num_rows)]
+        return self._rows
+
+    def values(self, name: str) -> list:
+        """A column as plain Python values (None where missing; binary cells as text)."""
+        column = self.columns.get(name)
+        if column is None:
+            return [None] * self.num_rows
+        if isinstance(column, list):
+            return column
+        values = column.to_pylist()
+        if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+            values = [_plain(v) for v in values]
+        return values
+
+    def slice(self, offset: int, length: int) -> RowBatch:
+        """Rows ``offset`` .. ``offset + length`` of the batch (Arrow columns are not copied)."""
+        length = max(0, min(length, self.num_rows - offset))
+        columns = {name: (c[offset:offset + length] if isinstance(c, list) else c.slice(offset, length))
+                   for name, c in self.columns.items()}
+        return RowBatch(start=self.start + offset, num_rows=length, columns=columns)
+
+    def row(self, offset: int) -> dict[str, Any]:
+        if self._rows is not None:
+            return self._rows[offset]
+        return {name: (c[offset] if isinstance(c, list) else _plain(c[offset].as_py())) for name, c in self.columns.items()}
 
 
 @dataclass(frozen=True)
@@ -43,8 +89,9 @@ class Manifest:
     uri: str
     format: str
     columns: tuple[str, ...]
-    num_rows: int
+    num_rows: int | None  # None until counted (CSV, JSON Lines: known after a pass)
     storage: Storage = field(default_factory=Storage, repr=False, compare=False)
+    batch_rows: int = BATCH_ROWS
 
     @property
     def base(self) -> str:
@@ -55,17 +102,29 @@ class Manifest:
     def passthrough_columns(self) -> tuple[str, ...]:
         return tuple(c for c in self.columns if c not in KNOWN_COLUMNS)
 
-    def iter_rows(self, batch_rows: int = 4096, columns: tuple[str, ...] | None = None) -> Iterator[dict[str, Any]]:
-        """Rows in manifest order as plain Python values (None for nulls), read batch by batch; ``columns``
-        (present ones) limits what is read, where the format allows (Parquet reads only those)."""
+    def iter_batches(self, batch_rows: int | None = None, columns: tuple[str, ...] | None = None) -> Iterator[RowBatch]:
+        """The manifest as consecutive batches, read as they stream (never the whole file at once); ``columns``
+        limits what is read where the format allows (Parquet reads only those; absent ones are left out)."""
         fs, path = self.storage.fs(self.uri)
-        if self.format == "jsonl":
-            for row in _iter_jsonl(fs, path, self.uri, self.storage.redact):
-                yield {column: row.get(column) for column in columns or self.columns}
-            return
-        for batch in _iter_batches(fs, path, self.format, batch_rows, columns):
-            for row in batch.to_pylist():
-                yield {key: _plain(value) for key, value in row.items()}
+        batch_rows = batch_rows or self.batch_rows
+        wanted = tuple(c for c in columns if c in self.columns) if columns is not None and self.format == "parquet" \
+            else columns
+        start = 0
+        try:
+            for batch in _iter_batches(fs, path, self.format, batch_rows, wanted, self.uri, self.storage.redact):
+                yield RowBatch(start=start, num_rows=batch[0], columns=batch[1])
+                start += batch[0]
+        except ManifestError:
+            raise
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            redact = self.storage.redact
+            raise ManifestError(f"{redact(self.uri)}: cannot read manifest ({exc.__class__.__name__}: "
+                                f"{redact(exc)})") from None
+
+    def iter_rows(self, batch_rows: int | None = None, columns: tuple[str, ...] | None = None) -> Iterator[dict[str, Any]]:
+        """Rows in manifest order as plain Python values (None for nulls), read batch by batch."""
+        for batch in self.iter_batches(batch_rows, columns):
+            yield from batch.rows()
 
 
 def _plain(value: Any) -> Any:
@@ -81,14 +140,31 @@ def _format_of(uri: str, redact) -> str:
     raise ManifestError(f"{redact(uri)}: unknown manifest format; use .parquet, .csv or .jsonl")
 
 
-def _read_csv(fs, path: str) -> pa.Table:
-    """A CSV file; the text columns ipaflow knows stay text (an id ``007`` keeps its zeros)."""
-    with fs.open(path, "rb") as handle:
-        header = next(csv.reader([handle.readline().decode("utf-8-sig")]), [])
-        handle.seek(0)
-        types = {name: pa.string() for name in header if name in STRING_COLUMNS}
-        options = pa_csv.ConvertOptions(column_types=types, null_values=CSV_NULLS, strings_can_be_null=True)
-        return pa_csv.read_csv(handle, convert_options=options)
+def _csv_header(handle) -> list[str]:
+    return next(csv.reader([handle.readline().decode("utf-8-sig")]), [])
+
+
+def _csv_reader(handle):
+    """A streaming CSV reader where every column is text: Arrow infers types from the first block only, so a
+    bad cell further down would fail the whole file. Batches are typed one by one instead (``_typed``)."""
+    header = _csv_header(handle)
+    handle.seek(0)
+    options = pa_csv.ConvertOptions(column_types={name: pa.string() for name in header}, null_values=CSV_NULLS,
+                                    strings_can_be_null=True)
+    return pa_csv.open_csv(handle, read_options=pa_csv.ReadOptions(block_size=1 << 22), convert_options=options)
+
+
+def _typed(column: pa.Array, name: str) -> pa.Array:
+    """A CSV batch's text column as numbers where every cell of the batch is one (as Arrow infers a whole file):
+    ipaflow's text columns stay text (an id ``007`` keeps its zeros)."""
+    if name in STRING_COLUMNS or column.null_count == len(column):
+        return column
+    for target in (pa.int64(), pa.float64()):
+        try:
+            return pc.cast(column, target)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            continue
+    return column
 
 
 def _iter_jsonl(fs, path: str, uri: str, redact) -> Iterator[dict[str, Any]]:
@@ -107,28 +183,73 @@ def _iter_jsonl(fs, path: str, uri: str, redact) -> Iterator[dict[str, Any]]:
             yield row
 
 
-def _jsonl_shape(fs, path: str, uri: str, redact) -> tuple[tuple[str, ...], int]:
-    """The columns (every key seen, in first-seen order) and the number of rows of a JSON Lines file."""
-    columns: dict[str, None] = {}
-    count = 0
-    for row in _iter_jsonl(fs, path, uri, redact):
-        columns.update(dict.fromkeys(row))
-        count += 1
-    return tuple(columns), count
+def _jsonl_columns(rows: list[dict], wanted: tuple[str, ...] | None) -> dict[str, pa.Array | list]:
+    """A JSON Lines batch by column: an Arrow array where the batch's values make one, else the plain list."""
+    names: dict[str, None] = {}
+    for row in rows:
+        names.update(dict.fromkeys(row))
+    columns: dict[str, pa.Array | list] = {}
+    for name in names if wanted is None else [n for n in wanted if n in names]:
+        values = [row.get(name) for row in rows]
+        try:
+            array = pa.array(values)
+            columns[name] = array if _same(array, values) else values
+        except (pa.ArrowException, OverflowError, ValueError, TypeError):
+            columns[name] = values
+    return columns
 
 
-def _iter_batches(fs, path: str, fmt: str, batch_rows: int,
-                  columns: tuple[str, ...] | None) -> Iterator[pa.RecordBatch]:
+def _same(array: pa.Array, values: list) -> bool:
+    """Whether Arrow kept every value as it was (NaN != NaN, so compare with it in mind); a column Arrow
+    changed (1 and True, 1 and 1.0 made one type) goes as the plain list."""
+    for kept, value in zip(array.to_pylist(), values):
+        if type(kept) is not type(value):
+            return False
+        if kept != value and not (isinstance(value, float) and value != value and kept != kept):
+            return False
+    return True
+
+
+def _iter_batches(fs, path: str, fmt: str, batch_rows: int, columns: tuple[str, ...] | None, uri: str,
+                  redact) -> Iterator[tuple[int, dict[str, pa.Array | list]]]:
     if fmt == "parquet":
         with fs.open(path, "rb") as handle:
-            yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=columns and list(columns))
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=columns and list(columns)):
+                yield batch.num_rows, dict(zip(batch.schema.names, batch.columns))
+    elif fmt == "csv":
+        with fs.open(path, "rb") as handle:
+            reader = _csv_reader(handle)
+            pending: list[pa.RecordBatch] = []
+            for batch in reader:
+                pending.append(batch)
+                if sum(b.num_rows for b in pending) >= batch_rows:
+                    yield from _csv_batches(pending, columns, batch_rows)
+                    pending = []
+            yield from _csv_batches(pending, columns, batch_rows)
     else:
-        table = _read_csv(fs, path)
-        yield from (table.select(list(columns)) if columns else table).to_batches(max_chunksize=batch_rows)
+        rows: list[dict] = []
+        for row in _iter_jsonl(fs, path, uri, redact):
+            rows.append(row)
+            if len(rows) == batch_rows:
+                yield len(rows), _jsonl_columns(rows, columns)
+                rows = []
+        if rows:
+            yield len(rows), _jsonl_columns(rows, columns)
+
+
+def _csv_batches(pending: list[pa.RecordBatch], columns, batch_rows: int):
+    if not pending:
+        return
+    table = pa.Table.from_batches(pending)
+    if columns is not None:
+        table = table.select([c for c in columns if c in table.column_names])
+    for batch in table.combine_chunks().to_batches(max_chunksize=batch_rows):
+        yield batch.num_rows, {name: _typed(column, name) for name, column in zip(batch.schema.names, batch.columns)}
 
 
 def open_manifest(uri: str, storage: Storage | None = None) -> Manifest:
-    """Open a manifest and check what makes it usable as a whole; rows are checked one by one later."""
+    """Open a manifest and check what makes it usable as a whole, reading only its head (Parquet: the footer);
+    rows are checked one by one later, as they stream."""
     storage = storage or Storage()
     redact = storage.redact
     fmt = _format_of(uri, redact)
@@ -136,15 +257,16 @@ def open_manifest(uri: str, storage: Storage | None = None) -> Manifest:
         fs, path = storage.fs(uri)
         if not fs.exists(path):
             raise ManifestError(f"{redact(uri)}: manifest not found")
+        num_rows = None
         if fmt == "parquet":
             with fs.open(path, "rb") as handle:
                 meta = pq.ParquetFile(handle).metadata
                 columns, num_rows = tuple(meta.schema.to_arrow_schema().names), meta.num_rows
         elif fmt == "csv":
-            table = _read_csv(fs, path)
-            columns, num_rows = tuple(table.column_names), table.num_rows
+            with fs.open(path, "rb") as handle:
+                columns = tuple(_csv_header(handle))
         else:
-            columns, num_rows = _jsonl_shape(fs, path, uri, redact)
+            columns = _jsonl_head(fs, path, uri, redact)
     except ManifestError:
         raise
     except (OSError, pa.ArrowException, ValueError) as exc:
@@ -153,3 +275,14 @@ def open_manifest(uri: str, storage: Storage | None = None) -> Manifest:
     if missing:
         raise ManifestError(f"{redact(uri)}: missing required column(s) {', '.join(missing)}")
     return Manifest(uri=uri, format=fmt, columns=columns, num_rows=num_rows, storage=storage)
+
+
+def _jsonl_head(fs, path: str, uri: str, redact, lines: int = 1000) -> tuple[str, ...]:
+    """The keys of the first rows of a JSON Lines file, in first-seen order (a later row may have keys of its
+    own, and a row lacking ``id`` or ``spec`` fails alone)."""
+    columns: dict[str, None] = {}
+    for number, row in enumerate(_iter_jsonl(fs, path, uri, redact)):
+        columns.update(dict.fromkeys(row))
+        if number + 1 >= lines:
+            break
+    return tuple(columns)

@@ -60,6 +60,10 @@ class RenderOptions(BaseModel):
         default=None, json_schema_extra=_cli("auto|on|off"),
         description="torch.compile the denoiser: auto (on a GPU, for the shapes with enough rows to pay the "
                     "compile back), on, off (default: each spec's `compile`, auto unless it says otherwise)")
+    layout: Literal["files", "sharded", "webdataset", "parquet"] | None = Field(
+        default=None, json_schema_extra=_cli("LAYOUT"),
+        description="output layout: files | sharded | webdataset | parquet (default: each spec's output.layout, "
+                    "else files)")
 
     @field_validator("storage_options")
     @classmethod

@@ -1,14 +1,26 @@
 """Where a row's outputs go: the one naming rule, used by the collision check, the writers, resume and the
 gallery.
 
-``files`` layout: ``images/<id>.<ext>``, or ``images/<id>-<k>.<ext>`` for k = 0.. when a row asks for several
-images; video tasks write ``videos/<id>.gif``. Ids are checked before they get here (no separators, no
-leading dot, no reserved names), so these paths never leave the output folder.
+A row writes one output per image, each named by a *stem*: the row's id, or ``<id>-<k>`` for k = 0.. when the
+row asks for several images. Two rows may never write the same stem (``collision_key`` says when two stems are
+the same; the collision check and the duplicate-id check both use it). Where a stem lands depends on the
+layout (the spec's ``output.layout``, or ``render --layout``):
+
+- ``files``: ``images/<stem>.<ext>`` (video tasks: ``videos/<stem>.gif``);
+- ``sharded``: ``images/<hhh>/<stem>.<ext>``, ``hhh`` the first three hex digits of a hash of the stem, so
+  4096 folders hold at most ~10k files each up to ~40M outputs;
+- ``webdataset``: members ``<stem>.<ext>`` + ``<stem>.json`` of tar shards under ``webdataset/``;
+- ``parquet``: rows (image bytes + parameters) of Parquet shards under ``parquet/``.
+
+A container layout's record names each output as ``<container URI>#<member>``.
+Ids are checked before they get here (no separators, no leading dot, no reserved names), so these paths never
+leave the output folder.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import hashlib
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from ipaflow.specs.rows import Job
@@ -19,17 +31,75 @@ EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "gif": ".gif"}
 # inside it, never takes its images from these: a re-run would otherwise read its own contact sheet or
 # renders as style images, and render again every time (ipaflow.tasks.inputs.style_images).
 OWN_ENTRIES = frozenset({"images", "videos", "metadata", "_ipaflow", "index.html", "contact-sheet.png"})
+Layout = Literal["files", "sharded", "webdataset", "parquet"]
+LAYOUTS: tuple[str, ...] = ("files", "sharded", "webdataset", "parquet")
+DEFAULT_LAYOUT = "files"
+CONTAINERS = {"webdataset": ".tar", "parquet": ".parquet"}  # layout -> container file suffix, under <layout>/
+SHARD_DIGITS = 3  # hex digits of the sharded layout's folder: 4096 folders
+
+
+def collision_key(stem: str) -> str:
+    """What makes two output stems (and so two ids) the same. Every check of duplicates and collisions goes
+    through this function, so making them case-insensitive or Unicode-normalised is a change here alone."""
+    return stem
 
 
 def output_stems(row_id: str, count: int) -> list[str]:
-    """The file stem of each of a row's ``count`` outputs."""
+    """The stem of each of a row's ``count`` outputs."""
     return [row_id] if count == 1 else [f"{row_id}-{k}" for k in range(count)]
 
 
-def output_paths(job: Job, spec: Spec) -> list[str]:
-    """The row's output paths relative to ``--out`` (a video task's rows have one output)."""
-    ext = EXTENSIONS[spec.output_format]
-    return [f"{spec.profile.folder}/{stem}{ext}" for stem in output_stems(job.id, job.num_images)]
+def job_stems(job: Job, spec: Spec) -> list[str]:
+    """A job's output stems (a video task's rows have one output)."""
+    return output_stems(job.id, 1 if spec.profile.output == "video" else job.num_images)
+
+
+def extension(spec: Spec) -> str:
+    return EXTENSIONS[spec.output_format]
+
+
+def shard_folder(stem: str) -> str:
+    """The sharded layout's folder of a stem: stable across runs and machines."""
+    return hashlib.sha256(collision_key(stem).encode()).hexdigest()[:SHARD_DIGITS]
+
+
+def is_container(layout: str) -> bool:
+    return layout in CONTAINERS
+
+
+def output_paths(job: Job, spec: Spec, layout: str = DEFAULT_LAYOUT) -> list[str]:
+    """The row's outputs relative to ``--out`` in a file layout, or its member names in a container layout."""
+    ext = extension(spec)
+    stems = job_stems(job, spec)
+    if layout == "sharded":
+        return [f"{spec.profile.folder}/{shard_folder(stem)}/{stem}{ext}" for stem in stems]
+    if is_container(layout):
+        return [f"{sample_key(stem)}{ext}" for stem in stems]
+    return [f"{spec.profile.folder}/{stem}{ext}" for stem in stems]
+
+
+def sample_key(stem: str) -> str:
+    """A stem as a WebDataset sample key: readers (``webdataset``, Hugging Face ``datasets``) end a key at the
+    first dot of a member's name, so dots are written ``%2E`` (``%`` is never in an id: one-to-one)."""
+    return stem.replace(".", "%2E")
+
+
+def member_uri(container: str, member: str) -> str:
+    """How a record names an output inside a container (ids never hold '#')."""
+    return f"{container}#{member}"
+
+
+def split_member(uri: str) -> tuple[str, str | None]:
+    """(container URI, member) of a container output; (uri, None) for a plain file."""
+    container, _, member = uri.rpartition("#")
+    return (container, member) if container and "/" not in member else (uri, None)
+
+
+def layout_of(spec: Spec, chosen: str | None = None) -> str:
+    """The layout a spec's rows are written in: ``render --layout`` when given, else the spec's own."""
+    if chosen:
+        return chosen
+    return (spec.output.layout if spec.output is not None else None) or DEFAULT_LAYOUT
 
 
 def relative_to(uri: str, out: str) -> str:

@@ -19,11 +19,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ipaflow.core.problems import FailedRow, Problem, RowFailed
 from ipaflow.specs.manifest import FLOAT_COLUMNS, INPUT_COLUMNS, INT_COLUMNS, KNOWN_COLUMNS, Manifest
-from ipaflow.specs.outputs import output_paths
+from ipaflow.specs.outputs import collision_key, extension, job_stems
 from ipaflow.specs.registry import SpecRegistry
 from ipaflow.specs.spec import Params, Spec
 
-ROW_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # matched whole (fullmatch)
+ROW_ID_PATTERN = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}"  # matched whole; specs.checks applies it to whole columns
+ROW_ID = re.compile(ROW_ID_PATTERN)
 # Names Windows reserves; an id must be usable as a file name on every filesystem users sync outputs to.
 RESERVED_IDS = frozenset({"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)})
 MAX_SEED = 2**63 - 1
@@ -351,26 +352,35 @@ def spec_name_of(row: dict, registry: SpecRegistry) -> str | None:
     return name if isinstance(name, str) and name in registry else None
 
 
-def _colliding_outputs(jobs: list[Job], registry: SpecRegistry) -> dict[int, list[Problem]]:
-    """Rows with distinct ids that would still write the same file: ``a`` with two images writes ``a-0``,
-    which is also the output of a row ``a-0``. Both fail; otherwise one would silently overwrite the other."""
-    writers: dict[str, list[Job]] = {}
+def colliding_outputs(jobs: list[Job], registry: SpecRegistry) -> dict[int, list[Problem]]:
+    """Rows with distinct ids that would still write the same output: ``a`` with two images writes ``a-0``,
+    which is also the output of a row ``a-0``. Both fail; otherwise one would silently overwrite the other.
+    Outputs are compared by stem (``specs.outputs.collision_key``), whatever their folder, format or layout."""
+    writers: dict[str, list[tuple[Job, str]]] = {}
     for job in jobs:
-        for path in output_paths(job, registry.get(job.spec)):
-            writers.setdefault(path, []).append(job)
+        spec = registry.get(job.spec)
+        for stem in job_stems(job, spec):
+            writers.setdefault(collision_key(stem), []).append((job, f"{stem} ({extension(spec).lstrip('.')})"))
     bad: dict[int, list[Problem]] = {}
-    for path, owners in writers.items():
-        if len(owners) == 1:
+    for owners in writers.values():
+        if len({job.index for job, _ in owners}) == 1:
             continue
-        for job in owners:
-            others = ", ".join(f"{other.index} ({other.id})" for other in owners if other is not job)
-            reason = f"its output {path} is also written by manifest row {others}; rename one"
-            bad.setdefault(job.index, []).append(Problem("id", reason))
+        for job, shown in owners:
+            others = ", ".join(f"{other.index} ({other.id})" for other, _ in owners if other is not job)
+            bad.setdefault(job.index, []).append(Problem("id", f"its output {shown} is also written by manifest row "
+                                                               f"{others}; rename one"))
     return bad
+
+
+def duplicate_problem(indexes: list[int]) -> Problem:
+    return Problem("id", f"duplicate id (manifest rows {', '.join(str(i) for i in indexes)})")
 
 
 def resolve_rows(rows: Iterable[dict], registry: SpecRegistry, base: str = "") -> tuple[list[Job], list[FailedRow]]:
     """Resolve every row. Returns the jobs and the failed rows, in manifest order.
+
+    This is the reference: it holds every row. Runs stream instead (``specs.stream``), with the same rules and
+    the same messages; a property test (tests/unit/test_stream_properties.py) compares the two.
 
     Rows sharing an id all fail: their outputs and metadata record would collide, and which one was meant
     cannot be known. So do rows whose output files would collide.
@@ -382,7 +392,7 @@ def resolve_rows(rows: Iterable[dict], registry: SpecRegistry, base: str = "") -
     for index, row in enumerate(rows):
         label = row_label(row, index)
         if not label.startswith("#"):
-            indexes.setdefault(label, []).append(index)
+            indexes.setdefault(collision_key(label), []).append(index)
         try:
             jobs.append(resolve_row(row, index, registry, base))
         except RowFailed as exc:
@@ -390,11 +400,10 @@ def resolve_rows(rows: Iterable[dict], registry: SpecRegistry, base: str = "") -
             labels[index] = (label, spec_name_of(row, registry))
     for where in indexes.values():
         if len(where) > 1:
-            reason = f"duplicate id (manifest rows {', '.join(str(i) for i in where)})"
             for index in where:
-                bad.setdefault(index, []).insert(0, Problem("id", reason))
+                bad.setdefault(index, []).insert(0, duplicate_problem(where))
     by_index = {job.index: job for job in jobs}
-    for index, problems in _colliding_outputs([j for j in jobs if j.index not in bad], registry).items():
+    for index, problems in colliding_outputs([j for j in jobs if j.index not in bad], registry).items():
         bad[index] = problems
     for index in bad:
         if index in by_index:
@@ -404,5 +413,5 @@ def resolve_rows(rows: Iterable[dict], registry: SpecRegistry, base: str = "") -
 
 
 def resolve_manifest(manifest: Manifest, registry: SpecRegistry):
-    """resolve_rows over a manifest, relative input paths taken from the manifest's folder."""
+    """resolve_rows over a (small) manifest, relative input paths taken from the manifest's folder."""
     return resolve_rows(manifest.iter_rows(), registry, manifest.base)

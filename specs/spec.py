@@ -150,6 +150,9 @@ class OutputSpec(StrictModel):
     format: Literal["png", "jpeg", "webp", "gif"] | None = None  # default: the task's first format
     quality: int = Field(default=95, ge=1, le=100)
     fps: int = Field(default=8, ge=1, le=60)
+    # files | sharded | webdataset | parquet (specs.outputs); `render --layout` wins. Where outputs are stored,
+    # not what they are: it is left out of the fingerprint, so changing it re-homes outputs without new keys.
+    layout: Literal["files", "sharded", "webdataset", "parquet"] | None = None
 
 
 class Spec(StrictModel):
@@ -233,7 +236,10 @@ class Spec(StrictModel):
     def fingerprint(self) -> str:
         """A content hash of everything in the spec that decides an output: not its name or description, nor how
         fast or in how much memory it runs (``memory``, ``compile``: their effect on pixels stays within the
-        float tolerance that batching already has), so switching them does not render a finished dataset again."""
+        float tolerance that batching already has), nor where outputs go (``output.layout``), so switching them
+        does not render a finished dataset again."""
         payload = self.model_dump(mode="json", exclude={"name", "description", *RUNTIME_FIELDS})
+        if payload.get("output"):
+            payload["output"].pop("layout", None)
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

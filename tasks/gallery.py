@@ -1,7 +1,14 @@
-"""``index.html``: a self-contained gallery of the outputs with their prompts, and the failed rows' reasons.
+"""``index.html``: a small, self-contained gallery whatever the size of the run.
+
+It shows the failed rows first (the first ``FAILURES_SHOWN`` by id, with the total and where the rest are:
+``metadata/``, or ``ipaflow records``), then, per spec, the count of rendered rows and the first
+``SAMPLES_PER_SPEC`` by id, each image with its own caption (its output's stem: ``a-0``, ``a-1`` for a row ``a``
+with two images). ``GallerySample`` collects all that in one bounded pass over the records, so the page stays
+well under a megabyte at millions of rows and the flow never holds the records.
 
 Every manifest value is HTML-escaped (prompts are untrusted input); links are relative, so the folder can be
-browsed from disk, copied, or served from a bucket.
+browsed from disk, copied, or served from a bucket. Outputs inside containers (webdataset, parquet layouts) are
+named rather than shown: a browser cannot open a member of a tar or a Parquet row.
 """
 
 from __future__ import annotations
@@ -11,9 +18,15 @@ import json
 from collections import defaultdict
 from urllib.parse import quote
 
-from ipaflow.core.storage import Storage, join
-from ipaflow.specs.outputs import relative_to
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from ipaflow.core.storage import Storage, join
+from ipaflow.specs.outputs import relative_to, split_member
+
+SAMPLES_PER_SPEC = 24
+FAILURES_SHOWN = 100
+CONTACT_SHEET_RECORDS = 64
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5rem;background:#fafafa;color:#222}
 h1{margin:0 0 .3rem}.meta{color:#666;margin-bottom:1rem}
@@ -25,50 +38,116 @@ table{border-collapse:collapse;font-size:.85rem}td,th{border:1px solid #ddd;padd
 """
 
 
+class GallerySample:
+    """Counts per spec and status, the first rows by id of each spec and the first failures: bounded."""
+
+    COLUMNS = ["id", "spec", "status", "error", "outputs", "params"]
+
+    def __init__(self, per_spec: int = SAMPLES_PER_SPEC, failures: int = FAILURES_SHOWN):
+        self.per_spec, self.failures_kept = per_spec, failures
+        self.ok: dict[str, int] = defaultdict(int)
+        self.failed = 0
+        self.samples: dict[str, list[dict]] = defaultdict(list)
+        self.failures: list[dict] = []
+        self.files: list[dict] = []  # the first ok records with plain files, for the contact sheet
+
+    def add(self, table: pa.Table) -> None:
+        status = pc.fill_null(table.column("status"), "")
+        ok = table.filter(pc.equal(status, "ok"))
+        bad = table.filter(pc.not_equal(status, "ok"))
+        self.failed += bad.num_rows
+        if bad.num_rows:
+            first = bad.sort_by("id").slice(0, self.failures_kept).to_pylist()
+            self.failures = sorted(self.failures + first, key=lambda r: r["id"])[:self.failures_kept]
+        if not ok.num_rows:
+            return
+        ok = ok.sort_by("id")
+        specs = pc.fill_null(ok.column("spec"), "")
+        for spec, count in zip(*[c.to_pylist() for c in pc.value_counts(specs).flatten()]):
+            self.ok[spec] += count
+            first = ok.filter(pc.equal(specs, spec)).slice(0, self.per_spec).to_pylist()
+            self.samples[spec] = sorted(self.samples[spec] + first, key=lambda r: r["id"])[:self.per_spec]
+        plain = [r for r in ok.slice(0, CONTACT_SHEET_RECORDS).to_pylist()
+                 if r["outputs"] and split_member(r["outputs"][0])[1] is None]
+        self.files = sorted(self.files + plain, key=lambda r: r["id"])[:CONTACT_SHEET_RECORDS]
+
+    def first_files(self) -> list[dict]:
+        return list(self.files)
+
+    @classmethod
+    def of(cls, records: list[dict]) -> GallerySample:
+        sample = cls()
+        if records:
+            rows = [{c: r.get(c) for c in cls.COLUMNS} for r in records]
+            schema = pa.schema([("id", pa.string()), ("spec", pa.string()), ("status", pa.string()),
+                                ("error", pa.string()), ("outputs", pa.list_(pa.string())), ("params", pa.string())])
+            sample.add(pa.Table.from_pylist(rows, schema=schema))
+        return sample
+
+
 def _link(uri: str, out: str) -> str:
     """The output's link, relative to ``index.html`` (the folder can be browsed from disk or a bucket)."""
     return "/".join(quote(part) for part in relative_to(uri, out).split("/"))
 
 
-def render_gallery(records: list[dict], out: str, title: str = "ipaflow renders",
+def _stem(uri: str) -> str:
+    """The caption of one output: its stem (``a``, or ``a-0``, ``a-1`` for a row with two images)."""
+    container, member = split_member(uri)
+    name = (member or container).rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[0].replace("%2E", ".")
+
+
+def _figure(record: dict, uri: str, out: str, prompt: str) -> str:
+    container, member = split_member(uri)
+    caption = (f"<figcaption><div class='id'>{html.escape(_stem(uri))}</div>"
+               f"<div class='prompt'>{html.escape(prompt[:300])}</div>")
+    if member is not None:
+        where = html.escape(relative_to(container, out))
+        return f"<figure>{caption}<div class='meta'>in {where}</div></figcaption></figure>"
+    link = _link(uri, out)
+    return (f"<figure><a href='{link}'><img loading='lazy' src='{link}' "
+            f"alt='{html.escape(record['id'], quote=True)}'></a>{caption}</figcaption></figure>")
+
+
+def render_gallery(records: list[dict] | GallerySample, out: str, title: str = "ipaflow renders",
                    contact_sheet: str | None = None) -> str:
-    by_spec: dict[str, list[dict]] = defaultdict(list)
-    failed = []
-    for record in sorted(records, key=lambda r: r["id"]):
-        (by_spec[record["spec"]] if record["status"] == "ok" else failed).append(record)
-    ok = sum(len(v) for v in by_spec.values())
+    sample = records if isinstance(records, GallerySample) else GallerySample.of(records)
+    ok = sum(sample.ok.values())
+    links = [f"<a href='#failed'>{sample.failed} failed</a>" if sample.failed else "0 failed"]
+    if contact_sheet:
+        links.append(f"<a href='{quote(contact_sheet)}'>contact sheet</a>")
     page = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1><div class='meta'>{ok} rendered, {len(failed)} failed"
-        + (f" &middot; <a href='{quote(contact_sheet)}'>contact sheet</a>" if contact_sheet else "") + "</div>",
+        f"<h1>{html.escape(title)}</h1><div class='meta'>{ok} rendered &middot; " + " &middot; ".join(links)
+        + " &middot; every record: <code>metadata/</code> (<code>ipaflow records OUT</code>)</div>",
     ]
-    for spec in sorted(by_spec):
-        page.append(f"<section><h2>{html.escape(spec)}</h2><div class='grid'>")
-        for record in by_spec[spec]:
-            prompt = json.loads(record["params"] or "{}").get("prompt", "")
-            for uri in record["outputs"]:
-                link = _link(uri, out)
-                page.append(
-                    f"<figure><a href='{link}'><img loading='lazy' src='{link}' "
-                    f"alt='{html.escape(record['id'], quote=True)}'></a><figcaption>"
-                    f"<div class='id'>{html.escape(record['id'])}</div>"
-                    f"<div class='prompt'>{html.escape(prompt[:300])}</div></figcaption></figure>"
-                )
-        page.append("</div></section>")
-    if failed:
-        page.append("<section><h2>Failed rows</h2><table><tr><th>id</th><th>spec</th><th>reason</th></tr>")
-        for record in failed:
-            page.append(
-                f"<tr><td>{html.escape(record['id'])}</td><td>{html.escape(str(record['spec']))}</td>"
-                f"<td>{html.escape(str(record['error']))}</td></tr>"
-            )
+    if sample.failed:
+        shown = len(sample.failures)
+        more = (f" (the first {shown} by id; all {sample.failed} are in <code>metadata/</code>)"
+                if shown < sample.failed else "")
+        page.append(f"<section id='failed'><h2>Failed rows: {sample.failed}{more}</h2>"
+                    "<table><tr><th>id</th><th>spec</th><th>reason</th></tr>")
+        for record in sample.failures:
+            page.append(f"<tr><td>{html.escape(str(record['id']))}</td><td>{html.escape(str(record['spec']))}</td>"
+                        f"<td>{html.escape(str(record['error']))}</td></tr>")
         page.append("</table></section>")
+    for spec in sorted(sample.ok):
+        rows = sample.samples[spec]
+        count = sample.ok[spec]
+        more = f" (the first {len(rows)} by id)" if len(rows) < count else ""
+        page.append(f"<section><h2>{html.escape(spec)}: {count} rendered{more}</h2><div class='grid'>")
+        for record in rows:
+            prompt = json.loads(record["params"] or "{}").get("prompt", "")
+            for uri in record["outputs"] or []:
+                page.append(_figure(record, uri, out, prompt))
+        page.append("</div></section>")
     page.append("</body></html>")
     return "\n".join(page)
 
 
-def write_gallery(storage: Storage, out: str, records: list[dict], contact_sheet: str | None = None) -> str:
+def write_gallery(storage: Storage, out: str, records: list[dict] | GallerySample,
+                  contact_sheet: str | None = None) -> str:
     """Write ``<out>/index.html``; ``contact_sheet`` is the sheet's URI, linked when there is one."""
     uri = join(out, "index.html")
     sheet = contact_sheet.rsplit("/", 1)[-1] if contact_sheet else None

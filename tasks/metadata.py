@@ -1,10 +1,27 @@
-"""Metadata records: one per manifest id, kept across runs.
+"""Metadata records: one per manifest id, kept across runs, as a Parquet dataset written in parts.
 
 While a run is in flight, shard tasks append records to a journal (``_ipaflow/journal/<run>/*.parquet``), each
-file written atomically and only after the outputs it names exist. Compaction folds the journal into
-``metadata/records.parquet`` (latest record per id wins) with one atomic write, then removes the journal files
-it folded. A run that dies leaves its journal behind; the next run folds it in first. So reading the
-``metadata/`` folder always gives exactly one record per id, and no record says ``ok`` without its output.
+file written atomically and only after the outputs it names exist. Folding (``MetadataStore.fold``) moves the
+journal into ``metadata/``:
+
+- the latest journal record of each id wins (``finished_at``);
+- they are written as new parts (``metadata/part-<run>-<n>.parquet``, at most ``PART_ROWS`` records each), so
+  new ids are pure appends;
+- every older part holding a record those supersede is rewritten without it (one atomic overwrite; deleted when
+  nothing is left), and so is every container (webdataset tar, Parquet shard) holding a superseded sample,
+  first; parts much smaller than ``PART_ROWS`` are merged into the new parts as they are written;
+- then the journal files are removed.
+
+A run therefore writes the records it touched, plus the parts where touched ids lived. Plain readers stay exact:
+``pandas.read_parquet(out / "metadata")`` gives one row per id. Arrow takes a folder's schema from its first file,
+so ``metadata/00-schema.parquet`` (no rows) holds the union schema of every part and sorts first.
+
+A run killed at any point leaves its journal, which the next run folds first; a kill between writing the new
+parts and rewriting the old ones leaves an id twice for a moment (the newer ``finished_at`` is the current one;
+``ipaflow records`` and ``MetadataStore.iter_current`` pick it), and the next fold's scan rewrites the losers away.
+
+Which old records are superseded is decided by 64-bit hashes of ids (``ipaflow.core.hashing``): ~9 bytes per
+record in the flow, never the records themselves.
 """
 
 from __future__ import annotations
@@ -13,19 +30,29 @@ import io
 import json
 import logging
 import posixpath
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ipaflow.core.hashing import hash_joined, hash_strings, members, repeated
 from ipaflow.core.redaction import Redactor, redact_url
 from ipaflow.core.storage import Storage, join
 
 log = logging.getLogger("ipaflow.metadata")
-RECORDS_FILE = "metadata/records.parquet"
+METADATA_DIR = "metadata"
+SCHEMA_FILE = "metadata/00-schema.parquet"  # sorts before every part: readers take its (union) schema
 JOURNAL_DIR = "_ipaflow/journal"
+PART_ROWS = 2048  # records per part: a touched part costs at most this much to rewrite
+SMALL_PART_ROWS = PART_ROWS // 4  # parts below this are merged into a fold's new parts
+READ_THREADS = 16
 CORE_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -40,6 +67,7 @@ CORE_SCHEMA = pa.schema(
         ("batch_size", pa.int64()),
         ("finished_at", pa.timestamp("us", tz="UTC")),
         ("run_id", pa.string()),
+        ("layout", pa.string()),
     ]
 )
 CORE_COLUMNS = frozenset(CORE_SCHEMA.names)
@@ -64,6 +92,7 @@ def make_record(
     batch_size: int = 0,
     extra: dict | None = None,
     redact: Callable[[str], str] | None = None,
+    layout: str | None = None,
 ) -> dict[str, Any]:
     """One metadata record; ``error`` goes through ``redact`` (the storage's redactor; by default one that
     knows the environment's credentials only), output URIs lose the credentials a URI may carry and otherwise
@@ -82,6 +111,7 @@ def make_record(
         "batch_size": batch_size,
         "finished_at": now(),
         "run_id": run_id,
+        "layout": layout,
     }
     for name, value in (extra or {}).items():
         if name not in CORE_COLUMNS:
@@ -111,8 +141,79 @@ def _to_bytes(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-def _from_bytes(data: bytes) -> list[dict]:
-    return pq.read_table(io.BytesIO(data)).to_pylist()
+def _from_bytes(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    table = pq.read_table(io.BytesIO(data))
+    return table.select([c for c in columns if c in table.column_names]) if columns else table
+
+
+def _nested(kind: pa.DataType) -> bool:
+    return pa.types.is_nested(kind) or pa.types.is_dictionary(kind)
+
+
+def widen(old: pa.DataType | None, new: pa.DataType) -> pa.DataType:
+    """The type a passthrough column keeps when parts disagree: the same type, float64 for numbers, else text."""
+    if old is None or pa.types.is_null(old):
+        return new
+    if pa.types.is_null(new) or old == new:
+        return old
+    numeric = (pa.types.is_integer, pa.types.is_floating)
+    if any(f(old) for f in numeric) and any(f(new) for f in numeric):
+        return pa.float64()
+    return pa.string()
+
+
+def _as_json_text(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    return pa.array([None if v is None else json.dumps(v, default=str) for v in column.to_pylist()], type=pa.string())
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with the columns and types of ``schema`` (missing columns null; nested cells as JSON text where
+    the schema says text)."""
+    arrays = []
+    for target in schema:
+        if target.name not in table.column_names:
+            arrays.append(pa.nulls(table.num_rows, type=target.type))
+            continue
+        column = table.column(target.name)
+        if column.type == target.type:
+            arrays.append(column)
+        elif pa.types.is_string(target.type) and _nested(column.type):
+            arrays.append(_as_json_text(column))
+        else:
+            arrays.append(pc.cast(column, target.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+@dataclass
+class FoldResult:
+    """What a fold did: journal files folded, records written (this run's by status), parts written, bytes."""
+
+    files: int = 0
+    records: int = 0
+    ok: int = 0
+    failed: int = 0
+    images: int = 0
+    parts_written: int = 0
+    parts_rewritten: int = 0
+    parts_deleted: int = 0
+    bytes_written: int = 0
+    superseded: int = 0
+
+
+@dataclass
+class RecordIndex:
+    """Where each id's record lives: sorted id hashes with the part holding each (~12 bytes per record)."""
+
+    parts: list[str] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    hashes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    part_of: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+
+    def parts_holding(self, hashes: np.ndarray) -> set[int]:
+        if not len(self.hashes) or not len(hashes):
+            return set()
+        hit = members(self.hashes, np.unique(hashes))
+        return set(np.unique(self.part_of[hit]).tolist())
 
 
 class MetadataStore:
@@ -122,6 +223,7 @@ class MetadataStore:
         self.storage = storage
         self.out = out
 
+    # -- the journal --------------------------------------------------------------------------------------------
     def journal(self, run_id: str, name: str, records: list[dict]) -> None:
         """Append records to the run's journal (one atomic file)."""
         if records:
@@ -132,47 +234,368 @@ class MetadataStore:
         root = join(self.out, JOURNAL_DIR, run_id) if run_id else join(self.out, JOURNAL_DIR)
         return [join(root, rel) for rel in self.storage.list_files(root) if rel.endswith(".parquet")]
 
-    def _read(self, uri: str) -> list[dict]:
+    def _read_table(self, uri: str, columns: list[str] | None = None) -> pa.Table | None:
         try:
             data = self.storage.read_bytes(uri)
         except FileNotFoundError:
-            return []
+            return None
         try:
-            return _from_bytes(data)
+            return _from_bytes(data, columns)
         except pa.ArrowException as exc:  # not ours, or damaged by hand: say so and go on without it
             log.warning("skipping unreadable metadata file %s (%s)", self.storage.redact(uri), exc)
-            return []
+            return None
 
     def journaled_ids(self, run_id: str, prefix: str = "", status: str | None = None) -> set[str]:
-        """Ids journaled so far in a run, optionally only by files starting with ``prefix`` (a shard's earlier
-        attempts, for task retries) and with a given status."""
+        """Ids journaled so far in a run by files starting with ``prefix`` (a shard's earlier attempts, for task
+        retries), optionally only with a given status."""
         ids: set[str] = set()
         for uri in self.journal_files(run_id):
             if posixpath.basename(uri).startswith(prefix):
-                ids.update(r["id"] for r in self._read(uri) if status is None or r["status"] == status)
+                table = self._read_table(uri, ["id", "status"])
+                if table is not None:
+                    ids.update(r["id"] for r in table.to_pylist() if status is None or r["status"] == status)
         return ids
 
-    def _merge(self, journal_files: Iterable[str]) -> dict[str, dict]:
-        latest = {r["id"]: r for r in self._read(join(self.out, RECORDS_FILE))}
-        for uri in journal_files:
-            for record in self._read(uri):
-                current = latest.get(record["id"])
-                if current is None or record["finished_at"] >= current["finished_at"]:
-                    latest[record["id"]] = record
-        return latest
+    # -- the parts ----------------------------------------------------------------------------------------------
+    def part_files(self) -> list[str]:
+        root = join(self.out, METADATA_DIR)
+        schema = posixpath.basename(SCHEMA_FILE)
+        return [join(root, rel) for rel in self.storage.list_files(root)
+                if rel.endswith(".parquet") and "/" not in rel and rel != schema and not rel.startswith((".", "_"))]
 
-    def load(self) -> dict[str, dict]:
-        """Every id's latest record: the compacted file plus any journal not yet folded in."""
-        return self._merge(self.journal_files())
+    def iter_tables(self, columns: list[str] | None = None, files: list[str] | None = None, window: int | None = None
+                    ) -> Iterator[tuple[str, pa.Table]]:
+        """(part, table) for every part, read a few at a time in background threads (object stores: the reads
+        overlap), in part order; only ``columns`` where given. Whole records are read 4 files at a time (memory
+        stays a few parts' worth), a few columns READ_THREADS at a time."""
+        files = self.part_files() if files is None else files
+        window = window or (4 if columns is None or len(columns) > 6 else READ_THREADS)
+        with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="ipaflow-records") as pool:
+            for start in range(0, len(files), window):
+                chunk = files[start:start + window]
+                for uri, table in zip(chunk, pool.map(lambda u: self._read_table(u, columns), chunk)):
+                    if table is not None:
+                        yield uri, table
 
-    def compact(self) -> int:
-        """Fold every journal file into ``metadata/records.parquet``; returns how many files were folded."""
+    def index(self, extra: Callable[[str, pa.Table], None] | None = None,
+              columns: list[str] | None = None) -> RecordIndex:
+        """Scan every part once (``id`` plus ``columns``), calling ``extra(part, table)`` on each: where every
+        record lives, in hashes."""
+        found = RecordIndex()
+        hashes, owners = [], []
+        wanted = sorted({"id", *(columns or [])})
+        for number, (uri, table) in enumerate(self.iter_tables(wanted)):
+            found.parts.append(uri)
+            found.rows.append(table.num_rows)
+            hashes.append(hash_strings(table.column("id")))
+            owners.append(np.full(table.num_rows, number, dtype=np.int32))
+            if extra is not None:
+                extra(uri, table)
+        if hashes:
+            flat, part_of = np.concatenate(hashes), np.concatenate(owners)
+            order = np.argsort(flat, kind="stable")
+            found.hashes, found.part_of = flat[order], part_of[order]
+        return found
+
+    def _schemas(self, parts: list[str]) -> list[pa.Schema]:
+        def read(uri: str) -> pa.Schema | None:
+            try:
+                with self.storage.fs(uri)[0].open(self.storage.fs(uri)[1], "rb") as handle:
+                    return pq.ParquetFile(handle).schema_arrow
+            except (OSError, pa.ArrowException):
+                return None
+
+        with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="ipaflow-schema") as pool:
+            return list(pool.map(read, parts))
+
+    def _canonical(self, schemas: Iterable[pa.Schema]) -> pa.Schema:
+        types: dict[str, pa.DataType] = {}
+        for schema in schemas:
+            for item in schema:
+                if item.name not in CORE_COLUMNS:
+                    types[item.name] = widen(types.get(item.name), item.type)
+        return pa.schema(list(CORE_SCHEMA) + [pa.field(n, pa.string() if pa.types.is_null(t) else t)
+                                              for n, t in sorted(types.items())])
+
+    # -- folding ------------------------------------------------------------------------------------------------
+    def fold(self, run_id: str | None = None, index: RecordIndex | None = None,
+             drop_outputs: Callable[[list[str]], None] | None = None) -> FoldResult:
+        """Fold every journal file into ``metadata/`` (see the module docstring); ``index`` is the scan of the
+        parts when the caller has one. ``drop_outputs`` is handed the outputs of superseded records that live in
+        containers, before any part changes (``ipaflow.tasks.containers.drop_members``)."""
+        result = FoldResult()
         files = self.journal_files()
         if not files:
-            return 0
-        records = self._merge(files)
-        ordered = sorted(records.values(), key=lambda r: r["id"])
-        self.storage.write_atomic(join(self.out, RECORDS_FILE), _to_bytes(_table(ordered)))
+            return result
+        run_id = run_id or uuid.uuid4().hex[:12]
+        # 1. the winning journal record of each id (the latest finished_at; a later file wins a tie)
+        keys: list[np.ndarray] = []
+        readable: list[str] = []
+        for uri, table in self.iter_tables(["id"], files):
+            readable.append(uri)
+            keys.append(hash_strings(table.column("id")))
+        schemas = [s for s in self._schemas(readable) if s is not None]
+        if not keys:
+            for uri in files:
+                self.storage.delete(uri)
+            result.files = len(files)
+            return result
+        masks = self._latest(keys, readable)
+        index = index if index is not None else self.index()
+        winners = np.unique(np.concatenate([k[m] for k, m in zip(keys, masks)])) if len(index.hashes) else \
+            np.zeros(0, np.uint64)  # nothing to supersede: the first run into a folder
+        del keys
+        # 2. the parts holding superseded records, and the container samples they name
+        touched = sorted(index.parts_holding(winners))
+        if drop_outputs is not None and touched:
+            doomed: list[str] = []
+            for _, table in self.iter_tables(["id", "outputs", "layout"], [index.parts[i] for i in touched]):
+                gone = members(hash_strings(table.column("id")), winners)
+                for outputs in table.column("outputs").filter(pa.array(gone)).to_pylist():
+                    doomed.extend(uri for uri in outputs or [] if "#" in uri)
+            if doomed:
+                drop_outputs(doomed)
+        # 3. the schema every part conforms to
+        small = [i for i, rows in enumerate(index.rows) if rows < SMALL_PART_ROWS and i not in touched]
+        small = small if len(small) > 1 else []
+        part_schemas = self._schemas(index.parts)
+        canonical = self._canonical([s for s in part_schemas if s is not None] + schemas)
+        previous = self._read_schema()
+        if previous is None or not previous.equals(canonical):
+            self.storage.write_atomic(join(self.out, SCHEMA_FILE), _to_bytes(canonical.empty_table()))
+        # 4. the new parts: the winners, then the small parts merged in
+        writer = _PartWriter(self, canonical, run_id, result)
+        for number, (uri, table) in enumerate(self.iter_tables(files=readable)):
+            del uri
+            chosen = table.filter(pa.array(masks[number])) if not masks[number].all() else table
+            ok = pc.equal(chosen.column("status"), "ok")
+            if run_id is not None:
+                mine = pc.equal(chosen.column("run_id"), run_id)
+                result.ok += int(pc.sum(pc.and_(ok, mine)).as_py() or 0)
+                result.failed += int(pc.sum(pc.and_(pc.invert(ok), mine)).as_py() or 0)
+                lengths = pc.list_value_length(chosen.filter(pc.and_(ok, mine)).column("outputs"))
+                result.images += int(pc.sum(lengths).as_py() or 0)
+            result.records += chosen.num_rows
+            writer.add(chosen)
+        for _, table in self.iter_tables(files=[index.parts[i] for i in small]):
+            writer.add(table)
+        writer.close()
+        # 5. the old parts, without what the new ones supersede; then the merged small parts go
+        for number in touched:
+            uri = index.parts[number]
+            table = self._read_table(uri)
+            if table is None:
+                continue
+            keep = pc.invert(pa.array(members(hash_strings(table.column("id")), winners)))
+            kept = table.filter(keep)
+            result.superseded += table.num_rows - kept.num_rows
+            if kept.num_rows:
+                data = _to_bytes(conform(kept, canonical))
+                self.storage.write_atomic(uri, data)
+                result.parts_rewritten += 1
+                result.bytes_written += len(data)
+            else:
+                self.storage.delete(uri)
+                result.parts_deleted += 1
+        for number in small:
+            self.storage.delete(index.parts[number])
+            result.parts_deleted += 1
+        # 6. parts whose nested columns the schema now holds as text
+        for uri, schema in zip(index.parts, part_schemas):
+            if schema is None or index.parts.index(uri) in touched or index.parts.index(uri) in small:
+                continue
+            if any(item.name in canonical.names and _nested(item.type) and pa.types.is_string(canonical.field(item.name).type)
+                   for item in schema):
+                table = self._read_table(uri)
+                if table is not None:
+                    self.storage.write_atomic(uri, _to_bytes(conform(table, canonical)))
+                    result.parts_rewritten += 1
         for uri in files:
             self.storage.delete(uri)
-        return len(files)
+        result.files = len(files)
+        return result
+
+    def _latest(self, keys: list[np.ndarray], sources: list[str]) -> list[np.ndarray]:
+        """Per source, which of its records is the latest of its id among all sources (the latest finished_at;
+        a later source wins a tie). Needs the timestamps only of ids seen twice: ~16 bytes per record at peak."""
+        masks = [np.ones(len(k), dtype=bool) for k in keys]
+        flat = np.concatenate(keys)
+        flat.sort()
+        twice = np.unique(flat[1:][flat[1:] == flat[:-1]])
+        del flat
+        if not len(twice):
+            return masks
+        hashes, stamps, where, rows = [], [], [], []
+        for number, (uri, hashed) in enumerate(zip(sources, keys)):
+            hit = np.flatnonzero(members(hashed, twice))
+            if not len(hit):
+                continue
+            table = self._read_table(uri, ["finished_at"])
+            stamp = pc.cast(table.column("finished_at"), pa.int64()).to_numpy(zero_copy_only=False)
+            hashes.append(hashed[hit])
+            stamps.append(stamp[hit])
+            where.append(np.full(len(hit), number, dtype=np.int64))
+            rows.append(hit)
+        key, stamp, source, row = (np.concatenate(a) for a in (hashes, stamps, where, rows))
+        order = np.lexsort((source, stamp, key))
+        last = np.ones(len(order), dtype=bool)
+        last[:-1] = key[order][1:] != key[order][:-1]
+        for position in order[~last]:
+            masks[source[position]][row[position]] = False
+        return masks
+
+    def _read_schema(self) -> pa.Schema | None:
+        table = self._read_table(join(self.out, SCHEMA_FILE))
+        return None if table is None else table.schema
+
+    def repair(self, index: RecordIndex) -> int:
+        """Ids held by more than one part (a fold killed between its writes): keep the latest record of each,
+        rewrite the other parts without it. Returns how many records were dropped."""
+        twice = repeated(index.hashes)
+        if not len(twice):
+            return 0
+        holders = sorted(set(index.part_of[members(index.hashes, twice)].tolist()))
+        best: dict[str, tuple[int, int]] = {}
+        for number in holders:
+            table = self._read_table(index.parts[number], ["id", "finished_at"])
+            if table is None:
+                continue
+            hit = members(hash_strings(table.column("id")), twice)
+            for row in table.filter(pa.array(hit)).to_pylist():
+                stamp = int(row["finished_at"].timestamp() * 1e6) if row["finished_at"] else 0
+                if row["id"] not in best or (stamp, number) > best[row["id"]]:
+                    best[row["id"]] = (stamp, number)
+        dropped = 0
+        for number in holders:
+            uri = index.parts[number]
+            table = self._read_table(uri)
+            if table is None:
+                continue
+            ids = table.column("id").to_pylist()
+            keep = [not (i in best and best[i][1] != number) for i in ids]
+            if all(keep):
+                continue
+            dropped += keep.count(False)
+            kept = table.filter(pa.array(keep))
+            if kept.num_rows:
+                self.storage.write_atomic(uri, _to_bytes(kept))
+            else:
+                self.storage.delete(uri)
+        return dropped
+
+    # -- reading ------------------------------------------------------------------------------------------------
+    def iter_current(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """The current records, part by part: one per id, the latest, even while a fold was cut short (an id
+        in two parts) or a journal is still unfolded (a run in flight, or killed)."""
+        sources = self.part_files() + self.journal_files()
+        keys: list[np.ndarray] = []
+        read: list[str] = []
+        for uri, table in self.iter_tables(["id"], sources):
+            read.append(uri)
+            keys.append(hash_strings(table.column("id")))
+        if not keys:
+            return
+        masks = self._latest(keys, read)
+        del keys
+        for number, (uri, table) in enumerate(self.iter_tables(columns, read)):
+            del uri
+            if len(masks[number]) != table.num_rows:
+                continue  # changed since it was scanned
+            chosen = table if masks[number].all() else table.filter(pa.array(masks[number]))
+            if chosen.num_rows:
+                yield chosen.select([c for c in columns if c in chosen.column_names]) if columns else chosen
+
+    def load(self) -> dict[str, dict]:
+        """Every id's current record as a dict: small output folders only (tests, tools)."""
+        return {r["id"]: r for table in self.iter_current() for r in table.to_pylist()}
+
+    def compact(self, run_id: str | None = None) -> int:
+        """Fold the journal into ``metadata/``; returns how many journal files were folded."""
+        return self.fold(run_id).files
+
+
+class _PartWriter:
+    """Cuts the records it is given into parts of at most PART_ROWS, each sorted by id, written atomically."""
+
+    def __init__(self, store: MetadataStore, schema: pa.Schema, run_id: str, result: FoldResult):
+        self.store, self.schema, self.run_id, self.result = store, schema, run_id, result
+        self.pending: list[pa.Table] = []
+        self.rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.pending.append(conform(table, self.schema))
+            self.rows += table.num_rows
+            while self.rows >= PART_ROWS:
+                self._write(PART_ROWS)
+
+    def _write(self, rows: int) -> None:
+        table = pa.concat_tables(self.pending)
+        part, rest = table.slice(0, rows), table.slice(rows)
+        self.pending, self.rows = ([rest] if rest.num_rows else []), rest.num_rows
+        part = part.sort_by("id")
+        name = f"part-{self.run_id}-{self.result.parts_written:05d}.parquet"
+        data = _to_bytes(part)
+        self.store.storage.write_atomic(join(self.store.out, METADATA_DIR, name), data)
+        self.result.parts_written += 1
+        self.result.bytes_written += len(data)
+
+    def close(self) -> None:
+        if self.rows:
+            self._write(self.rows)
+
+
+def done_hashes(table: pa.Table, out: str, present: Callable[[pa.Array], np.ndarray]) -> np.ndarray:
+    """``hash(id, key, layout)`` of the ok records of ``table`` whose outputs are all ``present`` (a vectorised
+    test over relative output paths, container members stripped)."""
+    ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy(zero_copy_only=False)
+    if not ok.any():
+        return np.zeros(0, np.uint64)
+    table = table.filter(pa.array(ok))
+    outputs = table.column("outputs").combine_chunks()
+    flat = pc.list_flatten(outputs)
+    parents = pc.list_parent_indices(outputs).to_numpy(zero_copy_only=False)
+    relative = pc.replace_substring_regex(flat, "#.*$", "")
+    prefix = out.rstrip("/") + "/"
+    inside = pc.starts_with(relative, prefix).to_numpy(zero_copy_only=False)
+    relative = pc.utf8_slice_codeunits(relative, len(prefix))
+    missing = ~(present(relative) & inside)
+    absent = np.zeros(table.num_rows, dtype=bool)
+    np.logical_or.at(absent, parents, missing)
+    empty = pc.fill_null(pc.list_value_length(outputs), 0).to_numpy(zero_copy_only=False) == 0
+    good = ~absent & ~empty
+    layout = pc.fill_null(table.column("layout"), "files") if "layout" in table.column_names else \
+        pa.array(["files"] * table.num_rows)
+    return hash_joined(table.column("id"), table.column("key"), layout)[good]
+
+
+OUTPUT_FOLDERS = ("images", "videos", "webdataset", "parquet")  # every layout's top folders (specs.outputs)
+
+
+def listing_hashes(storage: Storage, out: str, folders: Iterable[str] = OUTPUT_FOLDERS) -> np.ndarray:
+    """Sorted hashes of the paths (relative to ``out``) of every file under ``folders``: one listing per
+    folder, streamed on local disk, so a million outputs cost 8 MB here."""
+    import os
+
+    chunks = []
+    for folder in folders:
+        root = join(out, folder)
+        fs, path = storage.fs(root)
+        if type(fs).__name__ == "LocalFileSystem":
+            if not os.path.isdir(path):
+                continue
+            batch: list[str] = []
+            for directory, _, names in os.walk(path):
+                inner = os.path.relpath(directory, path)
+                relative = folder if inner == "." else f"{folder}/{inner.replace(os.sep, '/')}"
+                batch.extend(f"{relative}/{name}" for name in names if not name.endswith(".partial"))
+                if len(batch) >= 65536:
+                    chunks.append(hash_strings(batch))
+                    batch = []
+            if batch:
+                chunks.append(hash_strings(batch))
+        else:
+            names = storage.list_files(root)
+            for start in range(0, len(names), 65536):
+                chunks.append(hash_strings([f"{folder}/{n}" for n in names[start:start + 65536]]))
+    return np.unique(np.concatenate(chunks)) if chunks else np.zeros(0, np.uint64)

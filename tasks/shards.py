@@ -1,7 +1,9 @@
 """Cutting the rows to render into shards: one Prefect task each, sized to keep the task count sane.
 
-Rows are grouped by spec (a worker swaps pipelines only between groups) and, within a spec, ordered so that
-rows which can share a pipeline call sit next to each other.
+Rows are grouped by spec (a worker swaps pipelines only between groups) and, within a shard, ordered so that
+rows which can share a pipeline call sit next to each other. ``ShardCutter`` does it as rows stream: one
+buffer per spec, a shard out as soon as a buffer is full, so the first shard leaves long before the manifest
+is read, and at most (specs + 1) shards of rows are held.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections import defaultdict
 
 from pydantic import BaseModel
 
+from ipaflow.specs.outputs import DEFAULT_LAYOUT, layout_of
 from ipaflow.specs.rows import Job
 from ipaflow.specs.spec import Spec
 
@@ -23,6 +26,7 @@ class ShardPlan(BaseModel):
     spec: Spec
     jobs: list[Job]
     row_keys: dict[str, str]  # id -> key (a field named `keys` would confuse dict(model))
+    layout: str = DEFAULT_LAYOUT  # where its outputs go (specs.outputs)
 
 
 def auto_shard_size(num_rows: int, batch_size: int) -> int:
@@ -32,8 +36,43 @@ def auto_shard_size(num_rows: int, batch_size: int) -> int:
     return min(size, max(MAX_SHARD_ROWS, batch_size))
 
 
+class ShardCutter:
+    """Rows in, shards out: ``add`` returns the shards its rows filled; ``flush`` the partly filled ones."""
+
+    def __init__(self, specs: dict[str, Spec], size: int, layout: str | None = None):
+        self.specs, self.size, self.layout = specs, size, layout
+        self._buffers: dict[str, list[tuple[Job, str]]] = defaultdict(list)
+        self._numbers: dict[str, int] = defaultdict(int)
+
+    def _cut(self, spec_name: str, rows: list[tuple[Job, str]]) -> ShardPlan:
+        rows = sorted(rows, key=lambda item: (item[0].call_group(), item[0].index))
+        number = self._numbers[spec_name]
+        self._numbers[spec_name] += 1
+        spec = self.specs[spec_name]
+        return ShardPlan(name=f"render-{spec_name}-{number}", spec=spec, jobs=[j for j, _ in rows],
+                         row_keys={j.id: k for j, k in rows}, layout=layout_of(spec, self.layout))
+
+    def add(self, job: Job, key: str) -> list[ShardPlan]:
+        buffer = self._buffers[job.spec]
+        buffer.append((job, key))
+        if len(buffer) < self.size:
+            return []
+        self._buffers[job.spec] = []
+        return [self._cut(job.spec, buffer)]
+
+    def flush(self) -> list[ShardPlan]:
+        shards = [self._cut(name, rows) for name, rows in sorted(self._buffers.items()) if rows]
+        self._buffers.clear()
+        return shards
+
+    @property
+    def held(self) -> int:
+        return sum(len(rows) for rows in self._buffers.values())
+
+
 def plan_shards(jobs: list[Job], specs: dict[str, Spec], keys: dict[str, str], batch_size: int,
                 shard_size: int | None = None) -> list[ShardPlan]:
+    """All shards of a list of jobs at once (small manifests, tests), spec by spec."""
     by_spec: dict[str, list[Job]] = defaultdict(list)
     for job in jobs:
         by_spec[job.spec].append(job)

@@ -15,7 +15,7 @@ from collections import Counter
 from pydantic import BaseModel
 
 from ipaflow.core.problems import FailedRow, Problem, describe_exception
-from ipaflow.core.storage import Storage, join
+from ipaflow.core.storage import Storage, TransientStorageError, is_transient, join
 from ipaflow.specs.options import RenderOptions
 from ipaflow.specs.rows import Job
 from ipaflow.tasks.compile import resolve_setting
@@ -55,6 +55,9 @@ class ShardStats(BaseModel):
     build_seconds: float = 0.0
     failures: list[FailedRow] = []
     worker: str = ""  # where it ran (host:pid, or a Dask worker's address)
+    pipeline_problem: Problem | None = None  # the spec's pipeline cannot be built: its other shards fail alike
+    batch_ends: list[float] = []  # seconds from the shard's start to the end of each pipeline call (estimates)
+    batch_rows: list[int] = []  # rows of each of those calls
     started_at: float = 0.0  # wall-clock times (time.time())
     finished_at: float = 0.0
     problem: Problem | None = None
@@ -72,6 +75,27 @@ def _batches(loaded, jobs: list[Job], inputs: dict[str, RowInputs], batch_size: 
             yield group[start:start + size]
 
 
+# Pipelines that failed to build in this process, per run: the run's other shards of the spec fail at once.
+_BROKEN: dict[tuple[str, str], Problem] = {}
+
+
+def _build(shard: ShardPlan, settings: RunSettings, redact):
+    """The shard's pipeline, or the Problem why it cannot be built. A transient storage error raises instead,
+    so that the task is retried."""
+    broken = _BROKEN.get((settings.run_id, shard.spec.fingerprint()))
+    if broken is not None:
+        return broken
+    try:
+        return PIPELINES.get(shard.spec, settings.options.models)
+    except Exception as exc:  # noqa: BLE001 - a spec that cannot load fails its rows, with the reason
+        if isinstance(exc, TransientStorageError) or is_transient(exc):
+            raise
+        log.exception("cannot build the pipeline of spec %s", shard.spec.name)
+        problem = describe_exception("pipeline", exc, redact)
+        _BROKEN[(settings.run_id, shard.spec.fingerprint())] = problem
+        return problem
+
+
 def run_shard(shard: ShardPlan, settings: RunSettings) -> ShardStats:
     """Render one shard; every row ends journaled as ``ok`` or ``failed`` with a reason."""
     started = time.perf_counter()
@@ -80,18 +104,17 @@ def run_shard(shard: ShardPlan, settings: RunSettings) -> ShardStats:
     done = MetadataStore(storage, settings.out).journaled_ids(settings.run_id, f"{shard.name}-", "ok")
     jobs = [job for job in shard.jobs if job.id not in done]
     stats.skipped = len(shard.jobs) - len(jobs)
-    writer = ShardWriter(storage, settings.out, settings.run_id, shard.name, shard.spec, shard.row_keys)
+    writer = ShardWriter(storage, settings.out, settings.run_id, shard.name, shard.spec, shard.row_keys,
+                         layout=shard.layout)
     fetcher = InputFetcher(storage, jobs, {shard.spec.name: shard.spec}, out=settings.out)
     try:
-        try:
-            built = time.perf_counter()
-            loaded = PIPELINES.get(shard.spec, settings.options.models)
-            stats.build_seconds = time.perf_counter() - built
-        except Exception as exc:  # noqa: BLE001 - a spec that cannot load fails its rows, with the reason
-            log.exception("cannot build the pipeline of spec %s", shard.spec.name)
-            problem = describe_exception("pipeline", exc, storage.redact)
+        built = time.perf_counter()
+        loaded = _build(shard, settings, storage.redact)
+        stats.build_seconds = time.perf_counter() - built
+        if isinstance(loaded, Problem):
+            stats.pipeline_problem = loaded
             for job in jobs:
-                writer.fail(job, problem)
+                writer.fail(job, loaded)
             return stats
         loaded.compiler.plan(resolve_setting(settings.options.compile, shard.spec.compile),
                              Counter(job.call_group() for job in jobs))
@@ -109,6 +132,8 @@ def run_shard(shard: ShardPlan, settings: RunSettings) -> ShardStats:
                 for batch in _batches(loaded, batchable, ready, batch_size):
                     for rendered in render_rows(loaded, batch, [ready[job.id] for job in batch], storage.redact):
                         writer.submit(rendered)
+                    stats.batch_ends.append(time.perf_counter() - started)
+                    stats.batch_rows.append(len(batch))
                     writer.flush()
                 del ready  # the part's images go before the next part is fetched
     finally:

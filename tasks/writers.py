@@ -1,5 +1,10 @@
 """Writing a shard's results: outputs encoded and uploaded in background threads while the model computes,
-then their records journaled; a record is journaled only after every output it names exists."""
+then their records journaled; a record is journaled only after every output it names exists.
+
+File layouts (``files``, ``sharded``) write each output as its own atomic file. Container layouts
+(``webdataset``, ``parquet``) add outputs to the shard's current container (``tasks.containers``) and journal
+their records once that container is published, whole.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from ipaflow.core.problems import FailedRow, Problem, describe_exception
 from ipaflow.core.storage import Storage, join
-from ipaflow.specs.outputs import output_paths
+from ipaflow.specs.outputs import CONTAINERS, DEFAULT_LAYOUT, is_container, member_uri, output_paths
 from ipaflow.specs.rows import Job
 from ipaflow.specs.spec import Spec
+from ipaflow.tasks.containers import ContainerBuilder
 from ipaflow.tasks.media import encode_gif, encode_image
 from ipaflow.tasks.metadata import MetadataStore, make_record
 from ipaflow.tasks.render import Rendered
@@ -27,38 +33,57 @@ class ShardWriter:
     """Encodes and uploads outputs off the render thread and journals the finished records."""
 
     def __init__(self, storage: Storage, out: str, run_id: str, shard: str, spec: Spec, keys: dict[str, str],
-                 threads: int = 4, flush_every_s: float = 10.0, max_pending: int = 64):
+                 threads: int = 4, flush_every_s: float = 10.0, max_pending: int = 64, layout: str = DEFAULT_LAYOUT):
         self.storage, self.out, self.run_id, self.shard, self.spec, self.keys = storage, out, run_id, shard, spec, keys
+        self.layout = layout
         self.metadata = MetadataStore(storage, out)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ipaflow-write")
         self._pending: list[Future] = []
         self._ready: list[dict] = []
+        self._held: list[dict] = []  # records whose container is not published yet
         self._lock = threading.Lock()
         self._parts = 0
         self._attempt = uuid.uuid4().hex[:8]  # a retried shard task must not overwrite its earlier journal files
         self._last_flush = time.monotonic()
         self.flush_every_s = flush_every_s
         self._slots = threading.BoundedSemaphore(max_pending)
+        self._containers = 0
+        self._container = self._new_container()
         self.ok = self.failed = self.images = 0
         self.failures: list[FailedRow] = []
+
+    def _new_container(self) -> tuple[str, ContainerBuilder] | None:
+        if not is_container(self.layout):
+            return None
+        name = f"{self.run_id}-{self.shard}-{self._attempt}-{self._containers:04d}{CONTAINERS[self.layout]}"
+        self._containers += 1
+        return join(self.out, self.layout, name), ContainerBuilder(self.layout)
 
     def _record(self, job: Job, status: str, **fields) -> dict:
         return make_record(job_id=job.id, spec=job.spec, status=status, run_id=self.run_id, seed=job.seed,
                            params=job.params, key=self.keys.get(job.id), extra=job.extra,
-                           redact=self.storage.redact, **fields)
+                           redact=self.storage.redact, layout=self.layout, **fields)
 
     def _write(self, rendered: Rendered) -> dict:
         job, spec = rendered.job, self.spec
         params = embedded_params(job, spec)
-        paths = output_paths(job, spec)
+        paths = output_paths(job, spec, self.layout)
         if spec.profile.output == "video":
             blobs = [encode_gif(rendered.images, spec.output.fps if spec.output else 8, params)]
         else:
             quality = spec.output.quality if spec.output else 95
             blobs = [encode_image(image, spec.output_format, params, quality) for image in rendered.images]
-        uris = [join(self.out, path) for path in paths]
-        for uri, blob in zip(uris, blobs):
-            self.storage.write_atomic(uri, blob)
+        if self._container is not None:
+            info = {**params, "key": self.keys.get(job.id), **{k: v for k, v in job.extra.items() if k not in params}}
+            with self._lock:
+                uri, builder = self._container
+                for path, blob in zip(paths, blobs):
+                    builder.add(path, blob, {**info, "stem": path.rsplit(".", 1)[0]})
+                uris = [member_uri(uri, path) for path in paths]
+        else:
+            uris = [join(self.out, path) for path in paths]
+            for uri, blob in zip(uris, blobs):
+                self.storage.write_atomic(uri, blob)
         return self._record(job, "ok", outputs=uris, elapsed_s=rendered.seconds, batch_size=rendered.batch_size)
 
     def _done(self, future: Future, job: Job) -> None:
@@ -69,7 +94,7 @@ class ShardWriter:
             self.fail(job, describe_exception("write", exc, self.storage.redact))
             return
         with self._lock:
-            self._ready.append(record)
+            (self._held if self._container is not None else self._ready).append(record)
             self.ok += 1
             self.images += len(record["outputs"])
 
@@ -91,8 +116,40 @@ class ShardWriter:
             self.failed += 1
             self.failures.append(failed)
 
+    def _wait(self) -> None:
+        for future in self._pending:
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001 - already turned into a failed record by _done
+                pass
+        self._pending = []
+
+    def _publish(self) -> None:
+        """Upload the current container whole, then release its records to the journal."""
+        self._wait()
+        uri, builder = self._container
+        with self._lock:
+            held, self._held = self._held, []
+        if builder.samples:
+            try:
+                self.storage.write_atomic(uri, builder.payload())
+            except Exception as exc:  # noqa: BLE001 - the container's rows fail, with the reason
+                problem = describe_exception("write", exc, self.storage.redact)
+                for record in held:
+                    self.ok -= 1
+                    self.images -= len(record["outputs"])
+                    self.failed += 1
+                    self.failures.append(FailedRow(row=record["id"], problems=(problem,), spec=record["spec"]))
+                    record.update(status="failed", error=str(problem), outputs=[])
+        with self._lock:
+            self._ready.extend(held)
+        self._container = self._new_container()
+
     def flush(self, force: bool = False) -> None:
-        """Journal the records whose outputs are written (at most every ``flush_every_s`` unless forced)."""
+        """Journal the records whose outputs are written (at most every ``flush_every_s`` unless forced); a
+        container layout publishes its container first when it is full (or when forced)."""
+        if self._container is not None and (force or self._container[1].full):
+            self._publish()
         if not force and time.monotonic() - self._last_flush < self.flush_every_s:
             return
         with self._lock:
@@ -104,10 +161,6 @@ class ShardWriter:
 
     def close(self) -> None:
         """Wait for every upload, then journal what is left."""
-        for future in self._pending:
-            try:
-                future.result()
-            except Exception:  # noqa: BLE001 - already turned into a failed record by _done
-                pass
+        self._wait()
         self._pool.shutdown(wait=True)
         self.flush(force=True)

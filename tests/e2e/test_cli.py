@@ -21,9 +21,24 @@ def test_dry_run_estimates_without_writing(tmp_path, models_env, inputs_dir, cap
     assert main(["render", str(manifest), "--out", str(tmp_path / "out"), "--dry-run", "--batch-size", "2"]) == 0
     printed = capsys.readouterr().out
     line = next(line for line in printed.splitlines() if line.startswith("sdxl-text2img"))
-    assert line.split()[1:3] == ["6", "2"]  # 6 rows, a sample of 2 rendered
-    assert "estimated total" in printed
+    assert line.split()[1:3] == ["6", "8"]  # 6 rows; a warm-up batch and three timed batches of 2 (rows repeated)
+    assert "estimated total" in printed and "spread" in printed
     assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_says_why_when_the_sample_fails(tmp_path, models_env, inputs_dir, capsys):
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "broken.yaml").write_text("name: broken\ntask: text2img\nmodel: nowhere/no-such-model\n"
+                                       "ip_adapters: [{model: h94/IP-Adapter, subfolder: models, "
+                                       "weight_name: ip-adapter_sd15.safetensors}]\n")
+    rows = [{"id": f"r{i}", "spec": "broken", "prompt": "p", "ip_image": str(inputs_dir / "diner.png")} for i in range(3)]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    code = main(["render", str(manifest), "--out", str(tmp_path / "out"), "--dry-run", "--specs", str(specs)])
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert "cannot estimate spec broken: pipeline: " in printed and "no estimate" in printed
+    assert "estimated total" not in printed
 
 
 def test_demo_renders_every_bundled_spec(tmp_path, models_env, prefect_api, capsys):

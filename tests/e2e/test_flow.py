@@ -143,3 +143,24 @@ def test_csv_and_jsonl_manifests(tmp_path, inputs_dir, render):
     for name in ("m.csv", "m.jsonl"):
         summary = render(tmp_path / name, tmp_path / f"out-{name}")
         assert summary["rendered"] == 2, summary
+
+
+def test_a_spec_that_cannot_load_fails_its_rows_at_once(tmp_path, inputs_dir, render):
+    """Fail fast: the first shard that cannot build the pipeline tells the flow, which fails the spec's other
+    rows with the same reason instead of starting a task per shard that would try the same load."""
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "broken.yaml").write_text("name: broken\ntask: text2img\nmodel: nowhere/no-such-model\n"
+                                       "ip_adapters: [{model: h94/IP-Adapter, subfolder: models, "
+                                       "weight_name: ip-adapter_sd15.safetensors}]\n")
+    rows = [{**row, "spec": "broken"} for row in _rows(inputs_dir, 10)] + _rows(inputs_dir, 1)
+    rows[-1]["id"] = "fine"
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    summary = render(manifest, tmp_path / "out", specs=[str(specs)], shard_size=2, batch_size=2)
+    assert (summary["failed"], summary["rendered"]) == (10, 1)
+    broken = [s for s in summary["shards"] if s["spec"] == "broken"]
+    assert 1 <= len(broken) <= 2 < 5  # 5 shards planned: at most the ones already in flight ran
+    records = read_records(tmp_path / "out").set_index("id")
+    reasons = set(records.loc[[f"row-{i}" for i in range(10)], "error"])
+    assert len(reasons) == 1 and reasons.pop().startswith("pipeline: ")
+    assert records.loc["fine", "status"] == "ok"

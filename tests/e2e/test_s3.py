@@ -96,9 +96,17 @@ def upload_manifest(moto, bucket, rows, key="in/m.parquet") -> str:
     return f"s3://{bucket}/{key}"
 
 
+def metadata_parts(moto, bucket) -> list[str]:
+    """The metadata dataset's files: the (empty) schema file first, then the parts."""
+    keys = sorted(moto.objects(bucket, "out/metadata/"))
+    assert keys and keys[0] == "out/metadata/00-schema.parquet", keys
+    assert all(key.startswith("out/metadata/part-") for key in keys[1:]), keys
+    return keys
+
+
 def s3_records(moto, bucket) -> pd.DataFrame:
-    data, _ = moto.get(bucket, "out/metadata/records.parquet")
-    return pd.read_parquet(io.BytesIO(data))
+    frames = [pd.read_parquet(io.BytesIO(moto.get(bucket, key)[0])) for key in metadata_parts(moto, bucket)]
+    return pd.concat(frames, ignore_index=True)
 
 
 def text_rows(bucket, n, image="diner"):
@@ -162,10 +170,9 @@ def test_renders_from_s3_and_http_to_s3(moto, proxy, aws_env, bucket, inputs_dir
     keys = set(moto.objects(bucket, "out/"))
     outputs = {uri.removeprefix(f"s3://{bucket}/") for uris in records["outputs"] for uri in uris}
     assert {key for key in keys if key.startswith("out/images/")} == outputs
-    assert {key for key in keys if key.startswith(("out/metadata/", "out/_ipaflow/"))} == {
-        "out/metadata/records.parquet"}  # the journal was folded in and removed
+    assert not [key for key in keys if key.startswith("out/_ipaflow/")]  # the journal was folded in and removed
     assert moto.get(bucket, "out/index.html")[1].startswith("text/html")
-    assert moto.get(bucket, "out/metadata/records.parquet")[1] == "application/vnd.apache.parquet"
+    assert moto.get(bucket, metadata_parts(moto, bucket)[1])[1] == "application/vnd.apache.parquet"
     assert "images/over-http.png" in moto.get(bucket, "out/index.html")[0].decode()
 
 
@@ -202,7 +209,7 @@ def test_resume_on_s3_renders_only_what_changed(moto, proxy, aws_env, bucket, in
     records = s3_records(moto, bucket)
     assert sorted(records["id"]) == sorted(row["id"] for row in rows)
     assert json.loads(records.set_index("id").loc["r-1", "params"])["prompt"] == "an edited prompt"
-    assert [key for key in moto.objects(bucket, "out/metadata/")] == ["out/metadata/records.parquet"]
+    assert len(metadata_parts(moto, bucket)) >= 2 and not moto.objects(bucket, "out/_ipaflow/journal/")
 
 
 # -- faults ---------------------------------------------------------------------------------------------------
@@ -215,7 +222,7 @@ def test_endpoint_faults_mid_run_are_retried_and_lose_nothing(moto, proxy, aws_e
         Fault("HEAD", f"/{bucket}/in/", times=2, kinds=("503", "reset")),
         Fault("PUT", f"/{bucket}/out/_ipaflow/journal/", times=1, kinds=("503",)),
         Fault("GET", f"/{bucket}?list-type=2&prefix=out%2F_ipaflow", times=1, kinds=("reset",)),
-        Fault("PUT", f"/{bucket}/out/metadata/records.parquet", times=1, kinds=("reset",)),
+        Fault("PUT", f"/{bucket}/out/metadata/part-", times=1, kinds=("reset",)),
     ]
     proxy.faults = faults
     rows = text_rows(bucket, 4) + text_rows(bucket, 4, image="bear")
@@ -440,3 +447,33 @@ def test_records_keep_usable_output_uris_when_a_short_key_is_part_of_a_name(aws_
                          outputs=["s3://renders-2026/out/images/a.png", "https://user:pw@host/a.png"])
     assert record["outputs"] == ["s3://renders-2026/out/images/a.png", "https://***@host/a.png"]
     assert record["error"] == "key *** rejected"
+
+
+def test_container_layout_on_s3_resumes_and_keeps_one_sample_per_id(moto, proxy, aws_env, bucket, render):
+    """A WebDataset layout on S3: tars published whole with the storage options, resume by key, and a
+    re-rendered row's old sample rewritten out of the older tar."""
+    import tarfile
+
+    options = {"client_kwargs": {"endpoint_url": proxy.endpoint}}
+    out = f"s3://{bucket}/out"
+    rows = text_rows(bucket, 3)
+
+    def keys() -> list[str]:
+        found = []
+        for key in moto.objects(bucket, "out/webdataset/"):
+            with tarfile.open(fileobj=io.BytesIO(moto.get(bucket, key)[0])) as tar:
+                found += [name for name in tar.getnames() if name.endswith(".png")]
+        return sorted(found)
+
+    first = render(upload_manifest(moto, bucket, rows), out, options, layout="webdataset")
+    assert first["rendered"] == 3 and keys() == ["r-0.png", "r-1.png", "r-2.png"]
+    assert not moto.objects(bucket, "out/images/")
+    again = render(upload_manifest(moto, bucket, rows), out, options, layout="webdataset")
+    assert (again["rendered"], again["skipped"]) == (0, 3)
+    rows[2]["prompt"] = "an edited prompt"
+    edited = render(upload_manifest(moto, bucket, rows), out, options, layout="webdataset")
+    assert (edited["rendered"], edited["skipped"]) == (1, 2)
+    assert keys() == ["r-0.png", "r-1.png", "r-2.png"]  # once each: the old r-2 left its tar
+    records = s3_records(moto, bucket).set_index("id")
+    assert len(records) == 3 and records.loc["r-2", "outputs"][0].startswith(f"s3://{bucket}/out/webdataset/")
+    assert json.loads(records.loc["r-2", "params"])["prompt"] == "an edited prompt"

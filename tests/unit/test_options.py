@@ -25,6 +25,7 @@ SAMPLES = {
     "dask_address": (["--dask-address", "tcp://127.0.0.1:8786"], "tcp://127.0.0.1:8786"),
     "workers": (["--workers", "2"], 2),
     "compile": (["--compile", "off"], "off"),
+    "layout": (["--layout", "webdataset"], "webdataset"),
 }
 
 
@@ -93,6 +94,7 @@ def test_the_worker_settings_carry_the_options():
     (["--storage-options", "[1]"], "--storage-options: storage options must be a JSON object"),
     (["--workers", "2", "--dask-address", "tcp://h:1"], "give dask_address or workers, not both"),
     (["--compile", "yes"], "--compile: input should be 'auto', 'on' or 'off', got 'yes'"),
+    (["--layout", "zip"], "--layout: input should be 'files', 'sharded', 'webdataset' or 'parquet'"),
 ])
 def test_bad_values_are_usage_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as caught:

@@ -1,0 +1,158 @@
+"""The whole-manifest rules, decided before rows stream: duplicate ids and colliding outputs.
+
+A row can only be judged alone except for these two rules, so they get a pass of their own over the columns
+that decide them (``id``, ``spec``, ``num_images``): each id and each output stem becomes one uint64 (their
+``collision_key``, hashed), and sorting those finds the candidates. Only when there are candidates are the
+rows concerned read again and judged exactly, with the reference rules of ``specs.rows`` (string equality, the
+row's own checks); the result is the small map ``offenders``: manifest index -> what the streaming pass adds to
+that row's problems. Memory: ~9 bytes per row, whatever the ids.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ipaflow.core.hashing import hash_strings, members, repeated
+from ipaflow.core.problems import Problem, RowFailed
+from ipaflow.specs import rows as R
+from ipaflow.specs.checks import ids_ok, spec_numbers
+from ipaflow.specs.manifest import Manifest, RowBatch
+from ipaflow.specs.outputs import collision_key, output_stems
+from ipaflow.specs.registry import SpecRegistry
+
+CENSUS_COLUMNS = ("id", "spec", "num_images")
+
+
+@dataclass
+class Offence:
+    """What the whole-manifest rules add to one row: a duplicate id (prepended to its problems), or colliding
+    outputs (the row is otherwise valid: these are its problems)."""
+
+    duplicate: Problem | None = None
+    collisions: list[Problem] = field(default_factory=list)
+
+
+@dataclass
+class Census:
+    rows: int
+    offenders: dict[int, Offence]
+    specs: Counter  # rows per spec cell naming a known spec
+
+
+def _canonical_ids(batch: RowBatch) -> tuple[list[str | None], np.ndarray]:
+    """Each row's id as ``check_id`` returns it (None when the id is unusable), and which rows have one."""
+    n = batch.num_rows
+    column = batch.columns.get("id")
+    ok = ids_ok(column, n)
+    values = batch.values("id")
+    ids: list[str | None] = [None] * n
+    for offset in range(n):
+        if ok[offset]:
+            ids[offset] = str(values[offset])
+        elif values[offset] is not None:
+            try:
+                ids[offset] = R.check_id(values[offset])
+                ok[offset] = True
+            except RowFailed:
+                pass
+    return ids, ok
+
+
+def _output_counts(batch: RowBatch, registry: SpecRegistry, names: list[str], numbers: np.ndarray) -> np.ndarray:
+    """How many outputs each row would write if it were valid (a row that is not valid writes none, so any
+    count is as good as another for it)."""
+    n = batch.num_rows
+    counts = np.ones(n, dtype=np.int64)
+    column = batch.columns.get("num_images")
+    cells = batch.values("num_images") if column is not None else None
+    for position in np.unique(numbers[numbers >= 0]):
+        spec = registry.get(names[int(position)])
+        if spec.profile.output == "video" or "num_images" not in spec.profile.all_params:
+            continue
+        default = int(spec.default_params().get("num_images") or 1)
+        rows = np.flatnonzero(numbers == position)
+        for offset in rows:
+            value = None if cells is None else cells[offset]
+            if value is None:
+                counts[offset] = default
+                continue
+            try:
+                count = R._integral("num_images", value)
+            except RowFailed:
+                continue
+            counts[offset] = count if 1 <= count <= 64 else 1
+    return counts
+
+
+def take_census(manifest: Manifest, registry: SpecRegistry, limit: int | None = None) -> Census:
+    """One pass over ``id``, ``spec`` and ``num_images``; a second, over the candidate rows only, when some
+    ids or output stems share a hash."""
+    id_hashes, id_valid, single = [], [], []
+    stem_hashes, stem_rows = [], []
+    spec_counts: Counter = Counter()
+    rows = 0
+    for batch in manifest.iter_batches(columns=CENSUS_COLUMNS):
+        n = batch.num_rows
+        rows += n
+        ids, ok = _canonical_ids(batch)
+        id_hashes.append(hash_strings([collision_key(i) if i is not None else "" for i in ids]))
+        id_valid.append(ok)
+        names, numbers = spec_numbers(batch.columns.get("spec"), registry, n)
+        for position, count in zip(*np.unique(numbers[numbers >= 0], return_counts=True)):
+            spec_counts[names[int(position)]] += int(count)
+        counts = _output_counts(batch, registry, names, numbers)
+        known = ok & (numbers >= 0)
+        single.append(known & (counts == 1))
+        for offset in np.flatnonzero(known & (counts > 1)):
+            stems = output_stems(ids[offset], int(counts[offset]))
+            stem_hashes.append(hash_strings([collision_key(stem) for stem in stems]))
+            stem_rows.append(np.full(len(stems), batch.start + offset, dtype=np.int64))
+    hashes = np.concatenate(id_hashes) if id_hashes else np.zeros(0, np.uint64)
+    valid = np.concatenate(id_valid) if id_valid else np.zeros(0, bool)
+    singles = np.concatenate(single) if single else np.zeros(0, bool)
+    multi = np.concatenate(stem_hashes) if stem_hashes else np.zeros(0, np.uint64)
+    multi_rows = np.concatenate(stem_rows) if stem_rows else np.zeros(0, np.int64)
+
+    duplicated = repeated(hashes[valid])
+    stems = np.concatenate([hashes[singles], multi])
+    clashing = np.intersect1d(repeated(stems), multi) if len(multi) else np.zeros(0, np.uint64)
+    candidates = set(np.flatnonzero(valid & members(hashes, duplicated)).tolist())
+    candidates |= set(np.flatnonzero(singles & members(hashes, clashing)).tolist())
+    candidates |= set(multi_rows[members(multi, clashing)].tolist())
+    del hashes, valid, singles, multi, multi_rows
+    offenders = _judge(manifest, registry, candidates) if candidates else {}
+    return Census(rows=rows if limit is None else min(rows, limit), offenders=offenders, specs=spec_counts)
+
+
+def _judge(manifest: Manifest, registry: SpecRegistry, candidates: set[int]) -> dict[int, Offence]:
+    """The exact rules of ``specs.rows.resolve_rows`` over the candidate rows (every row that can share an id
+    or a stem with another is among them)."""
+    picked: dict[int, dict] = {}
+    for batch in manifest.iter_batches():
+        wanted = [i - batch.start for i in candidates if batch.start <= i < batch.start + batch.num_rows]
+        for offset in sorted(wanted):
+            picked[batch.start + offset] = batch.row(offset)
+    groups: dict[str, list[int]] = {}
+    for index in sorted(picked):
+        label = R.row_label(picked[index], index)
+        if not label.startswith("#"):
+            groups.setdefault(collision_key(label), []).append(index)
+    offenders: dict[int, Offence] = {}
+    for where in groups.values():
+        if len(where) > 1:
+            for index in where:
+                offenders[index] = Offence(duplicate=R.duplicate_problem(where))
+    jobs = []
+    for index in sorted(picked):
+        if index in offenders:
+            continue
+        try:
+            jobs.append(R.resolve_row(picked[index], index, registry, manifest.base))
+        except RowFailed:
+            continue
+    for index, problems in R.colliding_outputs(jobs, registry).items():
+        offenders[index] = Offence(collisions=problems)
+    return offenders
