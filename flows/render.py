@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-import time
+import queue
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -23,12 +23,13 @@ from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
-from prefect.futures import as_completed
+from prefect.states import State
 from pydantic import Field
 
 from ipaflow.core.problems import FailedRow, Problem, RowFailed
 from ipaflow.core.storage import Storage, is_local, join
-from ipaflow.flows.monitoring import RunMonitor, write_contact_sheet
+from ipaflow.flows.monitoring import FINISHING, TICK_SECONDS, RunMonitor
+from ipaflow.flows.previews import preview_uris, read_thumbnails, write_contact_sheet
 from ipaflow.flows.runners import gpu_routing, make_task_runner
 from ipaflow.specs.manifest import open_manifest
 from ipaflow.specs.options import RenderOptions
@@ -103,18 +104,23 @@ def render_manifest(
     manifest: Annotated[str, Field(min_length=1, description="manifest URI or path (.parquet, .csv, .jsonl)")],
     out: Annotated[str, Field(min_length=1, description="output URI or path; {date} and {datetime} are filled in")],
     options: RenderOptions = RenderOptions(),
-) -> dict[str, Any]:
-    """Render every row of ``manifest`` into ``out``; returns the run summary.
+) -> State:
+    """Render every row of ``manifest`` into ``out``; returns the run summary (a dict).
 
     ``options`` (``ipaflow.specs.options.RenderOptions``, or a dict of its fields) are the command line's
-    render options; ``storage_options`` in it is kept secret (the Prefect API stores it masked).
+    render options; ``storage_options`` in it is kept secret (the Prefect API stores it masked). The flow run
+    ends "Completed", "Completed with failures" (rows failed; the state's message counts them), or "Failed"
+    once ``max_failures`` rows failed (calling the flow then raises ``TooManyFailures``, which carries the
+    summary).
     """
     logger = get_run_logger()
-    started = time.perf_counter()
     out = absolute_uri(fill_template(out, _run_time()))
     run_id = new_run_id()
     settings = RunSettings(run_id=run_id, out=out, options=options)
     storage = settings.storage()
+    name = manifest_name(manifest)
+    monitor = RunMonitor(name=name, redact=storage.redact)
+    monitor.start()
     storage.clean_staging()  # partial files of a run that was killed mid-write
     registry = SpecRegistry(options.specs, storage=storage)
     opened = open_manifest(manifest, storage=storage)
@@ -123,23 +129,25 @@ def render_manifest(
         logger.info("folded %d journal file(s) left by an earlier run", recovered)
 
     plan = plan_rows(opened, registry, storage, metadata, options.limit, options.overwrite)
-    name = manifest_name(manifest)
-    monitor = RunMonitor(name=name, total=plan.total, redact=storage.redact)
-    monitor.start()
     monitor.tag_flow_run(["ipaflow", f"manifest:{name}", *sorted({f"spec:{spec}" for spec in plan.specs})])
-    monitor.done = monitor.ok = plan.skipped
     recorded = _journal_rejected(plan, metadata, monitor, run_id)
     logger.info("%d rows: %d to render, %d already done, %d failed validation",
                 plan.total, len(plan.todo), plan.skipped, len(plan.rejected))
+    monitor.planned(plan.total, plan.skipped)
+    monitor.tick(force=True)  # rows that failed validation show at once
 
     shards = plan_shards(plan.todo, plan.specs, plan.keys, options.batch_size, options.shard_size)
     stats = _run_shards(shards, settings, monitor)
     _journal_unfinished(shards, stats, plan.keys, metadata, monitor, run_id)
 
+    monitor.set_phase(FINISHING)
     metadata.compact()
     all_records = list(metadata.load().values())
     this_run = [r for r in all_records if r["run_id"] == run_id]
-    contact_sheet = write_contact_sheet(storage, out, all_records)
+    sheet_thumbs, spec_thumbs = read_thumbnails(storage, all_records, logger.warning)
+    contact_sheet = write_contact_sheet(storage, out, sheet_thumbs)
+    times = monitor.stage_times()
+    rendered = sum(1 for r in this_run if r["status"] == "ok")
     summary = {
         "run_id": run_id,
         "manifest": storage.redact(manifest),
@@ -147,19 +155,21 @@ def render_manifest(
         "gallery": storage.redact(write_gallery(storage, out, all_records, contact_sheet)),
         "contact_sheet": contact_sheet and storage.redact(contact_sheet),
         "rows": plan.total,
-        "rendered": sum(1 for r in this_run if r["status"] == "ok"),
+        "rendered": rendered,
         "skipped": plan.skipped,
         # rows without a record of their own (an invalid id, or a repeated one) count too
         "failed": sum(1 for r in this_run if r["status"] == "failed") + len(plan.rejected) - recorded,
         "images": sum(len(r["outputs"]) for r in this_run if r["status"] == "ok"),
-        "seconds": round(time.perf_counter() - started, 3),
+        "seconds": times.pop("seconds"),  # from the command's start when a command runs the flow
+        "times": {**times, "render_rate": round(rendered / times["rendering"], 4) if times["rendering"] else None},
         "failures": [{"id": f.row, "spec": f.spec, "error": f.error} for f in monitor.failures],
         "shards": monitor.shards,
+        "live_updates": {"shard_reports": monitor.reports, "api_writes": monitor.api_writes,
+                         "api_seconds": round(monitor.api_seconds, 3)},
     }
-    monitor.finish(summary)
     logger.info("done: %d rendered, %d skipped, %d failed in %.1fs; gallery %s", summary["rendered"],
                 summary["skipped"], summary["failed"], summary["seconds"], summary["gallery"])
-    return summary
+    return monitor.finish(summary, preview_uris(spec_thumbs), options.max_failures)
 
 
 @dataclass
@@ -206,11 +216,12 @@ def _journal_rejected(plan: RowPlan, metadata: MetadataStore, monitor: RunMonito
     """Record the rows that failed before rendering; returns how many records (one per usable id)."""
     records = {}
     for failed in plan.rejected:
-        monitor.row_failed(failed)
+        monitor.row_failed(failed, "planning")
         if not failed.row.startswith("#") and failed.row not in records:
             records[failed.row] = make_record(job_id=failed.row, spec=failed.spec or "", status="failed",
                                               run_id=run_id, error=failed.error, redact=metadata.storage.redact)
     metadata.journal(run_id, "invalid-rows", list(records.values()))
+    monitor.close_log("planning")
     return len(records)
 
 
@@ -226,37 +237,47 @@ def _journal_unfinished(shards: list[ShardPlan], stats: list[ShardStats], keys: 
             if job.id not in finished:
                 failed = FailedRow(row=job.id, problems=(problems.get(shard.name, stopped),), index=job.index,
                                    spec=job.spec)
-                monitor.row_failed(failed)
+                monitor.row_failed(failed, shard.name)
                 records.append(make_record(job_id=job.id, spec=job.spec, status="failed", run_id=run_id,
                                            error=failed.error, seed=job.seed, params=job.params, key=keys[job.id],
                                            extra=job.extra, redact=metadata.storage.redact))
     metadata.journal(run_id, "unfinished-rows", records)
+    for shard in shards:
+        monitor.close_log(shard.name)
 
 
 def _run_shards(shards: list[ShardPlan], settings: RunSettings, monitor: RunMonitor) -> list[ShardStats]:
     """Submit shards to the options' task runner, keeping its worker count busy; stop submitting once
-    ``max_failures`` rows failed."""
+    ``max_failures`` rows failed. Between completions the monitor shows the running shards' reports."""
     logger = get_run_logger()
     max_failures = settings.options.max_failures
     pending = deque(shards)
     running: dict[Any, ShardPlan] = {}
+    finished: queue.Queue = queue.Queue()
     results: list[ShardStats] = []
     runner, max_in_flight = make_task_runner(settings.options)
-    with runner, gpu_routing(runner):  # no tags on task runs: see RunMonitor.tag_flow_run
+    # no tags on task runs: see RunMonitor.tag_flow_run
+    with runner, gpu_routing(runner), monitor.listening(runner, settings.run_id):
         while pending or running:
             while pending and len(running) < max_in_flight and not _too_many(monitor, max_failures):
                 shard = pending.popleft()
                 future = runner.submit(render_shard, parameters={"shard": shard, "settings": settings})
                 running[future] = shard
+                future.add_done_callback(finished.put)
             if not running:
                 break
-            future = next(as_completed(list(running)))
+            try:
+                future = finished.get(timeout=TICK_SECONDS)
+            except queue.Empty:
+                monitor.tick()
+                continue
             shard = running.pop(future)
             try:
-                stats = future.result()
+                stats = future.result().stats
             except Exception as exc:  # noqa: BLE001 - the task failed after its retries
                 problem = Problem("worker", monitor.redact(f"{type(exc).__name__}: {exc}"))
                 logger.error("%s failed: %s", shard.name, problem.reason)
+                monitor.shard_lost(shard.name)
                 results.append(ShardStats(name=shard.name, spec=shard.spec.name, rows=len(shard.jobs), problem=problem))
                 continue
             results.append(stats)
@@ -267,4 +288,4 @@ def _run_shards(shards: list[ShardPlan], settings: RunSettings, monitor: RunMoni
 
 
 def _too_many(monitor: RunMonitor, max_failures: int | None) -> bool:
-    return max_failures is not None and monitor.failed >= max_failures
+    return max_failures is not None and monitor.failed_so_far >= max_failures

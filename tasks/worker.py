@@ -3,13 +3,15 @@
 For each window of rows: inputs are fetched ahead (background threads), rows are grouped into micro-batches
 that can share one pipeline call, rendered on the cached pipeline, and handed to the writer, which encodes and
 uploads in the background and journals the records. A retried task skips the rows its earlier attempt
-already journaled. Plain Python (no Prefect): tasks/prefect_tasks.py wraps it as the Prefect task.
+already journaled. Plain Python (no Prefect): tasks/prefect_tasks.py wraps it as the Prefect task, and turns
+the optional ``progress`` callback's reports into live updates of the run.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from pydantic import BaseModel
 
@@ -58,6 +60,47 @@ class ShardStats(BaseModel):
     problem: Problem | None = None
 
 
+class ShardProgress(BaseModel):
+    """What a running shard reports after each batch and when it changes phase: its counts so far in this
+    attempt, and the rows that failed since its previous report. Plain data, so that it can cross from a Dask
+    worker's process to the flow's."""
+
+    shard: str
+    spec: str
+    rows: int
+    phase: str  # "loading pipeline" | "rendering"
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    images: int = 0
+    new_failures: list[FailedRow] = []
+
+
+ProgressCallback = Callable[[ShardProgress], None]
+
+
+class _Reporter:
+    """Sends ShardProgress to the callback, if any; a callback that raises never fails the shard."""
+
+    def __init__(self, stats: ShardStats, writer: ShardWriter, callback: ProgressCallback | None):
+        self.stats, self.writer, self.callback = stats, writer, callback
+        self.sent_failures = 0
+
+    def __call__(self, phase: str) -> None:
+        if self.callback is None:
+            return
+        writer = self.writer
+        new = writer.failures[self.sent_failures:]  # appended by writer threads; a slice is one atomic read
+        self.sent_failures += len(new)
+        report = ShardProgress(shard=self.stats.name, spec=self.stats.spec, rows=self.stats.rows, phase=phase,
+                               ok=writer.ok, failed=writer.failed, skipped=self.stats.skipped, images=writer.images,
+                               new_failures=new)
+        try:
+            self.callback(report)
+        except Exception:  # noqa: BLE001 - progress is for people; the render goes on without it
+            log.warning("progress report of %s failed", self.stats.name, exc_info=True)
+
+
 def _batches(loaded, jobs: list[Job], inputs: dict[str, RowInputs], batch_size: int):
     """Group a window's rows by call compatibility (first-seen order), then cut groups to batch_size, or to
     the smaller size an out-of-memory taught the pipeline for that shape."""
@@ -70,8 +113,9 @@ def _batches(loaded, jobs: list[Job], inputs: dict[str, RowInputs], batch_size: 
             yield group[start:start + size]
 
 
-def run_shard(shard: ShardPlan, settings: RunSettings) -> ShardStats:
-    """Render one shard; every row ends journaled as ``ok`` or ``failed`` with a reason."""
+def run_shard(shard: ShardPlan, settings: RunSettings, progress: ProgressCallback | None = None) -> ShardStats:
+    """Render one shard; every row ends journaled as ``ok`` or ``failed`` with a reason. ``progress``, when
+    given, receives a ShardProgress as the pipeline loads and after every batch (in this thread)."""
     started = time.perf_counter()
     storage = settings.storage()
     stats = ShardStats(name=shard.name, spec=shard.spec.name, rows=len(shard.jobs))
@@ -80,7 +124,9 @@ def run_shard(shard: ShardPlan, settings: RunSettings) -> ShardStats:
     stats.skipped = len(shard.jobs) - len(jobs)
     writer = ShardWriter(storage, settings.out, settings.run_id, shard.name, shard.spec, shard.row_keys)
     fetcher = InputFetcher(storage, jobs, {shard.spec.name: shard.spec})
+    report = _Reporter(stats, writer, progress)
     try:
+        report("loading pipeline")
         try:
             built = time.perf_counter()
             loaded = PIPELINES.get(shard.spec, settings.options.models)
@@ -105,11 +151,13 @@ def run_shard(shard: ShardPlan, settings: RunSettings) -> ShardStats:
                     ready[job.id] = fetcher.get(job)
                 except RowFailed as exc:
                     writer.fail(job, *exc.problems)
+            report("rendering")
             batchable = [job for job in rows if job.id in ready]
             for batch in _batches(loaded, batchable, ready, batch_size):
                 for rendered in render_rows(loaded, batch, [ready[job.id] for job in batch], storage.redact):
                     writer.submit(rendered)
                 writer.flush()
+                report("rendering")
     finally:
         fetcher.close()
         writer.close()
