@@ -76,10 +76,17 @@ def options_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error("; ".join(item["msg"].removeprefix("Value error, ") for item in exc.errors()))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (the usage of `render` alone is six): exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from importlib.metadata import version
 
-    parser = argparse.ArgumentParser(prog="ipaflow", description="Batch renders with diffusers IP-Adapter pipelines.")
+    parser = _Parser(prog="ipaflow", description="Batch renders with diffusers IP-Adapter pipelines.")
     parser.add_argument("--version", action="version", version=f"ipaflow {version('ipaflow')}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -222,9 +229,9 @@ def cmd_validate(args) -> int:
 
     try:
         failed, rows = validate_manifest(args.manifest, args.options, check_inputs=not args.no_inputs)
-    except (ManifestError, SpecError) as exc:
+    except (ManifestError, SpecError) as exc:  # nothing could be checked: like a usage error
         print(f"ipaflow: {exc}", file=sys.stderr)
-        return 1
+        return 2
     printed = set()
     for row in failed:
         for line in row.lines():

@@ -115,14 +115,21 @@ def write_contact_sheet(storage: Storage, out: str, thumbs: list[Thumb]) -> str 
 
 
 def preview_jpeg(thumbs: list[Thumb], budget: int) -> bytes:
-    """A spec's preview sheet as JPEG, at the largest (cell, quality) of the ladder that fits ``budget``."""
-    data = b""
-    for cell, quality in PREVIEW_LADDER:
+    """A spec's preview sheet as JPEG, at the largest (cell, quality) of the ladder that fits ``budget``; at
+    the ladder's end, with fewer thumbnails until it fits (noise compresses badly)."""
+
+    def encode(chosen: list[Thumb], cell: int, quality: int) -> bytes:
         buffer = io.BytesIO()
-        labelled_grid(thumbs, cell, columns=len(thumbs)).save(buffer, format="JPEG", quality=quality, optimize=True)
-        data = buffer.getvalue()
+        labelled_grid(chosen, cell, columns=len(chosen)).save(buffer, format="JPEG", quality=quality, optimize=True)
+        return buffer.getvalue()
+
+    for cell, quality in PREVIEW_LADDER:
+        data = encode(thumbs, cell, quality)
         if len(data) <= budget:
-            break
+            return data
+    while len(data) > budget and len(thumbs) > 1:
+        thumbs = thumbs[:-1]
+        data = encode(thumbs, cell, quality)
     return data
 
 
