@@ -109,8 +109,17 @@ def _report(shard: str, ok: int, failed: int = 0, new: tuple = (), skipped: int 
                          images=ok, new_failures=list(new))
 
 
+def _monitor() -> RunMonitor:
+    """A monitor outside any flow run: no API writes (interval 0), its lines to a plain logger."""
+    import logging
+
+    monitor = RunMonitor(name="m", interval=0)
+    monitor.log = logging.getLogger("tests.monitor")
+    return monitor
+
+
 def test_live_reports_count_until_the_shard_finishes():
-    monitor = RunMonitor(name="m", interval=0)  # interval 0: no API writes
+    monitor = _monitor()
     monitor.planned(total=10, skipped=2)
     monitor.report(_report("a", ok=1, failed=1, new=[_failed("x", "ip_image", "bad")]))
     monitor.report(_report("b", ok=2).model_dump(mode="json"))  # as a Dask event carries it
@@ -139,9 +148,9 @@ def test_failed_rows_are_logged_up_to_a_limit_per_shard(caplog):
 
     from ipaflow.flows.monitoring import FAILURE_LOG_LIMIT
 
-    monitor = RunMonitor(name="m", interval=0)
+    monitor = _monitor()
     monitor.planned(total=40, skipped=0)
-    with caplog.at_level(logging.WARNING, logger="ipaflow.flow"):
+    with caplog.at_level(logging.WARNING, logger="tests.monitor"):
         monitor.report(_report("a", ok=0, failed=15, new=[_failed(f"r{i}", "ip_image", "bad") for i in range(15)]))
         monitor.tick()
         monitor.close_log("a")
