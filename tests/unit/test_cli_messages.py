@@ -12,6 +12,15 @@ from ipaflow.flows import cli
 from ipaflow.flows.cli import _parser, main
 
 
+@pytest.fixture(autouse=True)
+def environment_restored(monkeypatch):
+    """main() sets Prefect's quiet defaults in os.environ for the command's process; not for later tests."""
+    for name in ("DO_NOT_TRACK", "PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL",
+                 "PREFECT_LOGGING_EXTRA_LOGGERS", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"):
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)  # noted by monkeypatch: restored (to absent or as it was) after the test
+
+
 @pytest.mark.parametrize("argv", [
     ["render", "m.parquet", "--out", "o", "--batch-size", "0"],
     ["render", "m.parquet", "--out", "o", "--batch-size", "-3"],
