@@ -1,0 +1,222 @@
+"""What the live updates of a run cost: the same manifest rendered with them on and off, on two Prefect APIs.
+
+    python benchmarks/live_updates.py [--rows 160] [--steps 12] [--rounds 3] [--intervals 0,5] [--models DIR]
+
+Live updates are the shards' per-batch reports and the flow's writes of the progress and failed-rows artifacts
+every ``$IPAFLOW_LIVE_UPDATES`` seconds (default 5; 0 switches them off: artifacts at the start and the end only,
+no reports). Each run is a whole ``ipaflow render`` process timed from outside, on:
+
+- Prefect's temporary API server (SQLite), which ``ipaflow render`` starts itself when no API is configured;
+- ``prefect server start`` backed by PostgreSQL from the system's packages: this script installs Debian's
+  ``postgresql`` when its binaries are missing (as root, with apt-get), creates a throw-away cluster in a
+  temporary folder (``initdb``, trust authentication, 127.0.0.1 only), starts it and the Prefect server, and
+  stops both at the end.
+
+Per API: one warm-up run (database created and migrated, caches warm; not counted), then ``--rounds`` rounds that run every interval in
+turn, the order rotating from round to round. Printed: the median wall time per interval, its ratio to "off"
+(median of the rounds' ratios), and what the flow's thread spent writing to the API (from the run summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+SUMMARY_ENV = "IPAFLOW_BENCH_SUMMARY"  # where the wrapped command writes its run summary (JSON)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(url: str, process: subprocess.Popen, what: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{what} exited with status {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise SystemExit(f"{what} did not answer at {url} within {timeout:.0f}s")
+
+
+# ------------------------------------------------------------------------------------------- PostgreSQL
+def postgres_bin() -> Path:
+    """The folder of PostgreSQL's server binaries; Debian's package installed first when missing."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    if not found and shutil.which("initdb"):
+        return Path(shutil.which("initdb")).parent
+    if not found:
+        if os.geteuid() != 0:
+            raise SystemExit("PostgreSQL is not installed: run `sudo apt-get install -y postgresql`, then again")
+        subprocess.run(["apt-get", "install", "-y", "postgresql"], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    return Path(found[-1]).parent
+
+
+class Postgres:
+    """A throw-away PostgreSQL cluster on 127.0.0.1 (as the ``postgres`` user when this runs as root)."""
+
+    def __init__(self, folder: Path):
+        self.bin, self.data, self.port = postgres_bin(), folder / "pgdata", free_port()
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    def run(self, tool: str, *args: str) -> None:
+        subprocess.run([*self.as_user, str(self.bin / tool), *args], check=True, stdout=subprocess.DEVNULL)
+
+    def start(self) -> str:
+        self.data.mkdir(parents=True)
+        if self.as_user:
+            shutil.chown(self.data, "postgres", "postgres")
+        self.run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-instructions")
+        self.run("pg_ctl", "-D", str(self.data), "-w", "-l", str(self.data / "server.log"), "-o",
+                 f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1", "start")
+        self.run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "prefect")
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/prefect"
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self.run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+
+def start_prefect_server(database_url: str, home: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_DATABASE_CONNECTION_URL": database_url,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    env.pop("PREFECT_API_URL", None)
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api"
+    wait_for(f"{url}/health", server, "prefect server")
+    return server, url
+
+
+# ---------------------------------------------------------------------------------------------- the runs
+def wrapped_render(argv: list[str]) -> int:
+    """``ipaflow render`` as users run it, writing its summary where ``$IPAFLOW_BENCH_SUMMARY`` says."""
+    from ipaflow.flows import cli
+
+    shown = cli.print_summary
+
+    def print_and_keep(summary: dict) -> None:
+        shown(summary)
+        Path(os.environ[SUMMARY_ENV]).write_text(json.dumps(summary))
+
+    cli.print_summary = print_and_keep
+    return cli.main(["render", *argv])
+
+
+def timed_render(manifest: Path, out: Path, interval: float, env: dict, extra: list[str]) -> tuple[float, dict]:
+    summary_file = out.with_suffix(".json")
+    env = {**env, "IPAFLOW_LIVE_UPDATES": str(interval), SUMMARY_ENV: str(summary_file)}
+    command = [sys.executable, str(Path(__file__).resolve()), "--wrapped", str(manifest), "--out", str(out), *extra]
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"ipaflow render failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return seconds, json.loads(summary_file.read_text())
+
+
+def measure(label: str, manifest: Path, work: Path, env: dict, args) -> list[str]:
+    extra = ["--batch-size", str(args.batch_size)]
+    timed_render(manifest, work / f"{label}-warm-up", 0, env, extra)  # database created, caches warm: not counted
+    walls: dict[float, list[float]] = {i: [] for i in args.intervals}
+    writes: dict[float, list[dict]] = {i: [] for i in args.intervals}
+    for round_ in range(args.rounds):
+        order = args.intervals[round_ % len(args.intervals):] + args.intervals[:round_ % len(args.intervals)]
+        for interval in order:
+            seconds, summary = timed_render(manifest, work / f"{label}-{interval}-{round_}", interval, env, extra)
+            assert summary["rendered"] == args.rows, summary
+            walls[interval].append(seconds)
+            writes[interval].append(summary["live_updates"])
+            print(f"  {label} round {round_ + 1}, live updates {interval or 'off'}: {seconds:.1f}s "
+                  f"{summary['live_updates']}", flush=True)
+    off = walls[args.intervals[0]]
+    lines = []
+    for interval in args.intervals:
+        ratio = statistics.median(w / o for w, o in zip(walls[interval], off))
+        live = writes[interval]
+        name = f"every {interval:g}s" if interval else "off"
+        lines.append(f"{label:22} {name:>12} "
+                     f"{statistics.median(walls[interval]):>9.1f} {statistics.median(walls[interval]) / args.rows:>7.3f} "
+                     f"{ratio:>9.4f} {statistics.median(x['shard_reports'] for x in live):>8.0f} "
+                     f"{statistics.median(x['api_writes'] for x in live):>7.0f} "
+                     f"{statistics.median(x['api_seconds'] for x in live):>9.3f}")
+    return lines
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--wrapped":
+        sys.exit(wrapped_render(sys.argv[2:]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=160)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--distinct", type=int, default=16, help="distinct image prompts")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--intervals", default="0,5", help="seconds between live updates, the first is the baseline")
+    parser.add_argument("--models", help="hub-layout model folder (default: the tiny zoo, built if missing)")
+    parser.add_argument("--apis", default="temporary,postgres", help="which Prefect APIs: temporary, postgres")
+    args = parser.parse_args()
+    args.intervals = [float(x) for x in args.intervals.split(",")]
+
+    from throughput import write_manifest
+
+    from ipaflow.tasks.zoo import build_zoo
+
+    work = Path(tempfile.mkdtemp(prefix="ipaflow-live-"))
+    os.chmod(work, 0o755)  # the postgres user creates its cluster inside
+    models = Path(args.models) if args.models else build_zoo(Path.home() / ".cache/ipaflow/zoo")
+    manifest = write_manifest(work, args.rows, args.distinct, args.steps)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "IPAFLOW_MODELS": str(models), "PREFECT_LOGGING_LEVEL": "WARNING",
+           "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(ROOT)}
+    env.pop("PREFECT_API_URL", None)
+    print(f"{args.rows} rows of sdxl-text2img, {args.steps} steps, 64x64, batch size {args.batch_size}; "
+          f"{args.rounds} rounds; work dir {work}", flush=True)
+    lines = []
+    if "temporary" in args.apis:
+        lines += measure("temporary (SQLite)", manifest, work, {**env, "PREFECT_HOME": str(work / "temp-home")}, args)
+    if "postgres" in args.apis:
+        postgres = Postgres(work)
+        server = None
+        try:
+            server, url = start_prefect_server(postgres.start(), work / "server-home")
+            lines += measure("server + PostgreSQL", manifest, work,
+                             {**env, "PREFECT_HOME": str(work / "client-home"), "PREFECT_API_URL": url}, args)
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(timeout=30)
+            postgres.stop()
+    print()
+    print(f"{'Prefect API':22} {'live updates':>12} {'wall s':>9} {'s/row':>7} {'x off':>9} {'reports':>8} "
+          f"{'writes':>7} {'write s':>9}")
+    print("\n".join(lines))
+    print("(wall s: median whole-process time; x off: median of the rounds' ratios to 'off'; reports, writes, "
+          "write s: shard reports received, API write rounds and the flow thread's seconds in them, medians)")
+
+
+if __name__ == "__main__":
+    main()
