@@ -12,9 +12,10 @@ no reports). Each run is a whole ``ipaflow render`` process timed from outside, 
   temporary folder (``initdb``, trust authentication, 127.0.0.1 only), starts it and the Prefect server, and
   stops both at the end.
 
-Per API: one warm-up run (database created and migrated, caches warm; not counted), then ``--rounds`` rounds that run every interval in
-turn, the order rotating from round to round. Printed: the median wall time per interval, its ratio to "off"
-(median of the rounds' ratios), and what the flow's thread spent writing to the API (from the run summary).
+Per API: one warm-up run (database created and migrated, caches warm; not counted), then ``--rounds`` rounds
+that run every interval in turn, the order rotating from round to round. Printed: the median wall time per
+interval, its ratio to "off" (median of the rounds' ratios), and what the flow's thread spent writing to the API
+(from the run summary).
 """
 
 from __future__ import annotations

@@ -170,10 +170,13 @@ def _bar() -> Iterator[None]:
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn(),
                TextColumn("ETA {task.fields[eta]}"))
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+    terminal = sys.stderr
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar, \
+            _logs_above_the_bar(terminal, bar.console) as route:
         task = bar.add_task(_latest.phase, total=None, rate=format_rate(None), failed=0, eta="?")
 
         def listener(snapshot: Snapshot) -> None:
+            route()
             bar.update(task, description=snapshot.phase, completed=snapshot.done, total=snapshot.total,
                        rate=format_rate(snapshot.rate), failed=snapshot.failed, eta=format_duration(snapshot.eta))
 
@@ -182,6 +185,49 @@ def _bar() -> Iterator[None]:
             yield
         finally:
             remove_listener(listener)
+
+
+@contextlib.contextmanager
+def _logs_above_the_bar(terminal, console) -> Iterator[Callable[[], None]]:
+    """While the bar is drawn, log handlers that write onto ``terminal`` (Prefect's console handler, set up when
+    Prefect is imported, after the bar appears) are stood in for by one that prints through the bar's console,
+    so that their lines go above the bar instead of through it; ``route()`` looks for new ones. The same level
+    and format; put back at the end."""
+    import logging
+
+    from rich.text import Text
+
+    class AboveTheBar(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                console.print(Text(self.format(record)), soft_wrap=True)  # Text: log text is never markup
+            except Exception:  # noqa: BLE001 - as logging.StreamHandler does
+                self.handleError(record)
+
+    swapped: list[tuple[logging.Logger, logging.Handler, logging.Handler]] = []
+
+    def route() -> None:
+        loggers = [logging.getLogger(), *(v for v in list(logging.Logger.manager.loggerDict.values())
+                                          if isinstance(v, logging.Logger))]
+        for logger in loggers:
+            for handler in list(logger.handlers):
+                stream = getattr(handler, "stream", None)
+                if isinstance(handler, logging.StreamHandler) and terminal in (
+                        stream, getattr(stream, "rich_proxied_file", None)):  # set up before the bar, or during it
+                    stand_in = AboveTheBar(handler.level)
+                    stand_in.setFormatter(handler.formatter)
+                    for log_filter in handler.filters:
+                        stand_in.addFilter(log_filter)
+                    logger.removeHandler(handler)
+                    logger.addHandler(stand_in)
+                    swapped.append((logger, handler, stand_in))
+
+    try:
+        yield route
+    finally:
+        for logger, handler, stand_in in swapped:
+            logger.removeHandler(stand_in)
+            logger.addHandler(handler)
 
 
 @contextlib.contextmanager

@@ -81,12 +81,15 @@ def _log_to_stderr() -> None:
 class RunWatcher:
     """Reads the deployment's runs from the Prefect API and logs each one once as it starts and once as it
     ends: its name, and at the end its final state's name and message ("Completed with failures: 28 ok, 5
-    failed, 0 skipped"). Only runs that start after the watcher was made; one query per ``every`` seconds."""
+    failed, 0 skipped"). Only runs that start after the watcher was made; one query per ``every`` seconds. A
+    start is logged one poll after it is seen (or with the end), once the flow has given the run its name
+    (``<deployment>-<date>``; it starts with a random one)."""
 
     def __init__(self, flow_name: str, deployment_name: str, since: datetime | None = None,
                  every: float = WATCH_EVERY_S):
         self.flow_name, self.deployment_name, self.every = flow_name, deployment_name, every
         self.since = since or datetime.now(timezone.utc)
+        self.seen: set = set()
         self.started: set = set()
         self.ended: set = set()
 
@@ -104,19 +107,24 @@ class RunWatcher:
         runs = client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=[self.flow_name])),
             deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[self.deployment_name])),
-            flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=self.since)),
+            flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=self.since, is_null_=False)),
             sort=FlowRunSort.START_TIME_ASC, limit=200)
         for run in runs:
-            if run.id not in self.started:
+            state = run.state
+            if state is None or not (state.is_running() or state.is_final()) or run.start_time is None:
+                continue  # scheduled or pending: not started yet
+            ended = state.is_final()
+            if run.id not in self.started and (run.id in self.seen or ended):
                 self.started.add(run.id)
                 log.info("run %s started (manifest %s, out %s)", run.name, run.parameters.get("manifest"),
                          run.parameters.get("out"))
-            if run.state is not None and run.state.is_final() and run.id not in self.ended:
+            self.seen.add(run.id)
+            if ended and run.id not in self.ended:
                 self.ended.add(run.id)
                 seconds = f" after {run.total_run_time.total_seconds():.0f}s" if run.total_run_time else ""
-                level = logging.INFO if run.state.is_completed() else logging.WARNING
-                log.log(level, "run %s ended %s%s%s", run.name, run.state.name,
-                        f": {run.state.message}" if run.state.message else "", seconds)
+                level = logging.INFO if state.is_completed() else logging.WARNING
+                log.log(level, "run %s ended %s%s%s", run.name, state.name,
+                        f": {state.message}" if state.message else "", seconds)
 
     def watch(self) -> None:
         from prefect.client.orchestration import get_client

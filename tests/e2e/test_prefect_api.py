@@ -268,12 +268,20 @@ def _terminal_output(monkeypatch, make_stream, every: float = 30.0) -> str:
 
     stream, read = make_stream()
     monkeypatch.setattr(sys, "stderr", stream)
-    with progress.terminal_progress(every=every):
-        progress.set_phase("importing torch, diffusers and Prefect")
-        time.sleep(0.3)  # a few of rich's refreshes
-        progress.publish(progress.Snapshot(phase="rendering", total=40, done=12, ok=9, failed=3, rate=2.5, eta=11.2,
-                                           elapsed=7))
-        time.sleep(0.5)
+    logger = logging.getLogger("tests.terminal")  # a log handler on the same stream, as Prefect's console one
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    try:
+        with progress.terminal_progress(every=every):
+            progress.set_phase("importing torch, diffusers and Prefect")
+            time.sleep(0.3)  # a few of rich's refreshes
+            progress.publish(progress.Snapshot(phase="rendering", total=40, done=12, ok=9, failed=3, rate=2.5,
+                                               eta=11.2, elapsed=7))
+            logger.warning("row r-7 failed: [spec x]")
+            time.sleep(0.5)
+        assert logger.handlers == [handler]  # put back
+    finally:
+        logger.removeHandler(handler)
     stream.flush()
     return read()
 
@@ -306,10 +314,11 @@ def test_progress_on_a_terminal_and_off_it(monkeypatch):
     assert "importing torch, diffusers and Prefect" in shown  # the start-up, before any row
     assert "rendering" in shown and "12/40" in shown and "2.5 rows/s" in shown and "3 failed" in shown
     assert "ETA 11s" in shown
+    assert "\x1b[2Krow r-7 failed: [spec x]" in shown  # the bar's line cleared first: the log line goes above it
 
-    assert _terminal_output(monkeypatch, pipe) == ""  # a short command prints no status line
+    assert _terminal_output(monkeypatch, pipe) == "row r-7 failed: [spec x]\n"  # no status line in a short command
     lines = _terminal_output(monkeypatch, pipe, every=0.2).splitlines()
-    assert lines and all(line.startswith("ipaflow: ") for line in lines)
+    assert lines and all(line.startswith("ipaflow: ") for line in lines if "r-7" not in line)
     assert "ipaflow: rendering: 12/40 rows, 9 ok, 3 failed, 0 skipped, 2.5 rows/s, ETA 11s, elapsed 7s" in lines
 
 
