@@ -13,9 +13,11 @@ no reports). Each run is a whole ``ipaflow render`` process timed from outside, 
   stops both at the end.
 
 Per API: one warm-up run (database created and migrated, caches warm; not counted), then ``--rounds`` rounds
-that run every interval in turn, the order rotating from round to round. Printed: the median wall time per
-interval, its ratio to "off" (median of the rounds' ratios), and what the flow's thread spent writing to the API
-(from the run summary).
+that run every interval in turn, the order rotating from round to round. Printed per interval: the median wall
+time and its ratio to "off" (median of the rounds' ratios); the CPU seconds the run used (the command and its
+children, the temporary server included) and, for the separate server, the CPU seconds the Prefect server and
+PostgreSQL used during the run, each with its ratio; and what the flow's thread spent writing to the API (from
+the run summary). On a shared machine wall times swing with the neighbours' load; CPU seconds much less.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import glob
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -58,6 +61,32 @@ def wait_for(url: str, process: subprocess.Popen, what: str, timeout: float = 18
         except OSError:
             time.sleep(0.3)
     raise SystemExit(f"{what} did not answer at {url} within {timeout:.0f}s")
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's waited-for children (and theirs) so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def tree_cpu(*roots: int) -> float:
+    """CPU seconds the processes ``roots`` and their descendants have used so far: the live ones, and those
+    already gone through their parents' counters (Linux /proc)."""
+    stats: dict[int, tuple[int, int]] = {}  # pid -> (parent, own + reaped children's clock ticks)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        stats[int(stat.parent.name)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))
+    total, todo = 0, list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            total += stats[pid][1]
+            todo += [child for child, (parent, _) in stats.items() if parent == pid]
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------------------------------- PostgreSQL
@@ -95,6 +124,9 @@ class Postgres:
         self.run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "prefect")
         return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/prefect"
 
+    def pid(self) -> int:
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
             self.run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
@@ -128,43 +160,55 @@ def wrapped_render(argv: list[str]) -> int:
     return cli.main(["render", *argv])
 
 
-def timed_render(manifest: Path, out: Path, interval: float, env: dict, extra: list[str]) -> tuple[float, dict]:
+def timed_render(manifest: Path, out: Path, interval: float, env: dict, extra: list[str],
+                 servers: tuple[int, ...] = ()) -> dict:
+    """One whole ``ipaflow render``: its wall and CPU seconds, the CPU seconds of the ``servers`` process trees
+    meanwhile, and its run summary."""
     summary_file = out.with_suffix(".json")
     env = {**env, "IPAFLOW_LIVE_UPDATES": str(interval), SUMMARY_ENV: str(summary_file)}
     command = [sys.executable, str(Path(__file__).resolve()), "--wrapped", str(manifest), "--out", str(out), *extra]
+    cpu, server_cpu = children_cpu(), tree_cpu(*servers)
     started = time.perf_counter()
     done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seconds = time.perf_counter() - started
+    wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"ipaflow render failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return seconds, json.loads(summary_file.read_text())
+    return {"wall": wall, "cpu": children_cpu() - cpu, "server_cpu": tree_cpu(*servers) - server_cpu,
+            "summary": json.loads(summary_file.read_text())}
 
 
-def measure(label: str, manifest: Path, work: Path, env: dict, args) -> list[str]:
+def measure(label: str, manifest: Path, work: Path, env: dict, args, servers: tuple[int, ...] = ()) -> list[str]:
     extra = ["--batch-size", str(args.batch_size)]
     timed_render(manifest, work / f"{label}-warm-up", 0, env, extra)  # database created, caches warm: not counted
-    walls: dict[float, list[float]] = {i: [] for i in args.intervals}
-    writes: dict[float, list[dict]] = {i: [] for i in args.intervals}
+    runs: dict[float, list[dict]] = {i: [] for i in args.intervals}
     for round_ in range(args.rounds):
         order = args.intervals[round_ % len(args.intervals):] + args.intervals[:round_ % len(args.intervals)]
         for interval in order:
-            seconds, summary = timed_render(manifest, work / f"{label}-{interval}-{round_}", interval, env, extra)
-            assert summary["rendered"] == args.rows, summary
-            walls[interval].append(seconds)
-            writes[interval].append(summary["live_updates"])
-            print(f"  {label} round {round_ + 1}, live updates {interval or 'off'}: {seconds:.1f}s "
-                  f"{summary['live_updates']}", flush=True)
-    off = walls[args.intervals[0]]
+            run = timed_render(manifest, work / f"{label}-{interval}-{round_}", interval, env, extra, servers)
+            assert run["summary"]["rendered"] == args.rows, run["summary"]
+            runs[interval].append(run)
+            print(f"  {label} round {round_ + 1}, live updates {interval or 'off'}: {run['wall']:.1f}s wall, "
+                  f"{run['cpu']:.1f} CPU s, server {run['server_cpu']:.1f} CPU s, {run['summary']['live_updates']}",
+                  flush=True)
+
+    def median(interval: float, key: str) -> float:
+        return statistics.median(run[key] for run in runs[interval])
+
+    def ratio(interval: float, key: str) -> float:
+        base = runs[args.intervals[0]]
+        return statistics.median(run[key] / off[key] for run, off in zip(runs[interval], base) if off[key])
+
     lines = []
     for interval in args.intervals:
-        ratio = statistics.median(w / o for w, o in zip(walls[interval], off))
-        live = writes[interval]
+        live = [run["summary"]["live_updates"] for run in runs[interval]]
+        server = f"{median(interval, 'server_cpu'):>8.1f} {ratio(interval, 'server_cpu'):>7.3f}" if servers else \
+            f"{'-':>8} {'-':>7}"
         name = f"every {interval:g}s" if interval else "off"
-        lines.append(f"{label:22} {name:>12} "
-                     f"{statistics.median(walls[interval]):>9.1f} {statistics.median(walls[interval]) / args.rows:>7.3f} "
-                     f"{ratio:>9.4f} {statistics.median(x['shard_reports'] for x in live):>8.0f} "
-                     f"{statistics.median(x['api_writes'] for x in live):>7.0f} "
-                     f"{statistics.median(x['api_seconds'] for x in live):>9.3f}")
+        lines.append(f"{label:20} {name:>9} {median(interval, 'wall'):>7.1f} {ratio(interval, 'wall'):>7.3f} "
+                     f"{median(interval, 'cpu'):>7.1f} {ratio(interval, 'cpu'):>7.3f} {server} "
+                     f"{statistics.median(x['shard_reports'] for x in live):>7.0f} "
+                     f"{statistics.median(x['api_writes'] for x in live):>6.0f} "
+                     f"{statistics.median(x['api_seconds'] for x in live):>7.2f}")
     return lines
 
 
@@ -205,18 +249,21 @@ def main() -> None:
         try:
             server, url = start_prefect_server(postgres.start(), work / "server-home")
             lines += measure("server + PostgreSQL", manifest, work,
-                             {**env, "PREFECT_HOME": str(work / "client-home"), "PREFECT_API_URL": url}, args)
+                             {**env, "PREFECT_HOME": str(work / "client-home"), "PREFECT_API_URL": url}, args,
+                             servers=(server.pid, postgres.pid()))
         finally:
             if server is not None:
                 server.terminate()
                 server.wait(timeout=30)
             postgres.stop()
     print()
-    print(f"{'Prefect API':22} {'live updates':>12} {'wall s':>9} {'s/row':>7} {'x off':>9} {'reports':>8} "
-          f"{'writes':>7} {'write s':>9}")
+    print(f"{'Prefect API':20} {'live':>9} {'wall s':>7} {'x off':>7} {'CPU s':>7} {'x off':>7} {'server':>8} "
+          f"{'x off':>7} {'reports':>7} {'writes':>6} {'write s':>7}")
     print("\n".join(lines))
-    print("(wall s: median whole-process time; x off: median of the rounds' ratios to 'off'; reports, writes, "
-          "write s: shard reports received, API write rounds and the flow thread's seconds in them, medians)")
+    print("(medians of the rounds. wall s: the whole command; CPU s: the command and its children, the temporary "
+          "server included; server: the CPU s of a separate Prefect server and PostgreSQL during the run; x off: "
+          "median of the rounds' ratios to 'off'; reports, writes, write s: shard reports the flow received, its "
+          "API write rounds and the seconds its thread spent in them)")
 
 
 if __name__ == "__main__":
