@@ -191,13 +191,13 @@ def _bar() -> Iterator[None]:
 def _logs_above_the_bar(terminal, console) -> Iterator[Callable[[], None]]:
     """While the bar is drawn, log handlers that write onto ``terminal`` (Prefect's console handler, set up when
     Prefect is imported, after the bar appears) are stood in for by one that prints through the bar's console,
-    so that their lines go above the bar instead of through it; ``route()`` looks for new ones. The same level
-    and format; put back at the end."""
+    so that their lines go above the bar instead of through it; ``route()`` looks for new ones. The same level,
+    format and filters; put back at the end, with any filter added meanwhile."""
     import logging
 
     from rich.text import Text
 
-    class AboveTheBar(logging.Handler):
+    class AboveTheBar(logging.StreamHandler):  # a StreamHandler still, for code that filters those
         def emit(self, record: logging.LogRecord) -> None:
             try:
                 console.print(Text(self.format(record)), soft_wrap=True)  # Text: log text is never markup
@@ -212,9 +212,10 @@ def _logs_above_the_bar(terminal, console) -> Iterator[Callable[[], None]]:
         for logger in loggers:
             for handler in list(logger.handlers):
                 stream = getattr(handler, "stream", None)
-                if isinstance(handler, logging.StreamHandler) and terminal in (
+                if isinstance(handler, logging.StreamHandler) and not isinstance(handler, AboveTheBar) and terminal in (
                         stream, getattr(stream, "rich_proxied_file", None)):  # set up before the bar, or during it
-                    stand_in = AboveTheBar(handler.level)
+                    stand_in = AboveTheBar(sys.stderr)
+                    stand_in.setLevel(handler.level)
                     stand_in.setFormatter(handler.formatter)
                     for log_filter in handler.filters:
                         stand_in.addFilter(log_filter)
@@ -227,6 +228,9 @@ def _logs_above_the_bar(terminal, console) -> Iterator[Callable[[], None]]:
     finally:
         for logger, handler, stand_in in swapped:
             logger.removeHandler(stand_in)
+            for log_filter in stand_in.filters:  # one added meanwhile stays
+                if log_filter not in handler.filters:
+                    handler.addFilter(log_filter)
             logger.addHandler(handler)
 
 
