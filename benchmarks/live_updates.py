@@ -17,7 +17,10 @@ that run every interval in turn, the order rotating from round to round. Printed
 time and its ratio to "off" (median of the rounds' ratios); the CPU seconds the run used (the command and its
 children, the temporary server included) and, for the separate server, the CPU seconds the Prefect server and
 PostgreSQL used during the run, each with its ratio; and what the flow's thread spent writing to the API (from
-the run summary). On a shared machine wall times swing with the neighbours' load; CPU seconds much less.
+the run summary). On a shared machine wall times swing with the neighbours' load, and CPU seconds too (torch's
+threads spin while they wait for a core). So the script also times one live-update round by itself, ``--write-
+rounds`` times against each API: the CPU it costs the flow's thread and the server, which does not depend on the
+neighbours, and what share of a core that is at one round every 5 s.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -41,6 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 SUMMARY_ENV = "IPAFLOW_BENCH_SUMMARY"  # where the wrapped command writes its run summary (JSON)
+SERVER_PIDS_ENV = "IPAFLOW_BENCH_SERVER_PIDS"  # the separate server's processes, for --write-cost
+DEFAULT_INTERVAL_S = 5.0  # ipaflow's default $IPAFLOW_LIVE_UPDATES
 
 
 def free_port() -> int:
@@ -177,6 +183,61 @@ def timed_render(manifest: Path, out: Path, interval: float, env: dict, extra: l
             "summary": json.loads(summary_file.read_text())}
 
 
+def write_cost(rounds: int) -> None:
+    """In a process of its own: ``rounds`` live-update rounds as the run monitor writes them at worst (the
+    progress artifact and a failed-rows table of 50 reasons, both updated) against the environment's API (the
+    temporary server when none is configured), after 10 rounds of warm-up. Prints, per round: wall ms, this
+    thread's CPU ms and the server's CPU ms (JSON). CPU time barely depends on what else the machine runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
+
+    from ipaflow.flows.prefect_api import TemporaryAPIServer
+
+    server = TemporaryAPIServer.start_unless_configured()
+    if server is not None:
+        server.wait_until_ready()
+        pids: tuple[int, ...] = (server.process.pid,)
+    else:
+        pids = tuple(int(pid) for pid in os.environ[SERVER_PIDS_ENV].split(","))
+    table = [{"rows": 50 - i, "column": "ip\\_image", "reason (first row's)": f"not found: /data/in/x{i}.png",
+              "specs": "sdxl\\-text2img", "sample ids": "r1, r2, r3, r4, r5"} for i in range(50)]
+    with get_client(sync_client=True) as client:
+        progress_id = client.create_artifact(ArtifactCreate(type="progress", key="bench-progress", data=0.0)).id
+        table_id = client.create_artifact(ArtifactCreate(type="table", key="bench-failed-rows",
+                                                         data=json.dumps(table))).id
+
+        def one_round(number: int) -> None:
+            client.update_artifact(progress_id, ArtifactUpdate(
+                data=100.0 * number / rounds, description=f"rendering: {number}/{rounds} rows, 3.2 rows/s, ETA 1m"))
+            client.update_artifact(table_id, ArtifactUpdate(data=json.dumps(table), description=f"{number} failed"))
+
+        for number in range(10):
+            one_round(number)
+        time.sleep(1.0)
+        idle = tree_cpu(*pids)
+        time.sleep(2.0)  # the server's own background work, to subtract
+        idle_rate = (tree_cpu(*pids) - idle) / 2.0
+        cpu, server_cpu, started = time.thread_time(), tree_cpu(*pids), time.perf_counter()
+        for number in range(rounds):
+            one_round(number)
+        wall, cpu = time.perf_counter() - started, time.thread_time() - cpu
+    time.sleep(1.0)  # work the server left for later
+    server_cpu = tree_cpu(*pids) - server_cpu - idle_rate * (wall + 1.0)
+    print(json.dumps({"wall_ms": 1000 * wall / rounds, "client_cpu_ms": 1000 * cpu / rounds,
+                      "server_cpu_ms": 1000 * max(server_cpu, 0.0) / rounds}))
+    if server is not None:
+        server.stop()
+
+
+def cost_line(label: str, env: dict, rounds: int) -> str:
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--write-cost", str(rounds)], env=env,
+                          capture_output=True, text=True, check=True)
+    cost = json.loads(done.stdout.strip().splitlines()[-1])
+    share = (cost["client_cpu_ms"] + cost["server_cpu_ms"]) / 1000 / DEFAULT_INTERVAL_S
+    return (f"{label:20} {cost['wall_ms']:>9.1f} {cost['client_cpu_ms']:>10.1f} {cost['server_cpu_ms']:>10.1f} "
+            f"{100 * share:>9.2f}%")
+
+
 def measure(label: str, manifest: Path, work: Path, env: dict, args, servers: tuple[int, ...] = ()) -> list[str]:
     extra = ["--batch-size", str(args.batch_size)]
     timed_render(manifest, work / f"{label}-warm-up", 0, env, extra)  # database created, caches warm: not counted
@@ -215,6 +276,9 @@ def measure(label: str, manifest: Path, work: Path, env: dict, args, servers: tu
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--wrapped":
         sys.exit(wrapped_render(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "--write-cost":
+        sys.exit(write_cost(int(sys.argv[2])))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill stops the servers this script started too
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=160)
     parser.add_argument("--steps", type=int, default=12)
@@ -224,6 +288,7 @@ def main() -> None:
     parser.add_argument("--intervals", default="0,5", help="seconds between live updates, the first is the baseline")
     parser.add_argument("--models", help="hub-layout model folder (default: the tiny zoo, built if missing)")
     parser.add_argument("--apis", default="temporary,postgres", help="which Prefect APIs: temporary, postgres")
+    parser.add_argument("--write-rounds", type=int, default=200, help="live-update rounds timed for their cost")
     args = parser.parse_args()
     args.intervals = [float(x) for x in args.intervals.split(",")]
 
@@ -240,17 +305,20 @@ def main() -> None:
     env.pop("PREFECT_API_URL", None)
     print(f"{args.rows} rows of sdxl-text2img, {args.steps} steps, 64x64, batch size {args.batch_size}; "
           f"{args.rounds} rounds; work dir {work}", flush=True)
-    lines = []
+    lines, costs = [], []
     if "temporary" in args.apis:
-        lines += measure("temporary (SQLite)", manifest, work, {**env, "PREFECT_HOME": str(work / "temp-home")}, args)
+        temporary = {**env, "PREFECT_HOME": str(work / "temp-home")}
+        lines += measure("temporary (SQLite)", manifest, work, temporary, args)
+        costs.append(cost_line("temporary (SQLite)", temporary, args.write_rounds))
     if "postgres" in args.apis:
         postgres = Postgres(work)
         server = None
         try:
             server, url = start_prefect_server(postgres.start(), work / "server-home")
-            lines += measure("server + PostgreSQL", manifest, work,
-                             {**env, "PREFECT_HOME": str(work / "client-home"), "PREFECT_API_URL": url}, args,
-                             servers=(server.pid, postgres.pid()))
+            client = {**env, "PREFECT_HOME": str(work / "client-home"), "PREFECT_API_URL": url,
+                      SERVER_PIDS_ENV: f"{server.pid},{postgres.pid()}"}
+            lines += measure("server + PostgreSQL", manifest, work, client, args, servers=(server.pid, postgres.pid()))
+            costs.append(cost_line("server + PostgreSQL", client, args.write_rounds))
         finally:
             if server is not None:
                 server.terminate()
@@ -264,6 +332,12 @@ def main() -> None:
           "server included; server: the CPU s of a separate Prefect server and PostgreSQL during the run; x off: "
           "median of the rounds' ratios to 'off'; reports, writes, write s: shard reports the flow received, its "
           "API write rounds and the seconds its thread spent in them)")
+    print()
+    print(f"{'Prefect API':20} {'wall ms':>9} {'client CPU':>10} {'server CPU':>10} {'of a core':>10}")
+    print("\n".join(costs))
+    print(f"(one live-update round at worst: the progress artifact and a 50-reason failed-rows table updated; per "
+          f"round, means over {args.write_rounds}: wall ms, the flow thread's CPU ms and the server's (Prefect and "
+          f"PostgreSQL, its idle work subtracted); of a core: both CPUs at one round every {DEFAULT_INTERVAL_S:g}s)")
 
 
 if __name__ == "__main__":
