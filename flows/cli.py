@@ -82,10 +82,17 @@ def options_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error("; ".join(item["msg"].removeprefix("Value error, ") for item in exc.errors()))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (the usage of `render` alone is six): exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from importlib.metadata import version
 
-    parser = argparse.ArgumentParser(prog="ipaflow", description="Batch renders with diffusers IP-Adapter pipelines.")
+    parser = _Parser(prog="ipaflow", description="Batch renders with diffusers IP-Adapter pipelines.")
     parser.add_argument("--version", action="version", version=f"ipaflow {version('ipaflow')}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -145,6 +152,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ipaflow.flows.progress import mark_command_start
+
+    mark_command_start()  # the run's times include the command's start-up
     _quiet_environment()  # before anything imports prefect, which reads its settings once
     parser = _parser()
     args = parser.parse_args(argv)
@@ -338,8 +348,19 @@ def cmd_specs(args) -> int:
         print(f"ipaflow: {exc}", file=sys.stderr)
         return 1
     print(f"# {registry.source(args.name)}")
-    print(yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True), sort_keys=False).rstrip())
+    print(yaml.safe_dump(shown_spec(spec), sort_keys=False, allow_unicode=True).rstrip())
     return 0
+
+
+def shown_spec(spec) -> dict:
+    """The spec as ``specs show`` prints it: every field, defaults included (``output`` with the format the
+    task writes when the spec names none); only components the spec leaves unset (null) are left out."""
+    from ipaflow.specs.spec import OutputSpec
+
+    shown = spec.model_dump(mode="json", exclude_none=True)
+    output = (spec.output or OutputSpec()).model_copy(update={"format": spec.output_format})
+    shown["output"] = output.model_dump(mode="json", exclude_none=True)
+    return shown
 
 
 def cmd_validate(args) -> int:
@@ -349,39 +370,64 @@ def cmd_validate(args) -> int:
 
     counted: list[int] = []
     failed = 0
+    shared: set[str] = set()
     try:
         for row in iter_validation(args.manifest, args.options, not args.no_inputs, counted.append):  # streamed
             failed += 1
             for line in row.lines():
+                if "duplicate id (manifest rows" in line:  # rows sharing an id share this line: print it once
+                    if line in shared:
+                        continue
+                    shared.add(line)
                 print(line)
-    except (ManifestError, SpecError) as exc:
+    except (ManifestError, SpecError) as exc:  # nothing could be checked: like a usage error
         print(f"ipaflow: {exc}", file=sys.stderr)
-        return 1
+        return 2
     rows = counted[0]
     print(f"{rows} rows checked: {rows - failed} ok, {failed} with problems", file=sys.stderr)
     return 1 if failed else 0
 
 
 def _render(manifest: str, out: str, options: RenderOptions, api_server=None) -> dict:
+    """Run the render flow in this process, showing its progress from the start (imports and Prefect's API
+    server take seconds), and return its summary (also when it stopped at ``--max-failures``)."""
     import gc
 
-    if not (options.dask_address or options.workers):
-        _start_loading_first_pipeline(manifest, options)
+    from ipaflow.flows.progress import set_phase, terminal_progress
 
-    from ipaflow.flows.progress import terminal_progress
-    from ipaflow.flows.render import render_manifest
+    with terminal_progress():
+        set_phase("importing torch, diffusers and Prefect" + ("; starting Prefect's API server" if api_server else ""))
+        if not (options.dask_address or options.workers):
+            _start_loading_first_pipeline(manifest, options)
 
-    if api_server is not None:
-        api_server.wait_until_ready()
-    _quiet_console()
-    # The ~800k objects of torch, diffusers and Prefect outlive the run: keep them out of the collector's full
-    # passes (0.3-0.5 s each, several per run on a CPU box).
-    gc.freeze()
-    try:
-        with terminal_progress():
-            return render_manifest(manifest=manifest, out=out, options=options)
-    finally:
-        gc.unfreeze()
+        from ipaflow.flows.monitoring import summary_of
+        from ipaflow.flows.render import render_manifest
+
+        if api_server is not None:
+            set_phase("waiting for Prefect's API server")
+            api_server.wait_until_ready()
+        _quiet_console()
+        set_phase("starting the flow run")
+        # The ~800k objects of torch, diffusers and Prefect outlive the run: keep them out of the collector's
+        # full passes (0.3-0.5 s each, several per run on a CPU box).
+        gc.freeze()
+        try:
+            state = render_manifest(manifest=manifest, out=out, options=options, return_state=True)
+        finally:
+            gc.unfreeze()
+    return summary_of(state)
+
+
+def check_before_starting(manifest: str, options: RenderOptions) -> None:
+    """Open the manifest and the spec folders, so that a missing or unreadable one is a one-line error before
+    Prefect's API server starts and before a flow run exists (raises ManifestError or SpecError)."""
+    from ipaflow.core.storage import Storage
+    from ipaflow.specs.manifest import open_manifest
+    from ipaflow.specs.registry import SpecRegistry
+
+    storage = Storage(options=options.storage_options_dict())
+    open_manifest(manifest, storage)
+    SpecRegistry(options.specs, storage=storage)
 
 
 def _start_loading_first_pipeline(manifest: str, options: RenderOptions):
@@ -413,9 +459,11 @@ def _start_loading_first_pipeline(manifest: str, options: RenderOptions):
 
 def print_summary(summary: dict) -> None:
     """The run summary (already free of credentials: the flow redacts what it returns)."""
+    startup = summary["times"]["startup"]
     print(
         f"{summary['rows']} rows: {summary['rendered']} rendered, {summary['skipped']} already done, "
-        f"{summary['failed']} failed ({summary['images']} images in {summary['seconds']:.1f}s)"
+        f"{summary['failed']} failed ({summary['images']} images in {summary['seconds']:.1f}s"
+        + (f", {startup:.1f}s of it start-up)" if startup else ")")
     )
     for failure in summary["failures"][:20]:
         print(f"  failed: {failure['id']}, {failure['error']}")
@@ -433,6 +481,11 @@ def cmd_render(args) -> int:
     if options.models:
         options = options.model_copy(update={"models": str(Path(options.models).expanduser().resolve())})
         os.environ["IPAFLOW_MODELS"] = options.models
+    try:
+        check_before_starting(args.manifest, options)
+    except (ManifestError, SpecError) as exc:
+        print(f"ipaflow: {exc}", file=sys.stderr)
+        return 2
     api_server = None if args.dry_run else TemporaryAPIServer.start_unless_configured()
     try:
         if args.dry_run:

@@ -126,8 +126,7 @@ class RowPlanner:
             done = members(hashes, self.done)
         skipped = int(done.sum())
         self.skipped += skipped
-        self.monitor.done += skipped
-        self.monitor.ok += skipped
+        self.monitor.skipped += skipped
         for (job, key), finished in zip(keyed, done):
             if finished:
                 continue

@@ -26,14 +26,16 @@ from typing import Annotated, Any
 import numpy as np
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
+from prefect.states import State
 from pydantic import Field
 
 from ipaflow.core.hashing import hash_strings, members
 from ipaflow.core.lease import OutputLease
 from ipaflow.core.problems import Problem
 from ipaflow.core.storage import Storage, is_local
-from ipaflow.flows.monitoring import RunMonitor, write_contact_sheet
+from ipaflow.flows.monitoring import FINISHING, TICK_SECONDS, RunMonitor
 from ipaflow.flows.plan import FAILURES_KEPT, RowPlanner
+from ipaflow.flows.previews import preview_uris, read_thumbnails, write_contact_sheet
 from ipaflow.flows.runners import gpu_routing, make_task_runner
 from ipaflow.specs.census import take_census
 from ipaflow.specs.manifest import open_manifest
@@ -90,7 +92,7 @@ def _holding_out(body):
     line (OutputUnusable). The body gets ``out`` already resolved; resolving it again changes nothing."""
 
     @functools.wraps(body)
-    def run(manifest: str, out: str, options: RenderOptions = RenderOptions()) -> dict[str, Any]:
+    def run(manifest: str, out: str, options: RenderOptions = RenderOptions()) -> State:
         from prefect.runtime import flow_run
 
         out = absolute_uri(fill_template(out, _run_time()))
@@ -106,11 +108,14 @@ def render_manifest(
     manifest: Annotated[str, Field(min_length=1, description="manifest URI or path (.parquet, .csv, .jsonl)")],
     out: Annotated[str, Field(min_length=1, description="output URI or path; {date} and {datetime} are filled in")],
     options: RenderOptions = RenderOptions(),
-) -> dict[str, Any]:
-    """Render every row of ``manifest`` into ``out``; returns the run summary.
+) -> State:
+    """Render every row of ``manifest`` into ``out``; returns the run summary (a dict).
 
     ``options`` (``ipaflow.specs.options.RenderOptions``, or a dict of its fields) are the command line's
-    render options; ``storage_options`` in it is kept secret (the Prefect API stores it masked).
+    render options; ``storage_options`` in it is kept secret (the Prefect API stores it masked). The flow run
+    ends "Completed", "Completed with failures" (rows failed; the state's message counts them), or "Failed"
+    once ``max_failures`` rows failed (calling the flow then raises ``TooManyFailures``, which carries the
+    summary).
     """
     logger = get_run_logger()
     started = time.perf_counter()
@@ -118,6 +123,9 @@ def render_manifest(
     run_id = new_run_id()
     settings = RunSettings(run_id=run_id, out=out, options=options)
     storage = settings.storage()
+    name = manifest_name(manifest)
+    monitor = RunMonitor(name=name, redact=storage.redact)
+    monitor.start()
     storage.clean_staging()  # partial files of a run that was killed mid-write
     registry = SpecRegistry(options.specs, storage=storage)
     opened = open_manifest(manifest, storage=storage)
@@ -125,19 +133,20 @@ def render_manifest(
     index, done = _records_state(metadata, storage, out, options.overwrite, run_id, logger)
 
     census = take_census(opened, registry, options.limit)
-    name = manifest_name(manifest)
-    monitor = RunMonitor(name=name, total=census.rows, redact=storage.redact)
-    monitor.start()
+    monitor.planned(census.rows, 0)  # rows already done are counted as the manifest streams
     monitor.tag_flow_run(["ipaflow", f"manifest:{name}", *sorted({f"spec:{spec}" for spec in census.specs})])
     planner = RowPlanner(opened, registry, storage, metadata, census, options, run_id, monitor, done)
     del done
     stats = _run_shards(planner, settings, monitor, started)
     planner.flush()
+    monitor.close_log("planning")
     logger.info("%d rows: %d rendered or tried, %d already done, %d failed before rendering", planner.rows,
                 sum(s.rows for s in stats), planner.skipped, planner.rejected)
 
+    monitor.set_phase(FINISHING)
     folded = metadata.fold(run_id, index, drop_outputs=lambda uris: drop_members(storage, uris))
-    gallery, contact_sheet = _gallery(storage, out, metadata)
+    gallery, contact_sheet, previews = _gallery(storage, out, metadata, logger)
+    times = monitor.stage_times()
     summary = {
         "run_id": run_id,
         "manifest": storage.redact(manifest),
@@ -149,16 +158,18 @@ def render_manifest(
         "skipped": planner.skipped,
         "failed": monitor.failed,
         "images": folded.images,
-        "seconds": round(time.perf_counter() - started, 3),
+        "seconds": times.pop("seconds"),  # from the command's start when a command runs the flow
+        "times": {**times, "render_rate": round(folded.ok / times["rendering"], 4) if times["rendering"] else None},
         "failures": [{"id": f.row, "spec": f.spec, "error": f.error} for f in monitor.failures],
         "shards": monitor.shards,
         "metadata_bytes_written": folded.bytes_written,
         "first_shard_s": planner.first_shard_s,
+        "live_updates": {"shard_reports": monitor.reports, "api_writes": monitor.api_writes,
+                         "api_seconds": round(monitor.api_seconds, 3)},
     }
-    monitor.finish(summary)
     logger.info("done: %d rendered, %d skipped, %d failed in %.1fs; gallery %s", summary["rendered"],
                 summary["skipped"], summary["failed"], summary["seconds"], summary["gallery"])
-    return summary
+    return monitor.finish(summary, previews, options.max_failures)
 
 
 def _records_state(metadata: MetadataStore, storage: Storage, out: str, overwrite: bool, run_id: str, logger):
@@ -188,17 +199,18 @@ def _records_state(metadata: MetadataStore, storage: Storage, out: str, overwrit
     return index, done
 
 
-def _gallery(storage: Storage, out: str, metadata: MetadataStore) -> tuple[str, str | None]:
-    """``index.html`` and the contact sheet, from one bounded pass over the records; containers that no record
-    points into (an attempt killed after its upload) are removed on the way."""
+def _gallery(storage: Storage, out: str, metadata: MetadataStore, logger) -> tuple[str, str | None, dict[str, str]]:
+    """``index.html``, the contact sheet and the UI's per-spec previews, from one bounded pass over the records;
+    containers that no record points into (an attempt killed after its upload) are removed on the way."""
     sample = GallerySample()
     referenced: set[str] = set()
     for table in metadata.iter_current(GallerySample.COLUMNS):
         sample.add(table)
         referenced.update(containers_of(table))
     drop_orphans(storage, out, referenced)
-    contact_sheet = write_contact_sheet(storage, out, sample.first_files())
-    return write_gallery(storage, out, sample, contact_sheet), contact_sheet
+    sheet_thumbs, spec_thumbs = read_thumbnails(storage, sample.plain_files(), logger.warning)
+    contact_sheet = write_contact_sheet(storage, out, sheet_thumbs)
+    return write_gallery(storage, out, sample, contact_sheet), contact_sheet, preview_uris(spec_thumbs)
 
 
 LOOKAHEAD = 8  # shards planned ahead of the running ones: spec affinity picks among them
@@ -227,14 +239,15 @@ def _run_shards(planner: RowPlanner, settings: RunSettings, monitor: RunMonitor,
     exhausted, last_spec = False, None
     stopped = Problem("not rendered", "the run stopped early (--max-failures)")
     runner, max_in_flight = make_task_runner(settings.options)
-    with runner, gpu_routing(runner):  # no tags on task runs: see RunMonitor.tag_flow_run
+    # no tags on task runs: see RunMonitor.tag_flow_run
+    with runner, gpu_routing(runner), monitor.listening(runner, settings.run_id):
         while True:
             for future in [f for f in running if f.wrapped_future.done()]:
                 results.append(_finished(future, running.pop(future), planner, monitor, logger))
             for shard in [s for s in window if s.spec.name in planner.broken]:
                 window.remove(shard)
                 planner.fail_shard(shard, planner.broken[shard.spec.name])
-            too_many = max_failures is not None and monitor.failed >= max_failures
+            too_many = max_failures is not None and monitor.failed_so_far >= max_failures
             if too_many:
                 while window:
                     planner.fail_shard(window.popleft(), stopped)
@@ -264,7 +277,12 @@ def _run_shards(planner: RowPlanner, settings: RunSettings, monitor: RunMonitor,
                 if exhausted and not window:
                     break
                 continue
-            next(as_completed(list(running)))  # wait for one; handled at the top of the loop
+            # wait for one (handled at the top of the loop); meanwhile the monitor shows the shards' reports
+            try:
+                next(as_completed(list(running), timeout=TICK_SECONDS))
+            except TimeoutError:
+                pass
+            monitor.tick()
     if max_failures is not None and monitor.failed >= max_failures:
         logger.warning("stopped after %d failed rows (--max-failures)", monitor.failed)
     return results
@@ -272,10 +290,11 @@ def _run_shards(planner: RowPlanner, settings: RunSettings, monitor: RunMonitor,
 
 def _finished(future, shard: ShardPlan, planner: RowPlanner, monitor: RunMonitor, logger) -> ShardStats:
     try:
-        stats = future.result()
+        stats = future.result().stats
     except Exception as exc:  # noqa: BLE001 - the task failed after its retries
         problem = Problem("worker", monitor.redact(f"{type(exc).__name__}: {exc}"))
         logger.error("%s failed: %s", shard.name, problem.reason)
+        monitor.shard_lost(shard.name)
         done = planner.metadata.journaled_ids(planner.run_id, f"{shard.name}-")
         planner.fail_jobs([job for job in shard.jobs if job.id not in done], shard.row_keys, problem)
         return ShardStats(name=shard.name, spec=shard.spec.name, rows=len(shard.jobs), problem=problem)

@@ -9,14 +9,27 @@ the flow's parameter schema when a run is created, so a bad parameter is rejecte
 (``storage_options``) are never stored in the deployment: ``serve`` hands them to the runs it starts through
 ``$IPAFLOW_STORAGE_OPTIONS`` in its own environment. The same flow deploys to a work pool with
 ``prefect deploy`` (see prefect.yaml).
+
+Each run is the render flow itself, so its name (``<deployment>-<date>``), tags (``manifest:<name>``),
+artifacts and final state ("Completed with failures", ...) are those of any render. ``serve`` logs each run
+of its deployment at INFO as it starts and as it ends (``RunWatcher``), so its terminal or service log tells
+what ran when and how it ended.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import threading
+import time
+from datetime import datetime, timezone
 
 from ipaflow.flows.render import render_manifest
 from ipaflow.specs.options import STORAGE_OPTIONS_ENV, RenderOptions
+
+log = logging.getLogger("ipaflow.serve")
+WATCH_EVERY_S = 5.0
 
 
 def deployment_parameters(manifest: str, out: str, options: RenderOptions) -> dict:
@@ -47,4 +60,81 @@ def serve_deployment(deployment, options: RenderOptions) -> None:
 
     if options.storage_options is not None:
         os.environ[STORAGE_OPTIONS_ENV] = options.storage_options.get_secret_value()
+    _log_to_stderr()
+    watcher = RunWatcher(render_manifest.name, deployment.name)
+    threading.Thread(target=watcher.watch, name="ipaflow-serve-watch", daemon=True).start()
+    log.info("serving %s/%s; each run is logged here as it starts and ends", render_manifest.name, deployment.name)
     serve(deployment)
+
+
+def _log_to_stderr() -> None:
+    """``ipaflow.serve`` lines at INFO on stderr, whatever Prefect's console level (the command line keeps
+    Prefect's own console at WARNING)."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # not to Prefect's API handler: these lines belong to no flow run
+
+
+class RunWatcher:
+    """Reads the deployment's runs from the Prefect API and logs each one once as it starts and once as it
+    ends: its name, and at the end its final state's name and message ("Completed with failures: 28 ok, 5
+    failed, 0 skipped"). Only runs that start after the watcher was made; one query per ``every`` seconds. A
+    start is logged one poll after it is seen (or with the end), once the flow has given the run its name
+    (``<deployment>-<date>``; it starts with a random one)."""
+
+    def __init__(self, flow_name: str, deployment_name: str, since: datetime | None = None,
+                 every: float = WATCH_EVERY_S):
+        self.flow_name, self.deployment_name, self.every = flow_name, deployment_name, every
+        self.since = since or datetime.now(timezone.utc)
+        self.seen: set = set()
+        self.started: set = set()
+        self.ended: set = set()
+
+    def poll(self, client) -> None:
+        from prefect.client.schemas.filters import (
+            DeploymentFilter,
+            DeploymentFilterName,
+            FlowFilter,
+            FlowFilterName,
+            FlowRunFilter,
+            FlowRunFilterStartTime,
+        )
+        from prefect.client.schemas.sorting import FlowRunSort
+
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[self.flow_name])),
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[self.deployment_name])),
+            flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=self.since, is_null_=False)),
+            sort=FlowRunSort.START_TIME_ASC, limit=200)
+        for run in runs:
+            state = run.state
+            if state is None or not (state.is_running() or state.is_final()) or run.start_time is None:
+                continue  # scheduled or pending: not started yet
+            ended = state.is_final()
+            if run.id not in self.started and (run.id in self.seen or ended):
+                self.started.add(run.id)
+                log.info("run %s started (manifest %s, out %s)", run.name, run.parameters.get("manifest"),
+                         run.parameters.get("out"))
+            self.seen.add(run.id)
+            if ended and run.id not in self.ended:
+                self.ended.add(run.id)
+                seconds = f" after {run.total_run_time.total_seconds():.0f}s" if run.total_run_time else ""
+                level = logging.INFO if state.is_completed() else logging.WARNING
+                log.log(level, "run %s ended %s%s%s", run.name, state.name,
+                        f": {state.message}" if state.message else "", seconds)
+
+    def watch(self) -> None:
+        from prefect.client.orchestration import get_client
+
+        while True:
+            try:
+                with get_client(sync_client=True) as client:
+                    while True:
+                        self.poll(client)
+                        time.sleep(self.every)
+            except Exception as exc:  # noqa: BLE001 - the API may be down a while; serving goes on
+                log.warning("cannot read this deployment's runs from the Prefect API: %s", exc)
+                time.sleep(self.every * 6)

@@ -71,8 +71,14 @@ class GallerySample:
                  if r["outputs"] and split_member(r["outputs"][0])[1] is None]
         self.files = sorted(self.files + plain, key=lambda r: r["id"])[:CONTACT_SHEET_RECORDS]
 
-    def first_files(self) -> list[dict]:
-        return list(self.files)
+    def plain_files(self) -> list[dict]:
+        """The sampled ok records whose outputs are plain files, by id: what the contact sheet and the UI's
+        per-spec previews can read (a member of a container cannot be read on its own)."""
+        chosen: dict[str, dict] = {}
+        for record in self.files + [r for rows in self.samples.values() for r in rows]:
+            if record["outputs"] and split_member(record["outputs"][0])[1] is None:
+                chosen.setdefault(record["id"], record)
+        return sorted(chosen.values(), key=lambda r: r["id"])
 
     @classmethod
     def of(cls, records: list[dict]) -> GallerySample:

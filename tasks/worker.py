@@ -3,7 +3,8 @@
 For each window of rows: inputs are fetched ahead (background threads), rows are grouped into micro-batches
 that can share one pipeline call, rendered on the cached pipeline, and handed to the writer, which encodes and
 uploads in the background and journals the records. A retried task skips the rows its earlier attempt
-already journaled. Plain Python (no Prefect): tasks/prefect_tasks.py wraps it as the Prefect task.
+already journaled. Plain Python (no Prefect): tasks/prefect_tasks.py wraps it as the Prefect task, and turns
+the optional ``progress`` callback's reports into live updates of the run.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from pydantic import BaseModel
 
@@ -63,6 +65,47 @@ class ShardStats(BaseModel):
     problem: Problem | None = None
 
 
+class ShardProgress(BaseModel):
+    """What a running shard reports after each batch and when it changes phase: its counts so far in this
+    attempt, and the rows that failed since its previous report. Plain data, so that it can cross from a Dask
+    worker's process to the flow's."""
+
+    shard: str
+    spec: str
+    rows: int
+    phase: str  # "loading pipeline" | "rendering"
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    images: int = 0
+    new_failures: list[FailedRow] = []
+
+
+ProgressCallback = Callable[[ShardProgress], None]
+
+
+class _Reporter:
+    """Sends ShardProgress to the callback, if any; a callback that raises never fails the shard."""
+
+    def __init__(self, stats: ShardStats, writer: ShardWriter, callback: ProgressCallback | None):
+        self.stats, self.writer, self.callback = stats, writer, callback
+        self.sent_failures = 0
+
+    def __call__(self, phase: str) -> None:
+        if self.callback is None:
+            return
+        writer = self.writer
+        new = writer.failures[self.sent_failures:]  # appended by writer threads; a slice is one atomic read
+        self.sent_failures += len(new)
+        report = ShardProgress(shard=self.stats.name, spec=self.stats.spec, rows=self.stats.rows, phase=phase,
+                               ok=writer.ok, failed=writer.failed, skipped=self.stats.skipped, images=writer.images,
+                               new_failures=new)
+        try:
+            self.callback(report)
+        except Exception:  # noqa: BLE001 - progress is for people; the render goes on without it
+            log.warning("progress report of %s failed", self.stats.name, exc_info=True)
+
+
 def _batches(loaded, jobs: list[Job], inputs: dict[str, RowInputs], batch_size: int):
     """Group a window's rows by call compatibility (first-seen order), then cut groups to batch_size, or to the
     smaller size that fits in free GPU memory or that an out-of-memory taught the pipeline for that shape."""
@@ -96,8 +139,9 @@ def _build(shard: ShardPlan, settings: RunSettings, redact):
         return problem
 
 
-def run_shard(shard: ShardPlan, settings: RunSettings) -> ShardStats:
-    """Render one shard; every row ends journaled as ``ok`` or ``failed`` with a reason."""
+def run_shard(shard: ShardPlan, settings: RunSettings, progress: ProgressCallback | None = None) -> ShardStats:
+    """Render one shard; every row ends journaled as ``ok`` or ``failed`` with a reason. ``progress``, when
+    given, receives a ShardProgress as the pipeline loads and after every batch (in this thread)."""
     started = time.perf_counter()
     storage = settings.storage()
     stats = ShardStats(name=shard.name, spec=shard.spec.name, rows=len(shard.jobs))
@@ -107,7 +151,9 @@ def run_shard(shard: ShardPlan, settings: RunSettings) -> ShardStats:
     writer = ShardWriter(storage, settings.out, settings.run_id, shard.name, shard.spec, shard.row_keys,
                          layout=shard.layout)
     fetcher = InputFetcher(storage, jobs, {shard.spec.name: shard.spec}, out=settings.out)
+    report = _Reporter(stats, writer, progress)
     try:
+        report("loading pipeline")
         built = time.perf_counter()
         loaded = _build(shard, settings, storage.redact)
         stats.build_seconds = time.perf_counter() - built
@@ -128,6 +174,7 @@ def run_shard(shard: ShardPlan, settings: RunSettings) -> ShardStats:
                 fetcher.prefetch(windows[number + 1])
             # in parts that end early when the window's decoded inputs fill the fetcher's pixel budget
             for ready in fetcher.take(rows, lambda job, exc: writer.fail(job, *exc.problems)):
+                report("rendering")
                 batchable = [job for job in rows if job.id in ready]
                 for batch in _batches(loaded, batchable, ready, batch_size):
                     for rendered in render_rows(loaded, batch, [ready[job.id] for job in batch], storage.redact):
@@ -135,6 +182,7 @@ def run_shard(shard: ShardPlan, settings: RunSettings) -> ShardStats:
                     stats.batch_ends.append(time.perf_counter() - started)
                     stats.batch_rows.append(len(batch))
                     writer.flush()
+                    report("rendering")
                 del ready  # the part's images go before the next part is fetched
     finally:
         fetcher.close()

@@ -95,6 +95,7 @@ def test_renders_on_the_gpu_worker_only_one_at_a_time(cluster, tmp_path, inputs_
     assert "GPU slot" not in caplog.text
 
     assert (summary["rendered"], summary["failed"]) == (6, 0)
+    assert summary["live_updates"]["shard_reports"] >= 3  # from the workers' processes, as Dask events
     records = read_records(tmp_path / "out")
     assert sorted(records["id"]) == [f"row-{i}" for i in range(6)] and set(records["status"]) == {"ok"}
     for i in range(6):

@@ -7,10 +7,12 @@ what was written) and injects failures where a test asks for them.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -174,6 +176,24 @@ def test_renders_from_s3_and_http_to_s3(moto, proxy, aws_env, bucket, inputs_dir
     assert moto.get(bucket, "out/index.html")[1].startswith("text/html")
     assert moto.get(bucket, metadata_parts(moto, bucket)[1])[1] == "application/vnd.apache.parquet"
     assert "images/over-http.png" in moto.get(bucket, "out/index.html")[0].decode()
+    assert_previews_in_the_ui(moto, bucket, summary, specs=("sdxl-multi-style-face", "sdxl-text2img"), images=7)
+
+
+def assert_previews_in_the_ui(moto, bucket, summary, specs, images):
+    """Outputs in a bucket still show in the UI: the summary artifact embeds each spec's preview as a data: URI
+    (the UI cannot load s3://), and the labelled contact sheet is written next to the outputs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["m-summary"])))
+    [markdown] = [a.data for a in found if summary["run_id"] in a.data]
+    previews = re.findall(r"!\[([^]]*)\]\(data:image/jpeg;base64,([A-Za-z0-9+/=]+)\)", markdown)
+    assert [alt.replace("\\", "") for alt, _ in previews] == list(specs)
+    for _, data in previews:
+        assert PIL.Image.open(io.BytesIO(base64.b64decode(data))).format == "JPEG"
+    sheet = PIL.Image.open(io.BytesIO(moto.get(bucket, "out/contact-sheet.png")[0]))
+    assert sheet.size == (images * 128, 128 + 13)
 
 
 # -- resume by content ---------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ triggered on it executes the way `serve` executes it (a subprocess of the runner
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ def served(tmp_path_factory, inputs_dir, models_env, prefect_api):
     folder = tmp_path_factory.mktemp("serve")
     rows = [{"id": f"row-{i}", "spec": "sdxl-text2img", "prompt": f"picture {i}",
              "ip_image": str(inputs_dir / "diner.png"), "num_inference_steps": 1} for i in range(2)]
+    rows.append({**rows[0], "id": "bad-width", "width": 100})  # fails its check: the run ends with failures
     manifest = write_manifest(folder / "nightly.parquet", rows)
     deployment, args = _deployment("--manifest", str(manifest), "--out", str(folder / "runs" / "{date}"),
                                    "--cron", CRON, "--timezone", "Europe/Berlin", "--name", "nightly-test",
@@ -38,11 +40,14 @@ def served(tmp_path_factory, inputs_dir, models_env, prefect_api):
     return args, deployment.apply(), folder
 
 
-def test_deployment_has_the_cron_schedule_and_a_triggered_run_completes(served):
+def test_deployment_has_the_cron_schedule_and_a_triggered_run_completes(served, caplog):
     from prefect.client.orchestration import get_client
     from prefect.runner import Runner
 
+    from ipaflow.flows.serve import RunWatcher
+
     args, deployment_id, folder = served
+    watcher = RunWatcher("ipaflow-render", "nightly-test")
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment(deployment_id)
         assert deployment.name == "nightly-test" and deployment.enforce_parameter_schema
@@ -58,10 +63,19 @@ def test_deployment_has_the_cron_schedule_and_a_triggered_run_completes(served):
 
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(run.id)
+        # what `serve` logs of it, read from the API as the serve command reads it
+        with caplog.at_level(logging.INFO, logger="ipaflow.serve"):
+            watcher.poll(client)
+            watcher.poll(client)  # once each
     assert run.state.is_completed(), run.state
+    assert (run.state.name, run.state.message) == ("Completed with failures", "2 ok, 1 failed, 0 skipped")
     day = run.expected_start_time.strftime("%Y-%m-%d")
-    assert run.name == f"nightly-test-{day}"
+    assert run.name == f"nightly-test-{day}" and "manifest:nightly" in run.tags
     assert sorted(p.name for p in (folder / "runs" / day / "images").iterdir()) == ["row-0.png", "row-1.png"]
+    assert [r.getMessage().split(" (")[0].split(":")[0] for r in caplog.records] == [
+        f"run nightly-test-{day} started", f"run nightly-test-{day} ended Completed with failures"]
+    assert caplog.records[1].getMessage().startswith(
+        f"run nightly-test-{day} ended Completed with failures: 2 ok, 1 failed, 0 skipped after ")
 
 
 def test_invalid_parameters_are_rejected(served, tmp_path):

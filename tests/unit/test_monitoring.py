@@ -1,0 +1,184 @@
+"""The rules of the run monitor, without Prefect or models: markdown escaping (checked by rendering it), failed
+rows grouped by reason, rows/s and ETA, counting shards' live reports (retries, late reports, lost shards),
+labelled preview sheets within their byte budget."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+
+import PIL.Image
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ipaflow.core.problems import FailedRow, Problem
+from ipaflow.flows.monitoring import MAX_REASONS, FailureGroups, RunMonitor, markdown_text
+from ipaflow.flows.previews import PREVIEW_BUDGET, Thumb, labelled_grid, preview_jpeg, preview_uris
+from ipaflow.flows.progress import RateMeter, Snapshot, status_line
+from ipaflow.tasks.worker import ShardProgress, ShardStats
+
+
+def _render(markdown: str) -> str:
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(markdown)
+
+
+def _shown(rendered: str) -> str:
+    return html.unescape(re.sub(r"<[^>]+>", "", rendered)).strip()
+
+
+HOSTILE = ["-", "+", "*", "1.", "2)", "# title", "> quote", "=", "---", "<b>bold</b><script>alert(4)</script>",
+           '"><img src=x onerror=alert(1)>', "*em* _u_ **b** `code` ~~s~~", "[link](http://x) ![i](y)", "a | b",
+           "back\\slash\\", "&amp; &lt; &#60;", "<!-- c -->", "<http://autolink>", "x\ny\r\n  z", "| --- |", "$x$"]
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_markdown_text_shows_the_text_as_written(text):
+    expected = " ".join(text.split())
+    paragraph = _render(markdown_text(text))
+    assert re.findall(r"<(\w+)", paragraph) == ["p"] and _shown(paragraph) == expected
+    cell = _render(f"| head |\n| --- |\n| {markdown_text(text)} |\n")
+    assert set(re.findall(r"<(\w+)", cell)) == {"table", "thead", "tbody", "tr", "th", "td"}
+    assert _shown(cell.split("<tbody>")[1]) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")), max_size=40)
+       | st.text(alphabet="-+*_`~[]()<>!&#|\\.=:1 ab\n", max_size=20))
+def test_any_text_survives_markdown(text):
+    expected = " ".join(text.split())
+    rendered = _render(markdown_text(text))
+    assert _shown(rendered) == expected.strip()
+    assert set(re.findall(r"<(\w+)", rendered)) <= {"p"}
+
+
+def _failed(row: str, column: str, reason: str, spec: str | None = "s") -> FailedRow:
+    return FailedRow(row=row, problems=(Problem(column, reason),), index=0, spec=spec)
+
+
+def test_failures_are_grouped_by_reason_with_counts_and_samples():
+    groups = FailureGroups()
+    for i in range(7):
+        groups.add(_failed(f"m-{i}", "ip_image", f"not found: /data/in/{i}.png"), str)
+    for i in range(3):
+        groups.add(_failed(f"w-{i}", "width", f"input should be a multiple of 8, got {100 + i}", spec=None), str)
+    groups.add(_failed("u", "spec", "unknown spec '<b>x</b>'; `ipaflow specs list` shows the known ones", None), str)
+    table = groups.table()
+    assert [(row["rows"], row["column"]) for row in table] == [(7, "ip\\_image"), (3, "width"), (1, "spec")]
+    assert table[0]["sample ids"] == "m-0, m-1, m-2, m-3, m-4"  # five samples
+    assert table[0]["reason (first row's)"] == "not found: /data/in/0.png"
+    assert table[1]["specs"] == "(unknown spec)"
+    assert "&lt;b&gt;" in table[2]["reason (first row's)"]
+
+
+def test_the_reasons_table_is_capped():
+    groups = FailureGroups()
+    for i in range(MAX_REASONS + 5):
+        groups.add(_failed(f"r{i}", f"col{chr(97 + i % 26)}{i // 26}", "bad"), str)
+    table = groups.table()
+    assert len(table) == MAX_REASONS + 1 and table[-1]["rows"] == 5 and table[-1]["reason (first row's)"] == (
+        "5 other reasons")
+
+
+def test_rate_over_a_sliding_window_and_eta():
+    now = [0.0]
+    meter = RateMeter(window=60, clock=lambda: now[0])
+    meter.add(0)
+    assert meter.rate() is None and meter.eta(100) is None  # nothing done yet
+    for second in range(1, 121):  # 1 row/s for a minute, then 4 rows/s
+        now[0] = second
+        meter.add(second if second <= 60 else 60 + 4 * (second - 60))
+    assert meter.rate() == pytest.approx(4.0)  # the first minute has left the window
+    assert meter.eta(400) == pytest.approx(100.0) and meter.eta(0) == 0.0
+
+
+def test_status_line():
+    assert status_line(Snapshot(phase="rendering", total=1000, done=120, ok=100, failed=10, skipped=10, rate=3.21,
+                                eta=275, elapsed=62)) == (
+        "rendering: 120/1000 rows, 100 ok, 10 failed, 10 skipped, 3.21 rows/s, ETA 4m35s, elapsed 1m02s")
+    assert status_line(Snapshot(phase="planning rows", elapsed=3)) == "planning rows, elapsed 3s"
+    assert "? rows/s, ETA ?" in status_line(Snapshot(phase="rendering", total=5))
+
+
+def _report(shard: str, ok: int, failed: int = 0, new: tuple = (), skipped: int = 0) -> ShardProgress:
+    return ShardProgress(shard=shard, spec="s", rows=4, phase="rendering", ok=ok, failed=failed, skipped=skipped,
+                         images=ok, new_failures=list(new))
+
+
+def _monitor() -> RunMonitor:
+    """A monitor outside any flow run: no API writes (interval 0), its lines to a plain logger."""
+    import logging
+
+    monitor = RunMonitor(name="m", interval=0)
+    monitor.log = logging.getLogger("tests.monitor")
+    return monitor
+
+
+def test_live_reports_count_until_the_shard_finishes():
+    monitor = _monitor()
+    monitor.planned(total=10, skipped=2)
+    monitor.report(_report("a", ok=1, failed=1, new=[_failed("x", "ip_image", "bad")]))
+    monitor.report(_report("b", ok=2).model_dump(mode="json"))  # as a Dask event carries it
+    monitor.tick()
+    snapshot = monitor.snapshot()
+    assert (snapshot.done, snapshot.ok, snapshot.failed) == (6, 3, 1) and monitor.failed_so_far == 1
+    assert [f.row for f in monitor.failures] == ["x"]
+
+    # a retried shard starts its counts again and reports its failed row again: counted once
+    monitor.report(_report("a", ok=0, skipped=1, failed=1, new=[_failed("x", "ip_image", "bad")]))
+    monitor.tick()
+    assert (monitor.snapshot().done, len(monitor.failures)) == (6, 1)
+
+    monitor.shard_finished(ShardStats(name="a", spec="s", rows=4, ok=2, skipped=1, failed=1, images=2,
+                                      failures=[_failed("x", "ip_image", "bad")]))
+    monitor.report(_report("a", ok=1))  # late: the shard's stats count
+    monitor.shard_lost("b")  # its task failed after retries: its last counts stand
+    monitor.tick()
+    snapshot = monitor.snapshot()
+    assert (snapshot.done, snapshot.ok, snapshot.failed) == (8, 5, 1) and len(monitor.failures) == 1
+    assert monitor.reports == 4
+
+
+def test_failed_rows_are_logged_up_to_a_limit_per_shard(caplog):
+    import logging
+
+    from ipaflow.flows.monitoring import FAILURE_LOG_LIMIT
+
+    monitor = _monitor()
+    monitor.planned(total=40, skipped=0)
+    with caplog.at_level(logging.WARNING, logger="tests.monitor"):
+        monitor.report(_report("a", ok=0, failed=15, new=[_failed(f"r{i}", "ip_image", "bad") for i in range(15)]))
+        monitor.tick()
+        monitor.close_log("a")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[:FAILURE_LOG_LIMIT] == [f"row r{i} failed: ip_image: bad [spec s]" for i in range(FAILURE_LOG_LIMIT)]
+    assert messages[FAILURE_LOG_LIMIT:] == ["a: 5 more failed rows (the m-failed-rows artifact groups them by reason)"]
+
+
+def _thumbs(n: int, noisy: bool = True) -> list[Thumb]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return [Thumb(label=f"row-{i}-" + "x" * 40, spec="s",
+                  image=PIL.Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8) if noisy
+                                            else np.full((128, 128, 3), 90, dtype=np.uint8))) for i in range(n)]
+
+
+def test_thumbnails_carry_their_labels_cut_to_fit():
+    sheet = labelled_grid(_thumbs(3, noisy=False), cell=96, columns=8)
+    assert sheet.size == (3 * 96, 96 + 13)
+    band = sheet.crop((0, 96, 96, 96 + 13)).convert("L")
+    assert min(band.getdata()) < 100  # text under the first thumbnail
+    assert min(sheet.crop((94, 96, 96, 96 + 13)).convert("L").getdata()) > 200  # cut before the next cell
+
+
+def test_previews_fit_their_budget():
+    data = preview_jpeg(_thumbs(8), budget=20_000)
+    assert len(data) <= 20_000 and PIL.Image.open(io.BytesIO(data)).format == "JPEG"
+    uris = preview_uris({f"spec-{i}": _thumbs(8) for i in range(9)})  # 8 thumbnails of noise for each of 9 specs
+    sizes = [len(base64.b64decode(uri.split(",", 1)[1])) for uri in uris.values()]
+    assert sum(sizes) <= PREVIEW_BUDGET and min(sizes) > 2_000
