@@ -500,6 +500,13 @@ class Storage:
         fs, path = self.fs(uri)
         return self.retry(f"stat {self.redact(uri)}", lambda: fs.exists(path))
 
+    def require_regular(self, uri: str) -> None:
+        """Raise InputRefused (or IsADirectoryError) unless ``uri`` is a regular file; a no-op for object
+        stores and URLs, where nothing blocks like a FIFO or never ends like a device."""
+        fs, path = self.fs(uri)
+        if isinstance(fs, LocalFileSystem):
+            _regular(os.stat(path).st_mode, path)
+
     # -- reading inputs, bounded in bytes and seconds -------------------------------------------------------
     def read_input(self, uri: str, max_bytes: int = MAX_INPUT_BYTES) -> bytes | bytearray:
         """The content of one input file: a regular file (local), or an object / URL, of at most

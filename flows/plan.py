@@ -28,6 +28,7 @@ from ipaflow.specs.outputs import layout_of
 from ipaflow.specs.registry import SpecRegistry
 from ipaflow.specs.rows import Job
 from ipaflow.specs.stream import resolve_stream
+from ipaflow.tasks.call_defaults import denoising_failures
 from ipaflow.tasks.keys import IdentityCache, identify_inputs, row_key
 from ipaflow.tasks.metadata import MetadataStore, make_record
 from ipaflow.tasks.shards import ShardCutter, ShardPlan, auto_shard_size
@@ -109,6 +110,11 @@ class RowPlanner:
     def _plan(self, jobs: list[Job]) -> Iterator[ShardPlan]:
         if not jobs:
             return
+        if broken := denoising_failures(jobs, self.specs, self.options.models):
+            for job in jobs:
+                if job.index in broken:
+                    self.fail(FailedRow(row=job.id, problems=(broken[job.index],), index=job.index, spec=job.spec), job)
+            jobs = [job for job in jobs if job.index not in broken]
         # out: a style folder inside the output folder leaves ipaflow's own files out
         identities = identify_inputs(self.storage, jobs, cache=self.cache, out=self.metadata.out)
         keyed: list[tuple[Job, str]] = []

@@ -1,5 +1,6 @@
 """``ipaflow validate``: every check that ``render`` makes before rendering, plus reading and decoding every
-input, without loading a model (nothing here imports torch). One problem per line: ``row id, column, reason``;
+input, without loading a model (torch is imported only where a spec leaves a checked parameter to its
+pipeline's default: ``tasks.call_defaults``). One problem per line: ``row id, column, reason``;
 the reasons are the ones ``render`` records for the same rows.
 
 It streams like a run: the census (duplicate ids, colliding outputs), then the rows batch by batch (vectorised
@@ -18,6 +19,7 @@ from ipaflow.specs.manifest import open_manifest
 from ipaflow.specs.options import RenderOptions
 from ipaflow.specs.registry import SpecRegistry
 from ipaflow.specs.stream import resolve_stream
+from ipaflow.tasks.call_defaults import denoising_failures
 from ipaflow.tasks.inputs import InputFetcher
 
 WINDOW = 64
@@ -33,17 +35,21 @@ def iter_validation(manifest: str, options: RenderOptions = RenderOptions(), che
     for resolved in resolve_stream(opened, registry, census, build=check_inputs):
         failed = list(resolved.failed)
         if check_inputs and resolved.jobs:
-            failed.extend(_input_problems(storage, registry, [as_job(job) for job in resolved.jobs]))
+            failed.extend(_input_problems(storage, registry, [as_job(job) for job in resolved.jobs], options.models))
             failed.sort(key=lambda row: row.index)
         yield from failed
     if counted is not None:
         counted(census.rows)
 
 
-def _input_problems(storage: Storage, registry: SpecRegistry, jobs) -> list[FailedRow]:
+def _input_problems(storage: Storage, registry: SpecRegistry, jobs, models_dir: str | None) -> list[FailedRow]:
+    """The rows that fail once their inputs are read and decoded, or with their pipeline's defaults."""
     specs = {job.spec: registry.get(job.spec) for job in jobs}
+    broken = denoising_failures(jobs, specs, models_dir)
+    failed = [FailedRow(row=job.id, problems=(broken[job.index],), index=job.index, spec=job.spec)
+              for job in jobs if job.index in broken]
+    jobs = [job for job in jobs if job.index not in broken]
     fetcher = InputFetcher(storage, jobs, specs)
-    failed = []
     try:
         for start in range(0, len(jobs), WINDOW):
             window = jobs[start:start + WINDOW]

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ipaflow.specs import rows as R
-from ipaflow.specs.manifest import FLOAT_COLUMNS, INPUT_COLUMNS, INT_COLUMNS, KNOWN_COLUMNS, RowBatch
+from ipaflow.specs.manifest import FLOAT_COLUMNS, INPUT_COLUMNS, INT_COLUMNS, KNOWN_COLUMNS, RowBatch, Undecodable
 from ipaflow.specs.registry import SpecRegistry
 from ipaflow.specs.spec import Params, Spec
 
@@ -194,6 +194,8 @@ def _spec_ok(batch: RowBatch, spec: Spec) -> np.ndarray:
             ok &= ~present | good
         elif column in profile.refused:
             ok &= ~present
+    if profile.steps_scale_with_strength:
+        ok &= _denoises(batch, spec, n)
     seed = batch.columns.get("seed")
     present = _present(seed, n)
     if present.any():
@@ -215,10 +217,29 @@ def _spec_ok(batch: RowBatch, spec: Spec) -> np.ndarray:
     return ok
 
 
+def _denoises(batch: RowBatch, spec: Spec, n: int) -> np.ndarray:
+    """Rows whose steps x strength (the row's, else the spec's) run at least one denoising step, or where one of
+    them is left to the pipeline's default (judged later, with that default: ``tasks.call_defaults``)."""
+    defaults = spec.default_params()
+    known = {}
+    for name in ("num_inference_steps", "strength"):
+        values = np.full(n, np.nan if defaults.get(name) is None else float(defaults[name]))
+        column = batch.columns.get(name)
+        if _is_int(column) or _is_float(column):
+            present = _present(column, n)
+            values = np.where(present, _numbers(column), values)
+        known[name] = values
+    product = np.floor(known["num_inference_steps"] * known["strength"])
+    return np.isnan(product) | (product >= 1)
+
+
 def vouch(batch: RowBatch, registry: SpecRegistry) -> np.ndarray:
     """Per row of the batch: True where the exact checks of ``specs.rows`` certainly accept it."""
     n = batch.num_rows
     good = ids_ok(batch.columns.get("id"), n)
+    for column in batch.columns.values():
+        if isinstance(column, list):  # a column of mixed cells may hold bytes that are not text, in any column
+            good &= np.array([not isinstance(value, Undecodable) for value in column], dtype=bool)
     names, numbers = spec_numbers(batch.columns.get("spec"), registry, n)
     good &= numbers >= 0
     vouched = np.zeros(n, dtype=bool)

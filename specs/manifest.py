@@ -39,7 +39,35 @@ BATCH_ROWS = 32_768  # rows per batch: large enough for the vectorised checks, s
 
 
 class ManifestError(ValueError):
-    """The manifest as a whole cannot be read (missing file, unknown format, missing required column)."""
+    """The manifest as a whole cannot be read (missing file, unknown format, missing or repeated column)."""
+
+
+class Undecodable:
+    """A text cell whose bytes are not UTF-8 (a CSV saved as Latin-1, a Parquet binary column): its row fails
+    with the column named (``specs.rows``), the other rows go on. Never turned into text with replacement
+    characters, which would render a prompt the user did not write."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def reason(self) -> str:
+        try:
+            self.data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return (f"not UTF-8 text (byte 0x{self.data[exc.start]:02x} at position {exc.start}); "
+                    "save the manifest as UTF-8")
+        return "not UTF-8 text"
+
+    def __repr__(self) -> str:
+        return f"Undecodable({self.data[:40]!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Undecodable) and other.data == self.data
+
+    def __hash__(self) -> int:
+        return hash(self.data)
 
 
 @dataclass
@@ -128,8 +156,14 @@ class Manifest:
 
 
 def _plain(value: Any) -> Any:
-    """Binary cells as text; anything else as it is (a NaN too: row validation reports it)."""
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+    """Binary cells as text (``Undecodable`` where they are not UTF-8); anything else as it is (a NaN too: row
+    validation reports it)."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return Undecodable(value)
+    return value
 
 
 def _format_of(uri: str, redact) -> str:
@@ -140,23 +174,35 @@ def _format_of(uri: str, redact) -> str:
     raise ManifestError(f"{redact(uri)}: unknown manifest format; use .parquet, .csv or .jsonl")
 
 
+HEADER_BYTES = 1 << 20  # a CSV header line longer than this is not a manifest's
+
+
 def _csv_header(handle) -> list[str]:
-    return next(csv.reader([handle.readline().decode("utf-8-sig")]), [])
+    line = handle.readline(HEADER_BYTES)
+    if len(line) >= HEADER_BYTES and not line.endswith(b"\n"):
+        raise ValueError(f"the header line is longer than {HEADER_BYTES} bytes")
+    return next(csv.reader([line.decode("utf-8-sig")]), [])
 
 
 def _csv_reader(handle):
-    """A streaming CSV reader where every column is text: Arrow infers types from the first block only, so a
-    bad cell further down would fail the whole file. Batches are typed one by one instead (``_typed``)."""
+    """A streaming CSV reader where every column is bytes: Arrow infers types from the first block only, and
+    checks UTF-8 for the whole file, so one bad cell further down would fail the whole file. Batches are
+    decoded and typed one by one instead (``_typed``)."""
     header = _csv_header(handle)
     handle.seek(0)
-    options = pa_csv.ConvertOptions(column_types={name: pa.string() for name in header}, null_values=CSV_NULLS,
+    options = pa_csv.ConvertOptions(column_types={name: pa.binary() for name in header}, null_values=CSV_NULLS,
                                     strings_can_be_null=True)
     return pa_csv.open_csv(handle, read_options=pa_csv.ReadOptions(block_size=1 << 22), convert_options=options)
 
 
-def _typed(column: pa.Array, name: str) -> pa.Array:
-    """A CSV batch's text column as numbers where every cell of the batch is one (as Arrow infers a whole file):
-    ipaflow's text columns stay text (an id ``007`` keeps its zeros)."""
+def _typed(column: pa.Array, name: str) -> pa.Array | list:
+    """A CSV batch's column as text, or as numbers where every cell of the batch is one (as Arrow infers a
+    whole file): ipaflow's text columns stay text (an id ``007`` keeps its zeros). A column holding bytes that
+    are not UTF-8 goes as a plain list, those cells ``Undecodable``: only their rows fail."""
+    try:
+        column = pc.cast(column, pa.string())
+    except pa.ArrowInvalid:
+        return [_plain(value) for value in column.to_pylist()]
     if name in STRING_COLUMNS or column.null_count == len(column):
         return column
     for target in (pa.int64(), pa.float64()):
@@ -175,12 +221,27 @@ def _iter_jsonl(fs, path: str, uri: str, redact) -> Iterator[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)  # bytes: a UTF-8 byte order mark is accepted
+                row = json.loads(line, object_pairs_hook=_no_repeated_keys)  # bytes: a UTF-8 BOM is accepted
+            except _RepeatedKey as exc:
+                raise ManifestError(f"{redact(uri)}: line {number}: key {exc.args[0]!r} appears more than once") from None
             except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
                 raise ManifestError(f"{redact(uri)}: line {number} is not valid JSON ({exc.__class__.__name__})") from None
             if not isinstance(row, dict):
                 raise ManifestError(f"{redact(uri)}: line {number} is not a JSON object")
             yield row
+
+
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused when a key repeats (``json`` would keep the last value without a word)."""
+    row = dict(pairs)
+    if len(row) != len(pairs):
+        seen: set[str] = set()
+        raise _RepeatedKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return row
 
 
 def _jsonl_columns(rows: list[dict], wanted: tuple[str, ...] | None) -> dict[str, pa.Array | list]:
@@ -257,6 +318,9 @@ def open_manifest(uri: str, storage: Storage | None = None) -> Manifest:
         fs, path = storage.fs(uri)
         if not fs.exists(path):
             raise ManifestError(f"{redact(uri)}: manifest not found")
+        if fs.isdir(path):
+            raise ManifestError(f"{redact(uri)}: is a folder; give the manifest file")
+        storage.require_regular(uri)  # a FIFO or a device would block the read, or never end
         num_rows = None
         if fmt == "parquet":
             with fs.open(path, "rb") as handle:
@@ -271,6 +335,10 @@ def open_manifest(uri: str, storage: Storage | None = None) -> Manifest:
         raise
     except (OSError, pa.ArrowException, ValueError) as exc:
         raise ManifestError(f"{redact(uri)}: cannot read manifest ({exc.__class__.__name__}: {redact(exc)})") from None
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise ManifestError(f"{redact(uri)}: column(s) {', '.join(map(repr, repeated))} appear more than once; "
+                            "keep one of each")
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise ManifestError(f"{redact(uri)}: missing required column(s) {', '.join(missing)}")

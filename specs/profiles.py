@@ -59,6 +59,16 @@ class TaskProfile:
         return "videos" if self.output == "video" else "images"
 
     @property
+    def sized_by_image(self) -> bool:
+        """Whether the task renders at the size of its ``image`` input (it takes no width or height)."""
+        return "image" in self.inputs and "width" in self.refused
+
+    def denoising_steps(self, steps: int, strength: float) -> int:
+        """The denoising steps a call runs: image-to-image style pipelines run int(steps x strength) of them
+        (diffusers' ``get_timesteps``), and none at all fails the call."""
+        return min(int(steps * strength), steps) if self.steps_scale_with_strength else steps
+
+    @property
     def all_params(self) -> frozenset[str]:
         return COMMON_PARAMS | self.params
 

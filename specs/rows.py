@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ipaflow.core.problems import FailedRow, Problem, RowFailed
-from ipaflow.specs.manifest import FLOAT_COLUMNS, INPUT_COLUMNS, INT_COLUMNS, KNOWN_COLUMNS, Manifest
+from ipaflow.specs.manifest import FLOAT_COLUMNS, INPUT_COLUMNS, INT_COLUMNS, KNOWN_COLUMNS, Manifest, Undecodable
 from ipaflow.specs.outputs import collision_key, extension, job_stems
 from ipaflow.specs.registry import SpecRegistry
 from ipaflow.specs.spec import Params, Spec
@@ -218,10 +218,25 @@ def _params(row: dict, spec: Spec) -> dict[str, Any]:
         for item in exc.errors():
             column = str(item["loc"][0])
             problems.append(Problem(column, f"{item['msg'].lower()}, got {_shown(item['input'])}"))
+    steps, strength = merged.get("num_inference_steps"), merged.get("strength")
+    if not problems and steps is not None and strength is not None:
+        if problem := steps_problem(spec, steps, strength, given=row):
+            problems.append(problem)
     if problems:
         raise RowFailed(problems)
     merged.setdefault("prompt", "")
     return merged
+
+
+def steps_problem(spec: Spec, steps: int, strength: float, given: dict) -> Problem | None:
+    """Why a call with ``steps`` and ``strength`` would run no denoising step (diffusers fails such a call
+    deep inside: "cannot reshape tensor of 0 elements"); named after the column ``given`` holds, steps first."""
+    if spec.profile.denoising_steps(steps, strength) >= 1:
+        return None
+    column = "strength" if given.get("strength") is not None and given.get("num_inference_steps") is None \
+        else "num_inference_steps"
+    return Problem(column, f"{steps} step(s) x strength {strength:g} runs no denoising step (task {spec.task!r} "
+                           "runs int(num_inference_steps x strength)); raise num_inference_steps or strength")
 
 
 def _ip_scales(row: dict, spec: Spec) -> list:
@@ -274,6 +289,9 @@ def _inputs(row: dict, spec: Spec, base: str) -> dict[str, Any]:
 
 def resolve_row(row: dict, index: int, registry: SpecRegistry, base: str = "") -> Job:
     """Check one row and resolve it into a job; raises RowFailed listing every column at fault."""
+    undecodable = [Problem(column, value.reason()) for column, value in row.items() if isinstance(value, Undecodable)]
+    if undecodable:  # bytes that are not text: what the row's other cells mean cannot be trusted either
+        raise RowFailed(undecodable)
     problems: list[Problem] = []
 
     def attempt(check, *args):

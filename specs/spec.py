@@ -195,6 +195,10 @@ class Spec(StrictModel):
             if needed != (getattr(self, name) is not None):
                 tasks = [p.name for p in PROFILES.values() if p.component and p.component.spec_field == name]
                 raise ValueError(f"task {tasks[0]!r} needs a {name}, and a {name} needs task {tasks[0]!r}")
+        steps, strength = self.defaults.num_inference_steps, self.defaults.strength
+        if steps is not None and strength is not None and profile.denoising_steps(steps, strength) < 1:
+            raise ValueError(f"defaults: {steps} step(s) x strength {strength:g} runs no denoising step; raise "
+                             "num_inference_steps or strength")
         if self.output_format not in profile.formats:
             raise ValueError(f"output format {self.output_format!r} is not one task {self.task!r} writes "
                              f"({', '.join(profile.formats)})")

@@ -35,7 +35,7 @@ from ipaflow.core.problems import RowFailed
 from ipaflow.core.storage import MAX_INPUT_BYTES, Storage, describe_error, is_local
 from ipaflow.specs.outputs import OWN_ENTRIES
 from ipaflow.specs.rows import Job
-from ipaflow.specs.spec import Spec
+from ipaflow.specs.spec import SIZE_FACTOR, Spec
 from ipaflow.tasks.media import MAX_INPUT_PIXELS, MediaError, Probe, decode_image, probe_image
 
 MAX_ROW_PIXELS = MAX_INPUT_PIXELS  # all of a row's distinct images together: one image of the largest size
@@ -244,7 +244,14 @@ class InputFetcher:
 
     def _check_pixels(self, raws: dict[str, list[_Raw]], spec: Spec) -> None:
         """A row's distinct images (by content) hold at most MAX_ROW_PIXELS, and each image prompt at most
-        MAX_PROMPT_PIXELS: checked from their headers."""
+        MAX_PROMPT_PIXELS: checked from their headers. A task rendering at its init image's size needs that image
+        at least SIZE_FACTOR pixels a side (diffusers rounds the size down to a multiple of 8: 7 pixels is 0)."""
+        if spec.profile.sized_by_image:
+            for raw in raws.get("image", []):
+                if min(raw.probe.width, raw.probe.height) < SIZE_FACTOR:
+                    raise RowFailed.at("image", f"{self.redact(raw.uri)}: an image of {raw.probe.width}x"
+                                                f"{raw.probe.height} pixels; task {spec.task!r} renders at the size "
+                                                f"of its init image, which needs at least {SIZE_FACTOR} pixels a side")
         for column in spec.image_columns:
             for raw in raws.get(column, []):
                 if raw.probe.pixels > MAX_PROMPT_PIXELS:

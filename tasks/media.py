@@ -6,7 +6,8 @@ its size before any pixel is decoded, and a row's images can be counted against 
 (depth maps) by 65535 -> 255, float ones from [0, 1]; float values outside [0, 1] are refused with a reason.
 
 Outputs carry their parameters: PNG in a ``parameters`` text chunk, JPEG/WebP in the EXIF image description
-(JSON with non-ASCII text escaped: EXIF text is ASCII), GIF in its comment. Encoding is deterministic: the
+(JSON with non-ASCII text escaped: EXIF text is ASCII; a JPEG's texts shortened to fit its 64 KiB EXIF
+segment), GIF in its comment. Encoding is deterministic: the
 same pixels and parameters give the same bytes.
 """
 
@@ -143,6 +144,30 @@ def params_text(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
+# A JPEG's EXIF segment holds at most 64 KiB (its length is 16 bits); the description gets what the other
+# tags leave. WebP's EXIF chunk has no such limit.
+EXIF_TEXT_BYTES = 60_000
+TRUNCATED = "truncated"  # the key naming the texts shortened to fit (the record keeps them whole)
+
+
+def exif_description(params: dict[str, Any], limit: int | None) -> str:
+    """The parameters as EXIF ImageDescription text. It is ASCII: Pillow would write "?" for every other
+    character, so non-ASCII text is kept as JSON escapes, which read_parameters (any JSON reader) turns back
+    into the same text. Where it would not fit ``limit`` bytes (a 100,000-character prompt in a JPEG), the
+    longest texts are shortened and named under ``truncated``: an output never fails for its metadata."""
+    text = json.dumps(params, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    if limit is None or len(text) <= limit:
+        return text
+    for keep in (4096, 1024, 256, 0):
+        cut = sorted(k for k, v in params.items() if isinstance(v, str) and len(v) > keep)
+        shortened = {k: (v[:keep] if k in cut else v) for k, v in params.items()}
+        shortened[TRUNCATED] = cut
+        text = json.dumps(shortened, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+        if len(text) <= limit:
+            return text
+    return json.dumps({TRUNCATED: ["*"]})
+
+
 def encode_image(image: PIL.Image.Image, fmt: str, params: dict[str, Any], quality: int = 95) -> bytes:
     """One rendered image in the spec's format, with its parameters embedded."""
     buffer = io.BytesIO()
@@ -152,9 +177,7 @@ def encode_image(image: PIL.Image.Image, fmt: str, params: dict[str, Any], quali
         image.save(buffer, format="PNG", pnginfo=info)
     elif fmt in ("jpeg", "webp"):
         exif = PIL.Image.Exif()
-        # ImageDescription is ASCII: Pillow would write "?" for every other character, so non-ASCII text is
-        # kept as JSON escapes, which read_parameters (any JSON reader) turns back into the same text
-        exif[0x010E] = json.dumps(params, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+        exif[0x010E] = exif_description(params, EXIF_TEXT_BYTES if fmt == "jpeg" else None)
         image.save(buffer, format=fmt.upper(), quality=quality, exif=exif)
     else:
         raise ValueError(f"unknown image format {fmt!r}")

@@ -64,7 +64,7 @@ class LoadedPipeline:
         """What decides a row's memory: its output size, frames, images per prompt and guidance. ``images``: the
         row's input images by column; a task that refuses width/height renders at the size of its init image."""
         image = (images or {}).get("image")
-        sized = image is not None and "width" in self.spec.profile.refused
+        sized = image is not None and self.spec.profile.sized_by_image
         default_w, default_h = image.size if sized else self.default_size
         params = job.params
         frames = params.get("num_frames", 16) if self.spec.profile.output == "video" else None

@@ -41,7 +41,7 @@ EDGES = {
     "num_inference_steps": st.sampled_from([1, 1000, 0, 1001, -3]),
     "width": st.sampled_from([8, 8192, 100, 0, 8200]),
     "guidance_scale": st.sampled_from([0.0, 100.0, 100.5, -1.0, math.nan, math.inf]),
-    "strength": st.sampled_from([1.0, 0.0, 1.5]),
+    "strength": st.sampled_from([1.0, 0.0, 1.5, 0.3, 0.4999]),  # x 2 steps: 0 denoising steps
     "num_images": st.sampled_from([2, 3, 64, 65, 0]),
     "num_frames": st.sampled_from([1, 512, 0, 600]),
     "seed": st.sampled_from([0, 2**62, 2**63 - 1, -1]),

@@ -114,3 +114,71 @@ def test_spec_defaults_are_checked_like_rows():
         parse_spec(text, "odd.yaml")
     assert "defaults.width: Input should be a multiple of 8" in str(caught.value)
     assert "defaults.num_inference_steps: Input should be greater than or equal to 1" in str(caught.value)
+
+
+def test_a_latin1_byte_in_a_csv_fails_its_row_only(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(b"id,spec,ip_image,num_inference_steps,prompt,note\n"
+                         b"a,sdxl-text2img,in.png,1,caf\xe9 au lait,x\n"  # saved as Latin-1
+                         b"b,sdxl-text2img,in.png,1,fine,d\xe9j\xe0 vu\n"
+                         b"c,sdxl-text2img,in.png,1,caf\xc3\xa9,ok\n")  # UTF-8
+    assert _problems(manifest) == [
+        "a, prompt, not UTF-8 text (byte 0xe9 at position 3); save the manifest as UTF-8",
+        "b, note, not UTF-8 text (byte 0xe9 at position 1); save the manifest as UTF-8",
+    ]
+
+
+def test_a_repeated_column_name_is_refused(tmp_path):
+    (tmp_path / "m.csv").write_text("id,spec,prompt,prompt\na,sdxl-text2img,one,two\n")
+    pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array(["sdxl-text2img"]), pa.array(["b"])],
+                                        names=["id", "spec", "id"]), tmp_path / "m.parquet")
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "spec": "sdxl-text2img", "prompt": "one", "prompt": "two"}\n')
+    expected = {"m.csv": "column(s) 'prompt' appear more than once; keep one of each",
+                "m.parquet": "column(s) 'id' appear more than once; keep one of each",
+                "m.jsonl": "line 1: key 'prompt' appears more than once"}
+    for name, reason in expected.items():
+        with pytest.raises(ManifestError) as caught:
+            validate_manifest(str(tmp_path / name), check_inputs=False)
+        assert str(caught.value) == f"{tmp_path / name}: {reason}"
+
+
+def test_a_manifest_that_is_a_fifo_is_refused_at_once(tmp_path):
+    import os
+    import threading
+
+    os.mkfifo(tmp_path / "m.csv")
+    outcome = []
+    worker = threading.Thread(target=lambda: outcome.append(_refusal(tmp_path / "m.csv")), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert outcome == [f"{tmp_path / 'm.csv'}: cannot read manifest (InputRefused: not a regular file (a FIFO))"]
+    (tmp_path / "folder.csv").mkdir()
+    assert _refusal(tmp_path / "folder.csv") == f"{tmp_path / 'folder.csv'}: is a folder; give the manifest file"
+
+
+def _refusal(path) -> str | None:
+    try:
+        validate_manifest(str(path), check_inputs=False)
+    except ManifestError as exc:
+        return str(exc)
+    return None
+
+
+def test_steps_times_strength_must_run_a_denoising_step(tmp_path):
+    """img2img and inpaint run int(num_inference_steps x strength) steps: none fails the call deep in diffusers,
+    so the row fails here, named after the column it gave (steps first)."""
+    base = {"spec": "sdxl-img2img", "ip_image": "in.png", "image": "init.png"}  # the spec's strength: 0.6
+    rows = [{**base, "id": "one-step", "num_inference_steps": 1},
+            {**base, "id": "two-steps", "num_inference_steps": 2},
+            {**base, "id": "weak", "num_inference_steps": 3, "strength": 0.3},
+            {**base, "id": "weak-alone", "strength": 0.01},  # steps: the pipeline's default (judged with it later)
+            {**base, "id": "text", "num_inference_steps": 1, "spec": "sdxl-text2img"}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    reason = "runs no denoising step (task 'img2img' runs int(num_inference_steps x strength)); raise " \
+             "num_inference_steps or strength"
+    assert _problems(manifest) == [f"one-step, num_inference_steps, 1 step(s) x strength 0.6 {reason}",
+                                   f"weak, num_inference_steps, 3 step(s) x strength 0.3 {reason}"]
+    with pytest.raises(SpecError, match="defaults: 1 step.s. x strength 0.5 runs no denoising step"):
+        parse_spec("name: odd\ntask: img2img\nmodel: a/b\nip_adapters: [{model: h94/IP-Adapter, weight_name: w.bin}]\n"
+                   "defaults: {num_inference_steps: 1, strength: 0.5}\n", "odd.yaml")
