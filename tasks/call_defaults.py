@@ -14,17 +14,21 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from ipaflow.core.problems import Problem
+from ipaflow.core.storage import describe_error
 from ipaflow.specs.spec import Spec
+
+log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=64)
 def _defaults(pipeline: str, model: str, models_dir: str | None) -> tuple[tuple[str, Any], ...]:
-    from ipaflow.tasks.models import resolve_model
+    from ipaflow.tasks.models import LIBRARY_IMPORTS, resolve_model
 
     found = resolve_model(model, models_dir)
     index = Path(found) / "model_index.json"
@@ -42,25 +46,28 @@ def _defaults(pipeline: str, model: str, models_dir: str | None) -> tuple[tuple[
         class_name = json.loads(index.read_text())["_class_name"]
     except (OSError, ValueError, KeyError, TypeError):
         return ()
-    from diffusers.pipelines import auto_pipeline
+    with LIBRARY_IMPORTS:  # the command line preloads a pipeline in another thread meanwhile
+        from diffusers.pipelines import auto_pipeline
 
-    mapping = {"AutoPipelineForImage2Image": auto_pipeline.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
-               "AutoPipelineForInpainting": auto_pipeline.AUTO_INPAINT_PIPELINES_MAPPING,
-               "AutoPipelineForText2Image": auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING}.get(pipeline)
-    if mapping is None:
-        return ()
-    cls = auto_pipeline._get_task_class(mapping, class_name, throw_error_if_not_exist=False)
-    if cls is None:
-        return ()
-    return tuple((name, p.default) for name, p in inspect.signature(cls.__call__).parameters.items()
-                 if p.default is not inspect.Parameter.empty)
+        mapping = {"AutoPipelineForImage2Image": auto_pipeline.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
+                   "AutoPipelineForInpainting": auto_pipeline.AUTO_INPAINT_PIPELINES_MAPPING,
+                   "AutoPipelineForText2Image": auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING}.get(pipeline)
+        cls = mapping and auto_pipeline._get_task_class(mapping, class_name, throw_error_if_not_exist=False)
+        if cls is None:
+            return ()
+        return tuple((name, p.default) for name, p in inspect.signature(cls.__call__).parameters.items()
+                     if p.default is not inspect.Parameter.empty)
 
 
 def call_defaults(spec: Spec, models_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """The defaults of the ``__call__`` of the pipeline class ``spec`` renders with; empty when the model's
     ``model_index.json`` is not at hand."""
     root = str(models_dir) if models_dir else os.environ.get("IPAFLOW_MODELS")
-    return dict(_defaults(spec.profile.pipeline, spec.model, root))
+    try:
+        return dict(_defaults(spec.profile.pipeline, spec.model, root))
+    except Exception as exc:  # noqa: BLE001 - a rule that cannot be judged here is judged by the call itself
+        log.warning("cannot read the call defaults of spec %s: %s", spec.name, describe_error(exc))
+        return {}
 
 
 def needs_call_defaults(spec: Spec) -> bool:

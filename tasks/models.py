@@ -8,11 +8,16 @@ So one spec runs on the tiny zoo here and on the real weights on a GPU box.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import torch
 
 MODELS_ENV = "IPAFLOW_MODELS"
+# Held while diffusers / transformers load their lazily imported parts (a pipeline build, reading a pipeline's
+# call defaults): two threads doing that at once can find a half-imported module ("cannot import name
+# 'AutoModel' from 'transformers'"), as the command line's preload and the planner would.
+LIBRARY_IMPORTS = threading.RLock()
 # Repos that moved on the hub: the old id still names the same weights.
 MOVED = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 

@@ -26,7 +26,7 @@ from ipaflow.specs.spec import Spec
 from ipaflow.tasks.compile import Compiler
 from ipaflow.tasks.embeddings import EmbeddingCache
 from ipaflow.tasks.memory import MemoryPlan, RowShape, available_bytes, decide_offload, pipeline_bytes
-from ipaflow.tasks.models import pick_device, pick_dtype, resolve_model
+from ipaflow.tasks.models import LIBRARY_IMPORTS, pick_device, pick_dtype, resolve_model
 from ipaflow.tasks.stages import StageClock
 
 log = logging.getLogger("ipaflow.pipelines")
@@ -251,7 +251,8 @@ class PipelineCache:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
             log.info("building pipeline for spec %s on %s", spec.name, device)
-            loaded = build_pipeline(spec, models_dir, device)
+            with LIBRARY_IMPORTS:
+                loaded = build_pipeline(spec, models_dir, device)
             self.builds += 1
             self._items[key] = loaded
             return loaded

@@ -56,7 +56,8 @@ def hostile(tmp_path_factory, inputs_dir):
         "prompt-too-big": "huge.png",
     }
     manifest = [{**base, "id": row_id, "ip_image": value} for row_id, value in rows.items()]
-    manifest.append({**base, "id": "row-budget", "spec": "sdxl-img2img", "image": "huge.png", "ip_image": "prompt.png"})
+    manifest.append({**base, "id": "row-budget", "spec": "sdxl-img2img", "image": "huge.png", "ip_image": "prompt.png",
+                     "num_inference_steps": 2})  # 2 x strength 0.6: one denoising step
     manifest.append({**base, "id": "style-65", "spec": "sdxl-multi-style-face", "style_folder": "style65",
                      "ip_image": str(inputs_dir / "face.png")})
     (root / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in manifest))
