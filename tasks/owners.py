@@ -35,6 +35,22 @@ COLUMNS = ("id", "status", "outputs")  # what deciding ownership reads from a re
 SHOWN_STEMS = 3  # stems a reason names before "and N more"
 
 
+def _stems(ids: pa.Array, counts: np.ndarray) -> tuple[pa.Array, np.ndarray]:
+    """Every output stem of rows with ``ids`` writing ``counts`` outputs each, vectorised (the rule of
+    ``specs.outputs.output_stems``: the id, or ``<id>-<k>`` for k = 0.. when a row writes several), and the row
+    each stem belongs to."""
+    parent = np.repeat(np.arange(len(counts)), counts)
+    if not len(parent):
+        return pa.array([], type=pa.string()), parent
+    if (counts == 1).all():
+        return ids, parent
+    position = np.arange(len(parent)) - (np.cumsum(counts) - counts)[parent]
+    # suffix 0 is "" (a row with one output: the stem is the id), suffix k+1 is "-k"
+    suffixes = pa.array([""] + [f"-{k}" for k in range(int(counts.max()))], type=pa.string())
+    which = np.where(counts[parent] == 1, 0, position + 1)
+    return pc.binary_join_element_wise(ids.take(pa.array(parent)), suffixes.take(pa.array(which)), ""), parent
+
+
 def owned_stem_hashes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """(hash of each owned stem's collision key, hash of its owner's id) for the ``ok`` records of ``table``
     (columns ``id``, ``status``, ``outputs``), vectorised: one entry per output."""
@@ -45,19 +61,15 @@ def owned_stem_hashes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     if not counts.sum():
         return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
     ids = pc.fill_null(table.column("id").combine_chunks(), "")
-    parent = np.repeat(np.arange(len(counts)), counts)
-    starts = np.cumsum(counts) - counts
-    position = np.arange(len(parent)) - starts[parent]
-    # suffix 0 is "" (a record with one output: the stem is the id), suffix k+1 is "-k" (specs.outputs)
-    suffixes = pa.array([""] + [f"-{k}" for k in range(int(counts.max()))], type=pa.string())
-    which = np.where(counts[parent] == 1, 0, position + 1)
-    stems = pc.binary_join_element_wise(ids.take(pa.array(parent)), suffixes.take(pa.array(which)), "")
+    stems, parent = _stems(ids, counts)
     return hash_strings(collision_keys(stems)), hash_strings(ids)[parent]
 
 
-def _count(job, spec: Spec) -> int:
-    """How many outputs a job (a ``Job`` or a ``specs.checks.Draft``) writes: ``specs.outputs.job_stems``'s rule."""
-    return 1 if spec.profile.output == "video" else int(job.params.get("num_images") or 1)
+def _counts(jobs: Sequence, specs: dict[str, Spec]) -> np.ndarray:
+    """How many outputs each job (a ``Job`` or a ``specs.checks.Draft``) writes: ``specs.outputs.job_stems``'s
+    rule (a video task's rows write one)."""
+    video = {name: spec.profile.output == "video" for name, spec in specs.items()}
+    return np.array([1 if video[job.spec] else int(job.params.get("num_images") or 1) for job in jobs], dtype=np.int64)
 
 
 class OwnedOutputs:
@@ -101,33 +113,34 @@ class OwnedOutputs:
         """Manifest index -> problems, for the jobs that would write an output another id's record owns."""
         if not len(self.stems) or not jobs:
             return {}
-        stems: list[str] = []
-        rows: list[int] = []
-        for position, job in enumerate(jobs):
-            for stem in output_stems(job.id, _count(job, specs[job.spec])):
-                stems.append(stem)
-                rows.append(position)
-        hashes = hash_strings(collision_keys(pa.array(stems, type=pa.string())))
-        left = np.searchsorted(self.stems, hashes, "left")
-        right = np.searchsorted(self.stems, hashes, "right")
-        hit = np.flatnonzero(right > left)
+        ids = pa.array([job.id for job in jobs], type=pa.string())
+        stems, rows = _stems(ids, _counts(jobs, specs))
+        hashes = hash_strings(collision_keys(stems))
+        order = np.argsort(hashes)  # sorted keys: numpy's binary search narrows from the previous key
+        left = np.empty(len(hashes), dtype=np.int64)
+        left[order] = np.searchsorted(self.stems, hashes[order])
+        found = left < len(self.stems)
+        found[found] = self.stems[left[found]] == hashes[found]
+        hit = np.flatnonzero(found)
         if not len(hit):
             return {}
-        own = hash_strings([job.id for job in jobs])[np.asarray(rows)[hit]]
-        single = right[hit] - left[hit] == 1
+        own = hash_strings(ids)[rows[hit]]
+        after = np.minimum(left[hit] + 1, len(self.stems) - 1)
+        single = (after == left[hit]) | (self.stems[after] != hashes[hit])  # one record owns the stem
         suspects: list[tuple[int, np.uint64]] = [
             (int(i), self.owners[left[i]]) for i in hit[single & (self.owners[left[hit]] != own)]]
-        for i, mine in zip(hit[~single], own[~single]):  # a stem several records own (written before this rule)
-            suspects.extend((int(i), owner) for owner in self.owners[left[i]:right[i]] if owner != mine)
+        right = np.searchsorted(self.stems, hashes[hit[~single]], "right")
+        for i, end, mine in zip(hit[~single], right, own[~single]):  # several own it (written before this rule)
+            suspects.extend((int(i), owner) for owner in self.owners[left[i]:end] if owner != mine)
         if not suspects:
             return {}
         owners = self._owner_records(np.array([owner for _, owner in suspects], dtype=np.uint64))
         taken: dict[int, dict[str, list[str]]] = {}
         for i, owner in sorted(suspects, key=lambda suspect: suspect[0]):
-            job = jobs[rows[i]]
+            job, stem = jobs[rows[i]], stems[i].as_py()
             for owner_id, keys in sorted(owners.get(int(owner), [])):
-                if owner_id != job.id and collision_key(stems[i]) in keys:
-                    taken.setdefault(rows[i], {}).setdefault(owner_id, []).append(stems[i])
+                if owner_id != job.id and collision_key(stem) in keys:
+                    taken.setdefault(int(rows[i]), {}).setdefault(owner_id, []).append(stem)
         return {jobs[row].index: tuple(_problem(stolen, owner_id, extension(specs[jobs[row].spec]))
                                        for owner_id, stolen in sorted(by_owner.items()))
                 for row, by_owner in taken.items()}
