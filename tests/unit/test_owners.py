@@ -13,7 +13,7 @@ from ipaflow.core.hashing import hash_strings
 from ipaflow.core.problems import RowFailed
 from ipaflow.core.storage import Storage
 from ipaflow.specs.checks import ids_ok
-from ipaflow.specs.outputs import collision_key, collision_keys, shard_folder
+from ipaflow.specs.outputs import collision_key, collision_keys, output_stems, shard_folder
 from ipaflow.specs.registry import SpecRegistry
 from ipaflow.specs.rows import Job, check_id
 from ipaflow.tasks.metadata import MetadataStore, make_record
@@ -107,9 +107,13 @@ def test_owned_stems_follow_the_naming_rule_vectorised():
     table = pa.Table.from_pylist([_record("a", 3), _record("b", 1), _record("c", 2, status="failed"),
                                   _record("D.x", 2)]).select(list(COLUMNS))
     stems, owners = owned_stem_hashes(table)
-    want = ["a-0", "a-1", "a-2", "b", "d.x-0", "d.x-1"]
-    assert stems.tolist() == hash_strings(want).tolist()
-    assert owners.tolist() == hash_strings(["a", "a", "a", "b", "D.x", "D.x"]).tolist()
+    owned = [(stem, row_id) for row_id, count in (("a", 3), ("b", 1), ("D.x", 2)) for stem in output_stems(row_id, count)]
+    assert [stem for stem, _ in owned] == ["a-0", "a-1", "a-2", "b", "D.x-0", "D.x-1"]  # specs.outputs' rule
+    assert stems.tolist() == hash_strings([collision_key(stem) for stem, _ in owned]).tolist()
+    assert owners.tolist() == hash_strings([row_id for _, row_id in owned]).tolist()
+    many = pa.Table.from_pylist([_record(f"r{i}", i % 4) for i in range(1, 40)]).select(list(COLUMNS))
+    want = [collision_key(stem) for i in range(1, 40) if i % 4 for stem in output_stems(f"r{i}", i % 4)]
+    assert owned_stem_hashes(many)[0].tolist() == hash_strings(want).tolist()
 
 
 def test_a_hash_that_matches_by_chance_fails_no_row(tmp_path):
