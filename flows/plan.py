@@ -3,7 +3,8 @@
 ``RowPlanner.shards()`` yields each shard as soon as it is full (and ``None`` after each batch, so the flow can
 look after running shards while a long stretch of done rows streams by). It holds a batch of rows, the shards
 being filled, a bounded cache of input identities and, to decide what is done, one uint64 per current ``ok``
-record whose outputs are present (``tasks.metadata.done_hashes``): never all rows, jobs, keys or records.
+record whose outputs are present (``tasks.metadata.done_hashes``) and two per output those records own
+(``tasks.owners``: a row may not overwrite another id's output): never all rows, jobs, keys or records.
 
 Rows that fail before rendering (checks, missing inputs, a spec whose pipeline cannot be built) are journaled
 as ``failed`` records in batches, and reported to the run monitor.
@@ -31,6 +32,7 @@ from ipaflow.specs.stream import resolve_stream
 from ipaflow.tasks.call_defaults import denoising_failures
 from ipaflow.tasks.keys import IdentityCache, identify_inputs, row_key
 from ipaflow.tasks.metadata import MetadataStore, make_record
+from ipaflow.tasks.owners import OwnedOutputs
 from ipaflow.tasks.shards import ShardCutter, ShardPlan, auto_shard_size
 
 FAILURES_KEPT = 1000  # failed rows the monitor keeps for its artifact and the summary (all are counted)
@@ -46,10 +48,12 @@ def note_failure(monitor, failed: FailedRow) -> None:
 
 class RowPlanner:
     def __init__(self, manifest: Manifest, registry: SpecRegistry, storage: Storage, metadata: MetadataStore,
-                 census: Census, options: RenderOptions, run_id: str, monitor, done: np.ndarray):
+                 census: Census, options: RenderOptions, run_id: str, monitor, done: np.ndarray,
+                 owned: OwnedOutputs | None = None):
         self.manifest, self.registry, self.storage, self.metadata = manifest, registry, storage, metadata
         self.census, self.options, self.run_id, self.monitor = census, options, run_id, monitor
         self.done = done  # sorted hash(id, key, layout) of the current ok records with outputs present
+        self.owned = owned if owned is not None else OwnedOutputs()  # outputs earlier runs' records own
         self.cache = IdentityCache()
         self.specs = {name: registry.get(name) for name in census.specs}
         self.size = options.shard_size or auto_shard_size(census.rows, options.batch_size)
@@ -133,8 +137,12 @@ class RowPlanner:
         skipped = int(done.sum())
         self.skipped += skipped
         self.monitor.skipped += skipped
+        taken = self.owned.problems([job for (job, _), finished in zip(keyed, done) if not finished], self.specs)
         for (job, key), finished in zip(keyed, done):
             if finished:
+                continue
+            if job.index in taken:  # it would overwrite an output of another id's record
+                self.fail(FailedRow(row=job.id, problems=taken[job.index], index=job.index, spec=job.spec), job, key)
                 continue
             if job.spec in self.broken:
                 self.fail(FailedRow(row=job.id, problems=(self.broken[job.spec],), index=job.index, spec=job.spec),

@@ -44,6 +44,7 @@ from ipaflow.specs.registry import SpecRegistry
 from ipaflow.tasks.containers import containers_of, drop_members, drop_orphans
 from ipaflow.tasks.gallery import GallerySample, write_gallery
 from ipaflow.tasks.metadata import MetadataStore, done_hashes, listing_hashes
+from ipaflow.tasks.owners import OwnedOutputs
 from ipaflow.tasks.prefect_tasks import render_shard
 from ipaflow.tasks.shards import ShardPlan
 from ipaflow.tasks.worker import RunSettings, ShardStats
@@ -130,13 +131,15 @@ def render_manifest(
     registry = SpecRegistry(options.specs, storage=storage)
     opened = open_manifest(manifest, storage=storage)
     metadata = MetadataStore(storage, out)
-    index, done = _records_state(metadata, storage, out, options.overwrite, run_id, logger)
+    owned = OwnedOutputs()
+    index, done = _records_state(metadata, storage, out, options.overwrite, run_id, logger, owned)
+    owned.seal(metadata, index)
 
     census = take_census(opened, registry, options.limit)
     monitor.planned(census.rows, 0)  # rows already done are counted as the manifest streams
     monitor.tag_flow_run(["ipaflow", f"manifest:{name}", *sorted({f"spec:{spec}" for spec in census.specs})])
-    planner = RowPlanner(opened, registry, storage, metadata, census, options, run_id, monitor, done)
-    del done
+    planner = RowPlanner(opened, registry, storage, metadata, census, options, run_id, monitor, done, owned)
+    del done, owned
     stats = _run_shards(planner, settings, monitor, started)
     planner.flush()
     monitor.close_log("planning")
@@ -172,13 +175,16 @@ def render_manifest(
     return monitor.finish(summary, previews, options.max_failures)
 
 
-def _records_state(metadata: MetadataStore, storage: Storage, out: str, overwrite: bool, run_id: str, logger):
+def _records_state(metadata: MetadataStore, storage: Storage, out: str, overwrite: bool, run_id: str, logger,
+                   owned: OwnedOutputs):
     """Fold what killed runs left, then scan the records once: where each id's record lives (for this run's
-    fold) and which (id, key, layout) are done (an ``ok`` record whose outputs are all present)."""
+    fold), which (id, key, layout) are done (an ``ok`` record whose outputs are all present) and which outputs
+    each id owns (into ``owned``)."""
     state = {"present": None if overwrite else listing_hashes(storage, out)}
     done_chunks: list[np.ndarray] = []
 
     def collect(_: str, table) -> None:
+        owned.add(table)
         present = state["present"]
         if present is not None and len(present):
             done_chunks.append(done_hashes(table, out, lambda paths: members(hash_strings(paths), present)))
@@ -188,11 +194,13 @@ def _records_state(metadata: MetadataStore, storage: Storage, out: str, overwrit
     if metadata.repair(index):
         logger.warning("metadata: dropped superseded copies of records left by an interrupted fold")
         done_chunks.clear()
+        owned.clear()
         index = metadata.index(collect, columns)
     if metadata.journal_files():
         folded = metadata.fold(f"{run_id}-recovered", index, drop_outputs=lambda uris: drop_members(storage, uris))
         logger.info("folded %d journal file(s) left by an earlier run", folded.files)
         done_chunks.clear()
+        owned.clear()
         state["present"] = None if overwrite else listing_hashes(storage, out)
         index = metadata.index(collect, columns)
     done = np.unique(np.concatenate(done_chunks)) if done_chunks else np.zeros(0, np.uint64)

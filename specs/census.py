@@ -136,15 +136,17 @@ def _judge(manifest: Manifest, registry: SpecRegistry, candidates: set[int]) -> 
         for offset in sorted(wanted):
             picked[batch.start + offset] = batch.row(offset)
     groups: dict[str, list[int]] = {}
+    labels: dict[int, str] = {}
     for index in sorted(picked):
         label = R.row_label(picked[index], index)
         if not label.startswith("#"):
             groups.setdefault(collision_key(label), []).append(index)
+            labels[index] = label
     offenders: dict[int, Offence] = {}
     for where in groups.values():
         if len(where) > 1:
             for index in where:
-                offenders[index] = Offence(duplicate=R.duplicate_problem(where))
+                offenders[index] = Offence(duplicate=R.duplicate_problem(where, [labels[i] for i in where]))
     jobs = []
     for index in sorted(picked):
         if index in offenders:

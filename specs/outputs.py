@@ -3,7 +3,8 @@ gallery.
 
 A row writes one output per image, each named by a *stem*: the row's id, or ``<id>-<k>`` for k = 0.. when the
 row asks for several images. Two rows may never write the same stem (``collision_key`` says when two stems are
-the same; the collision check and the duplicate-id check both use it). Where a stem lands depends on the
+the same: compared without case, Unicode-normalised; the collision check, the duplicate-id check and the
+check of outputs owned by an earlier run's records all use it). Where a stem lands depends on the
 layout (the spec's ``output.layout``, or ``render --layout``):
 
 - ``files``: ``images/<stem>.<ext>`` (video tasks: ``videos/<stem>.gif``);
@@ -20,7 +21,11 @@ leave the output folder.
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from typing import TYPE_CHECKING, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 if TYPE_CHECKING:
     from ipaflow.specs.rows import Job
@@ -39,9 +44,22 @@ SHARD_DIGITS = 3  # hex digits of the sharded layout's folder: 4096 folders
 
 
 def collision_key(stem: str) -> str:
-    """What makes two output stems (and so two ids) the same. Every check of duplicates and collisions goes
-    through this function, so making them case-insensitive or Unicode-normalised is a change here alone."""
-    return stem
+    """What makes two output stems (and so two ids) the same: equal once Unicode-normalised (NFC) and
+    case-folded. macOS, Windows and SMB shares compare file names without case (and APFS without Unicode
+    form), so ``A.png`` and ``a.png`` are one file there: two rows writing them would overwrite each other
+    when a user syncs or renders there. Every check of duplicates and collisions goes through this function
+    (the census, ``specs.rows``, outputs owned across runs in ``tasks.owners``)."""
+    if stem.isascii():
+        return stem.lower()  # ids are ASCII (specs.rows.ROW_ID_PATTERN): the common case needs no normalising
+    return unicodedata.normalize("NFC", stem).casefold()
+
+
+def collision_keys(stems: pa.Array) -> pa.Array:
+    """``collision_key`` of every stem of an Arrow string array: one vectorised lower-casing when all are ASCII
+    (ids always are), else stem by stem."""
+    if not len(stems) or pc.all(pc.string_is_ascii(stems)).as_py() is not False:
+        return pc.ascii_lower(stems)
+    return pa.array([None if stem is None else collision_key(stem) for stem in stems.to_pylist()], type=pa.string())
 
 
 def output_stems(row_id: str, count: int) -> list[str]:
@@ -59,8 +77,10 @@ def extension(spec: Spec) -> str:
 
 
 def shard_folder(stem: str) -> str:
-    """The sharded layout's folder of a stem: stable across runs and machines."""
-    return hashlib.sha256(collision_key(stem).encode()).hexdigest()[:SHARD_DIGITS]
+    """The sharded layout's folder of a stem: stable across runs and machines. It hashes the stem itself, not
+    its ``collision_key``, so outputs written before ids were compared without case keep their folders (two
+    stems that differ only in case never both exist: the collision rules refuse the second)."""
+    return hashlib.sha256(stem.encode()).hexdigest()[:SHARD_DIGITS]
 
 
 def is_container(layout: str) -> bool:

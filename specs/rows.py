@@ -390,8 +390,13 @@ def colliding_outputs(jobs: list[Job], registry: SpecRegistry) -> dict[int, list
     return bad
 
 
-def duplicate_problem(indexes: list[int]) -> Problem:
-    return Problem("id", f"duplicate id (manifest rows {', '.join(str(i) for i in indexes)})")
+def duplicate_problem(indexes: list[int], ids: list[str] | None = None) -> Problem:
+    """The problem of rows sharing an id (``ids``: theirs, when they may differ in case)."""
+    rows = f"(manifest rows {', '.join(str(i) for i in indexes)})"
+    spelled = list(dict.fromkeys(ids or []))
+    if len(spelled) > 1:
+        return Problem("id", f"duplicate id: {', '.join(map(repr, spelled))} differ only in case {rows}")
+    return Problem("id", f"duplicate id {rows}")
 
 
 def resolve_rows(rows: Iterable[dict], registry: SpecRegistry, base: str = "") -> tuple[list[Job], list[FailedRow]]:
@@ -400,17 +405,20 @@ def resolve_rows(rows: Iterable[dict], registry: SpecRegistry, base: str = "") -
     This is the reference: it holds every row. Runs stream instead (``specs.stream``), with the same rules and
     the same messages; a property test (tests/unit/test_stream_properties.py) compares the two.
 
-    Rows sharing an id all fail: their outputs and metadata record would collide, and which one was meant
-    cannot be known. So do rows whose output files would collide.
+    Rows sharing an id all fail (ids compared by ``specs.outputs.collision_key``: ``A`` and ``a`` are the same):
+    their outputs and metadata record would collide, and which one was meant cannot be known. So do rows whose
+    output files would collide.
     """
     jobs: list[Job] = []
     bad: dict[int, list[Problem]] = {}
     labels: dict[int, tuple[str, str | None]] = {}
     indexes: dict[str, list[int]] = {}
+    spelled: dict[int, str] = {}
     for index, row in enumerate(rows):
         label = row_label(row, index)
         if not label.startswith("#"):
             indexes.setdefault(collision_key(label), []).append(index)
+            spelled[index] = label
         try:
             jobs.append(resolve_row(row, index, registry, base))
         except RowFailed as exc:
@@ -419,7 +427,7 @@ def resolve_rows(rows: Iterable[dict], registry: SpecRegistry, base: str = "") -
     for where in indexes.values():
         if len(where) > 1:
             for index in where:
-                bad.setdefault(index, []).insert(0, duplicate_problem(where))
+                bad.setdefault(index, []).insert(0, duplicate_problem(where, [spelled[i] for i in where]))
     by_index = {job.index: job for job in jobs}
     for index, problems in colliding_outputs([j for j in jobs if j.index not in bad], registry).items():
         bad[index] = problems

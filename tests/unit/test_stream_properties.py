@@ -49,7 +49,8 @@ EDGES = {
     "note": st.sampled_from(["m", "x" * 3]),
     **dict.fromkeys(["ip_image", "image", "mask", "style_folder", "control_image"], st.sampled_from(URIS)),
 }
-IDS = ["a", "b", "a-0", "a-1", "row.1", "con", "CON.png", ".h", "x" * 129, "007", "b-0", "-z", "_y"]
+IDS = ["a", "b", "a-0", "a-1", "row.1", "con", "CON.png", ".h", "x" * 129, "007", "b-0", "-z", "_y",
+       "A", "A-0", "B-1", "Row.1", "nl\n", "CON\n"]  # ids that differ only in case are the same id
 
 
 @st.composite
@@ -160,9 +161,28 @@ def test_the_collision_key_decides_duplicates_and_collisions(tmp_path, monkeypat
             {"id": "b", "spec": "sdxl-text2img", "ip_image": "a.png", "num_images": 2},
             {"id": "B-1", "spec": "sdxl-text2img", "ip_image": "a.png"}]
     manifest = open_manifest(str(_write_jsonl(rows, tmp_path / "m.jsonl")), Storage())
-    assert not _same_outcome(manifest, 2)[1]
-    for module in ("ipaflow.specs.rows", "ipaflow.specs.census"):
-        monkeypatch.setattr(f"{module}.collision_key", lambda stem: collision_key(stem).lower())
     jobs, failed = _same_outcome(manifest, 2)
     assert [(f.row, f.problems[0].reason.split(" (")[0]) for f in failed] == [
-        ("A", "duplicate id"), ("a", "duplicate id"), ("b", "its output b-1"), ("B-1", "its output B-1")]
+        ("A", "duplicate id: 'A', 'a' differ only in case"), ("a", "duplicate id: 'A', 'a' differ only in case"),
+        ("b", "its output b-1"), ("B-1", "its output B-1")]
+    assert [str(f.problems[0]) for f in failed[:1]] == ["id: duplicate id: 'A', 'a' differ only in case (manifest rows 0, 1)"]
+    for module in ("ipaflow.specs.rows", "ipaflow.specs.census"):
+        monkeypatch.setattr(f"{module}.collision_key", lambda stem: stem)  # exact: the rules follow it
+    jobs, failed = _same_outcome(manifest, 2)
+    assert not failed and len(jobs) == 4
+
+
+@PROPERTY
+@given(st.lists(st.sampled_from(["a", "A", "a-0", "A-1", "b", "B", "B-0", "Ab.c", "aB.C"]), min_size=1, max_size=8),
+       st.lists(st.sampled_from([1, 2, 3]), min_size=8, max_size=8), st.integers(1, 4))
+def test_mixed_case_ids_stream_like_the_reference(tmp_path_factory, ids, counts, batch_rows):
+    """Ids and stems that differ only in case: the hashed census finds exactly the duplicates and collisions
+    the reference rules find, with the same messages."""
+    rows = [{"id": row_id, "spec": "sdxl-text2img", "ip_image": "a.png", "num_images": count}
+            for row_id, count in zip(ids, counts)]
+    _check(rows, tmp_path_factory, batch_rows)
+    keys = [collision_key(row_id) for row_id in ids]
+    if len(set(keys)) < len(keys):  # some ids differ only in case (or repeat): they fail, in both paths
+        folder = tmp_path_factory.mktemp("dup")
+        failed = _reference(open_manifest(str(_write_jsonl(rows, folder / "m.jsonl")), Storage()))[1]
+        assert {f.index for f in failed} >= {i for i, key in enumerate(keys) if keys.count(key) > 1}
