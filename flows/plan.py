@@ -119,7 +119,7 @@ class RowPlanner:
         stale = ~members(row_passthrough_hashes([job.id for job in jobs], extras, names), self.current)
         for job, values, changed in zip(jobs, extras, stale):
             if changed:
-                self._updates.append({"id": job.id, **{name: values.get(name) for name in names}})
+                self._updates.append({"id": job.id, **dict.fromkeys(names), **values})
         self.updated += int(stale.sum())
         if len(self._updates) >= JOURNAL_EVERY:
             self.flush()

@@ -203,9 +203,10 @@ def _table(records: list[dict]) -> pa.Table:
 
 
 def _update_table(rows: list[dict], names: Iterable[str]) -> pa.Table:
-    """Updates to a table: ``id`` and every passthrough column of the manifest (record names), nulls included."""
+    """Updates to a table: ``id`` and every passthrough column of the manifest (record names), nulls included,
+    and any other a row holds (a JSON Lines column first seen after the manifest's head)."""
     fields, arrays = [pa.field("id", pa.string())], [pa.array([r["id"] for r in rows], type=pa.string())]
-    for name in sorted(names):
+    for name in sorted(set(names).union(*rows) - {"id"}):
         item, array = passthrough_column(name, [r.get(name) for r in rows])
         fields.append(item)
         arrays.append(array)

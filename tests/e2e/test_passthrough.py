@@ -79,6 +79,10 @@ def test_passthrough_columns_are_kept_renamed_typed_on_failure_and_updated_witho
 
     assert main(["render", str(manifest), "--out", str(out)]) == 1  # values as recorded: nothing to update
     assert "0 rendered, 2 already done, 2 failed" in capsys.readouterr().out
+    assert main(["records", str(out)]) == 0  # JSON Lines: mixed columns as the values they encode
+    exported = {row["id"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert (exported["b"]["mixed"], exported["bad"]["mixed"], exported["a"]["meta"]) == ({"now": "a mapping"}, [1, "x"],
+                                                                                        {"k": [1, 2]})
 
 
 def test_a_renamed_column_meeting_a_column_of_its_new_name_is_refused_in_one_line(tmp_path, inputs_dir, capsys):

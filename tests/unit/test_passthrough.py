@@ -165,3 +165,14 @@ def test_an_update_gives_a_record_new_passthrough_values_and_keeps_its_outputs(t
     table = pq.read_table(tmp_path / "metadata")
     hashes = dict(zip(table.column("id").to_pylist(), passthrough_hashes(table, names)))
     assert hashes["a05"] == row_passthrough_hashes(["a05"], [updates[2]], names)[0]
+
+
+def test_an_update_keeps_a_column_only_its_row_holds(tmp_path):
+    """A JSON Lines column first seen after the manifest's head is not among the manifest's columns, but the
+    rows holding it carry it in their updates."""
+    store = MetadataStore(Storage(), str(tmp_path))
+    store.journal("r1", "x", [_record("a", note="old", late="kept")])
+    store.fold("r1")
+    store.journal_updates("r2", "u", [{"id": "a", "note": "new", "late": "kept"}], ["note"])
+    assert store.fold("r2").updated == 1
+    assert tuple(_read(tmp_path).loc["a", ["note", "late"]]) == ("new", "kept")
