@@ -5,6 +5,9 @@ value updates the record without rendering again."""
 from __future__ import annotations
 
 import json
+import logging
+import time
+import uuid
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -32,6 +35,23 @@ def _rows(inputs_dir):
     ]
 
 
+def _run_warnings(stem: str, expected: str) -> list[str]:
+    """The WARNING lines of the flow run of a manifest named ``stem``, as the Prefect API recorded them (polled
+    until ``expected`` is among them, for up to 10 s: the API records logs asynchronously)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_=stem)))[0]
+        for _ in range(50):
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+            warnings = [log.message for log in logs if log.level == logging.WARNING]
+            if expected in warnings:
+                break
+            time.sleep(0.2)
+    return warnings
+
+
 def _mtimes(out):
     return {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
 
@@ -39,7 +59,7 @@ def _mtimes(out):
 def test_passthrough_columns_are_kept_renamed_typed_on_failure_and_updated_without_rendering(
         tmp_path, models_env, prefect_api, inputs_dir, capsys):
     rows = _rows(inputs_dir)
-    manifest = _write_jsonl(tmp_path / "m.jsonl", rows)
+    manifest = _write_jsonl(tmp_path / f"passthrough-{uuid.uuid4().hex[:8]}.jsonl", rows)  # names the flow run
     out = tmp_path / "out"
 
     assert main(["validate", str(manifest)]) == 1  # two bad rows
@@ -47,10 +67,9 @@ def test_passthrough_columns_are_kept_renamed_typed_on_failure_and_updated_witho
     assert "warning: column status is a metadata record field: its values are kept as manifest_status" in err
 
     assert main(["render", str(manifest), "--out", str(out)]) == 1
-    printed = capsys.readouterr()
-    assert "WARNING" in printed.err and \
-        "manifest: column status is a metadata record field: its values are kept as manifest_status" in printed.err
-    assert "2 rendered, 0 already done, 2 failed" in printed.out
+    renamed = "manifest: column status is a metadata record field: its values are kept as manifest_status"
+    assert _run_warnings(manifest.stem, renamed).count(renamed) == 1
+    assert "2 rendered, 0 already done, 2 failed" in capsys.readouterr().out
     records = read_records(out).set_index("id")
     assert records.loc["a", "status"] == "ok" and records.loc["a", "manifest_status"] == "draft"
     assert records.loc["bad", "status"] == "failed" and records.loc["bad", "manifest_status"] == "s"
