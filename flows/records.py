@@ -50,8 +50,10 @@ def _decoded_rows(table: pa.Table) -> list[dict]:
 
 
 def export_records(out: str, destination: str | None = None, storage: Storage | None = None,
-                   stdout: TextIO = sys.stdout) -> int:
-    """Write the current records; returns how many."""
+                   stdout: TextIO | None = None) -> int:
+    """Write the current records; returns how many (JSON Lines on ``stdout``, by default the ``sys.stdout`` of
+    the call, not of the import)."""
+    stdout = stdout or sys.stdout
     storage = storage or Storage()
     store = MetadataStore(storage, out)
     tables = store.iter_current()
