@@ -170,7 +170,7 @@ def child_touch(manifest: str, out: str) -> None:
     storage = Storage(local_staging=f"{out}/_ipaflow/tmp")
     registry = SpecRegistry()
     metadata = MetadataStore(storage, out)
-    index, done = _records_state(metadata, storage, out, False, "bench-touch", logging.getLogger("bench"))
+    index, done, _ = _records_state(metadata, storage, out, False, "bench-touch", logging.getLogger("bench"), [])
     opened = open_manifest(manifest, storage)
     census = take_census(opened, registry)
     picture = PIL.Image.new("RGB", (8, 8), "gray")

@@ -90,3 +90,9 @@ def repeated(values: np.ndarray) -> np.ndarray:
     ordered = np.sort(values)
     same = ordered[1:] == ordered[:-1]
     return np.unique(ordered[1:][same])
+
+
+def hash_combine(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """One uint64 per row from two hashes of it, order-sensitive (the hash of a tuple, column by column)."""
+    with np.errstate(over="ignore"):
+        return _mix(left * _FNV_PRIME ^ _mix(right + np.uint64(0x9E3779B97F4A7C15)))

@@ -372,7 +372,8 @@ def cmd_validate(args) -> int:
     failed = 0
     shared: set[str] = set()
     try:
-        for row in iter_validation(args.manifest, args.options, not args.no_inputs, counted.append):  # streamed
+        for row in iter_validation(args.manifest, args.options, not args.no_inputs, counted.append,  # streamed
+                                   lambda line: print(f"warning: {line}", file=sys.stderr)):
             failed += 1
             for line in row.lines():
                 if "duplicate id (manifest rows" in line:  # rows sharing an id share this line: print it once
@@ -424,9 +425,10 @@ def check_before_starting(manifest: str, options: RenderOptions) -> None:
     from ipaflow.core.storage import Storage
     from ipaflow.specs.manifest import open_manifest
     from ipaflow.specs.registry import SpecRegistry
+    from ipaflow.tasks.metadata import passthrough_names
 
     storage = Storage(options=options.storage_options_dict())
-    open_manifest(manifest, storage)
+    passthrough_names(open_manifest(manifest, storage).columns)
     SpecRegistry(options.specs, storage=storage)
 
 
@@ -461,7 +463,8 @@ def print_summary(summary: dict) -> None:
     """The run summary (already free of credentials: the flow redacts what it returns)."""
     startup = summary["times"]["startup"]
     print(
-        f"{summary['rows']} rows: {summary['rendered']} rendered, {summary['skipped']} already done, "
+        f"{summary['rows']} rows: {summary['rendered']} rendered, {summary['skipped']} already done"
+        + (f" ({summary['updated']} records updated)" if summary.get("updated") else "") + ", "
         f"{summary['failed']} failed ({summary['images']} images in {summary['seconds']:.1f}s"
         + (f", {startup:.1f}s of it start-up)" if startup else ")")
     )

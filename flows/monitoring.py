@@ -488,8 +488,9 @@ def summary_markdown(summary: dict, per_spec: dict[str, SpecTally], previews: di
         "",
         f"- manifest: {md(redact(summary['manifest']))}",
         f"- outputs: {md(redact(summary['out']))}; gallery {md(redact(summary['gallery'] or '(none)'))}",
-        f"- rows: {summary['rows']} = {summary['rendered']} rendered + {summary['skipped']} skipped (already done)"
-        f" + {summary['failed']} failed" + (" (the failed-rows artifact groups them by reason)" if summary["failed"]
+        f"- rows: {summary['rows']} = {summary['rendered']} rendered + {summary['skipped']} skipped (already done"
+        + (f"; {summary['updated']} records updated" if summary.get("updated") else "")
+        + f") + {summary['failed']} failed" + (" (the failed-rows artifact groups them by reason)" if summary["failed"]
                                             else ""),
         f"- time: {format_duration(summary['seconds'])} in all = {format_duration(times['startup'])} start-up"
         f" (before the flow: Prefect's API, imports, the first pipeline) + {format_duration(times['planning'])}"

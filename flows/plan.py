@@ -7,7 +7,12 @@ record whose outputs are present (``tasks.metadata.done_hashes``) and two per ou
 (``tasks.owners``: a row may not overwrite another id's output): never all rows, jobs, keys or records.
 
 Rows that fail before rendering (checks, missing inputs, a spec whose pipeline cannot be built) are journaled
-as ``failed`` records in batches, and reported to the run monitor.
+as ``failed`` records in batches, with their passthrough columns, and reported to the run monitor.
+
+A done row whose passthrough values differ from its record's is not rendered again: its new values are
+journaled as an update (``MetadataStore.journal_updates``), which the run's fold applies to the record. Deciding
+that costs one more uint64 per current ``ok`` record (``tasks.metadata.passthrough_hashes``, over the manifest's
+passthrough columns), compared with the done rows' as they stream.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from ipaflow.specs.rows import Job
 from ipaflow.specs.stream import resolve_stream
 from ipaflow.tasks.call_defaults import denoising_failures
 from ipaflow.tasks.keys import IdentityCache, identify_inputs, row_key
-from ipaflow.tasks.metadata import MetadataStore, make_record
+from ipaflow.tasks.metadata import MetadataStore, make_record, passthrough_names, record_column, row_passthrough_hashes
 from ipaflow.tasks.owners import OwnedOutputs
 from ipaflow.tasks.shards import ShardCutter, ShardPlan, auto_shard_size
 
@@ -49,11 +54,16 @@ def note_failure(monitor, failed: FailedRow) -> None:
 class RowPlanner:
     def __init__(self, manifest: Manifest, registry: SpecRegistry, storage: Storage, metadata: MetadataStore,
                  census: Census, options: RenderOptions, run_id: str, monitor, done: np.ndarray,
-                 owned: OwnedOutputs | None = None):
+                 current: np.ndarray | None = None, owned: OwnedOutputs | None = None):
         self.manifest, self.registry, self.storage, self.metadata = manifest, registry, storage, metadata
         self.census, self.options, self.run_id, self.monitor = census, options, run_id, monitor
         self.done = done  # sorted hash(id, key, layout) of the current ok records with outputs present
+        self.current = current  # sorted passthrough_hashes of the current ok records (None: not compared)
         self.owned = owned if owned is not None else OwnedOutputs()  # outputs earlier runs' records own
+        self.passthrough = passthrough_names(manifest.columns)  # manifest column -> record column
+        self.updated = 0
+        self._updates: list[dict] = []
+        self._update_files = 0
         self.cache = IdentityCache()
         self.specs = {name: registry.get(name) for name in census.specs}
         self.size = options.shard_size or auto_shard_size(census.rows, options.batch_size)
@@ -69,8 +79,9 @@ class RowPlanner:
         return layout_of(self.specs[spec_name], self.options.layout)
 
     # -- failed rows ----------------------------------------------------------------------------------------
-    def fail(self, failed: FailedRow, job: Job | None = None, key: str | None = None) -> None:
-        """A row that fails without reaching a worker: counted, reported, journaled (one record per usable id)."""
+    def fail(self, failed: FailedRow, job: Job | None = None, key: str | None = None, extra: dict | None = None) -> None:
+        """A row that fails without reaching a worker: counted, reported, journaled (one record per usable id,
+        with its passthrough cells: the job's, else ``extra``)."""
         self.rejected += 1
         note_failure(self.monitor, failed)
         if failed.row.startswith("#"):
@@ -82,7 +93,7 @@ class RowPlanner:
                                  redact=self._redact, layout=self.layout(job.spec))
         else:
             record = make_record(job_id=failed.row, spec=failed.spec or "", status="failed", run_id=self.run_id,
-                                 error=failed.error, redact=self._redact)
+                                 error=failed.error, redact=self._redact, extra=extra)
         self._records.append(record)
         if len(self._records) >= JOURNAL_EVERY:
             self.flush()
@@ -99,13 +110,30 @@ class RowPlanner:
             self.metadata.journal(self.run_id, f"planned-rows-{self._files:05d}", self._records)
             self._files += 1
             self._records = []
+        if self._updates:
+            self.metadata.journal_updates(self.run_id, f"updates-{self._update_files:05d}", self._updates,
+                                          self.passthrough.values())
+            self._update_files += 1
+            self._updates = []
+
+    def _update_stale(self, jobs: list) -> None:
+        """Done rows whose passthrough values differ from their records': journal the new values."""
+        extras = [{record_column(name): value for name, value in job.extra.items()} for job in jobs]
+        names = sorted(self.passthrough.values())
+        stale = ~members(row_passthrough_hashes([job.id for job in jobs], extras, names), self.current)
+        for job, values, changed in zip(jobs, extras, stale):
+            if changed:
+                self._updates.append({"id": job.id, **dict.fromkeys(names), **values})
+        self.updated += int(stale.sum())
+        if len(self._updates) >= JOURNAL_EVERY:
+            self.flush()
 
     # -- the stream -----------------------------------------------------------------------------------------
     def shards(self) -> Iterator[ShardPlan | None]:
         for resolved in resolve_stream(self.manifest, self.registry, self.census, limit=self.options.limit):
             self.rows += resolved.num_rows
             for failed in resolved.failed:
-                self.fail(failed)
+                self.fail(failed, extra=resolved.extras.get(failed.index))
             yield from self._plan(resolved.jobs)
             yield None
         yield from self.cutter.flush()
@@ -137,6 +165,8 @@ class RowPlanner:
         skipped = int(done.sum())
         self.skipped += skipped
         self.monitor.skipped += skipped
+        if skipped and self.current is not None:
+            self._update_stale([job for (job, _), finished in zip(keyed, done) if finished])
         taken = self.owned.problems([job for (job, _), finished in zip(keyed, done) if not finished], self.specs)
         for (job, key), finished in zip(keyed, done):
             if finished:

@@ -18,7 +18,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from ipaflow.core.storage import Storage
-from ipaflow.tasks.metadata import MetadataStore, conform
+from ipaflow.tasks.metadata import MetadataStore, conform, is_json_text
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
@@ -38,9 +38,22 @@ def _text_lists(table: pa.Table) -> pa.Table:
     return table
 
 
+def _decoded_rows(table: pa.Table) -> list[dict]:
+    """Rows for JSON Lines: passthrough columns held as JSON text (mixed types) as the values they encode."""
+    rows = table.to_pylist()
+    for item in table.schema:
+        if is_json_text(item):
+            for row in rows:
+                if row[item.name] is not None:
+                    row[item.name] = json.loads(row[item.name])
+    return rows
+
+
 def export_records(out: str, destination: str | None = None, storage: Storage | None = None,
-                   stdout: TextIO = sys.stdout) -> int:
-    """Write the current records; returns how many."""
+                   stdout: TextIO | None = None) -> int:
+    """Write the current records; returns how many (JSON Lines on ``stdout``, by default the ``sys.stdout`` of
+    the call, not of the import)."""
+    stdout = stdout or sys.stdout
     storage = storage or Storage()
     store = MetadataStore(storage, out)
     tables = store.iter_current()
@@ -67,7 +80,7 @@ def export_records(out: str, destination: str | None = None, storage: Storage | 
                 csv_writer = pa_csv.CSVWriter(buffer, table.schema)
             csv_writer.write_table(table)
         else:
-            lines = "".join(json.dumps(row, default=str, ensure_ascii=False) + "\n" for row in table.to_pylist())
+            lines = "".join(json.dumps(row, default=str, ensure_ascii=False) + "\n" for row in _decoded_rows(table))
             if destination:
                 buffer.write(lines.encode())
             else:

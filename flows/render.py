@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from typing import Annotated, Any
 
 import numpy as np
+import pyarrow.compute as pc
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from prefect.states import State
@@ -43,7 +44,14 @@ from ipaflow.specs.options import RenderOptions
 from ipaflow.specs.registry import SpecRegistry
 from ipaflow.tasks.containers import containers_of, drop_members, drop_orphans
 from ipaflow.tasks.gallery import GallerySample, write_gallery
-from ipaflow.tasks.metadata import MetadataStore, done_hashes, listing_hashes
+from ipaflow.tasks.metadata import (
+    MetadataStore,
+    done_hashes,
+    listing_hashes,
+    passthrough_hashes,
+    passthrough_names,
+    renamed_columns,
+)
 from ipaflow.tasks.owners import OwnedOutputs
 from ipaflow.tasks.prefect_tasks import render_shard
 from ipaflow.tasks.shards import ShardPlan
@@ -130,21 +138,25 @@ def render_manifest(
     storage.clean_staging()  # partial files of a run that was killed mid-write
     registry = SpecRegistry(options.specs, storage=storage)
     opened = open_manifest(manifest, storage=storage)
+    passthrough = passthrough_names(opened.columns)
+    for line in renamed_columns(passthrough):
+        logger.warning("manifest: %s", line)
     metadata = MetadataStore(storage, out)
     owned = OwnedOutputs()
-    index, done = _records_state(metadata, storage, out, options.overwrite, run_id, logger, owned)
+    index, done, current = _records_state(metadata, storage, out, options.overwrite, run_id, logger,
+                                          sorted(passthrough.values()), owned)
     owned.seal(metadata, index)
 
     census = take_census(opened, registry, options.limit)
     monitor.planned(census.rows, 0)  # rows already done are counted as the manifest streams
     monitor.tag_flow_run(["ipaflow", f"manifest:{name}", *sorted({f"spec:{spec}" for spec in census.specs})])
-    planner = RowPlanner(opened, registry, storage, metadata, census, options, run_id, monitor, done, owned)
-    del done, owned
+    planner = RowPlanner(opened, registry, storage, metadata, census, options, run_id, monitor, done, current, owned)
+    del done, current, owned
     stats = _run_shards(planner, settings, monitor, started)
     planner.flush()
     monitor.close_log("planning")
-    logger.info("%d rows: %d rendered or tried, %d already done, %d failed before rendering", planner.rows,
-                sum(s.rows for s in stats), planner.skipped, planner.rejected)
+    logger.info("%d rows: %d rendered or tried, %d already done (%d records updated), %d failed before rendering",
+                planner.rows, sum(s.rows for s in stats), planner.skipped, planner.updated, planner.rejected)
 
     monitor.set_phase(FINISHING)
     folded = metadata.fold(run_id, index, drop_outputs=lambda uris: drop_members(storage, uris))
@@ -159,6 +171,7 @@ def render_manifest(
         "rows": planner.rows,
         "rendered": folded.ok,
         "skipped": planner.skipped,
+        "updated": folded.updated,  # done rows whose records took new passthrough values (not rendered)
         "failed": monitor.failed,
         "images": folded.images,
         "seconds": times.pop("seconds"),  # from the command's start when a command runs the flow
@@ -176,35 +189,44 @@ def render_manifest(
 
 
 def _records_state(metadata: MetadataStore, storage: Storage, out: str, overwrite: bool, run_id: str, logger,
-                   owned: OwnedOutputs):
+                   passthrough: list[str], owned: OwnedOutputs):
     """Fold what killed runs left, then scan the records once: where each id's record lives (for this run's
-    fold), which (id, key, layout) are done (an ``ok`` record whose outputs are all present) and which outputs
-    each id owns (into ``owned``)."""
+    fold), which (id, key, layout) are done (an ``ok`` record whose outputs are all present), which outputs
+    each id owns (into ``owned``) and, where the manifest has ``passthrough`` columns (record names), the
+    ``passthrough_hashes`` of the ok records."""
     state = {"present": None if overwrite else listing_hashes(storage, out)}
     done_chunks: list[np.ndarray] = []
+    current_chunks: list[np.ndarray] = []
 
     def collect(_: str, table) -> None:
         owned.add(table)
         present = state["present"]
         if present is not None and len(present):
             done_chunks.append(done_hashes(table, out, lambda paths: members(hash_strings(paths), present)))
+            if passthrough:
+                ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False)
+                current_chunks.append(passthrough_hashes(table.filter(ok), passthrough))
 
-    columns = ["status", "key", "outputs", "layout", "finished_at"]
+    columns = ["status", "key", "outputs", "layout", "finished_at", *passthrough]
     index = metadata.index(collect, columns)
     if metadata.repair(index):
         logger.warning("metadata: dropped superseded copies of records left by an interrupted fold")
         done_chunks.clear()
         owned.clear()
+        current_chunks.clear()
         index = metadata.index(collect, columns)
-    if metadata.journal_files():
+    if metadata.journal_files() or metadata.update_files():
         folded = metadata.fold(f"{run_id}-recovered", index, drop_outputs=lambda uris: drop_members(storage, uris))
         logger.info("folded %d journal file(s) left by an earlier run", folded.files)
         done_chunks.clear()
         owned.clear()
+        current_chunks.clear()
         state["present"] = None if overwrite else listing_hashes(storage, out)
         index = metadata.index(collect, columns)
     done = np.unique(np.concatenate(done_chunks)) if done_chunks else np.zeros(0, np.uint64)
-    return index, done
+    current = None if not passthrough else \
+        np.unique(np.concatenate(current_chunks)) if current_chunks else np.zeros(0, np.uint64)
+    return index, done, current
 
 
 def _gallery(storage: Storage, out: str, metadata: MetadataStore, logger) -> tuple[str, str | None, dict[str, str]]:

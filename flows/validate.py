@@ -21,16 +21,22 @@ from ipaflow.specs.registry import SpecRegistry
 from ipaflow.specs.stream import resolve_stream
 from ipaflow.tasks.call_defaults import denoising_failures
 from ipaflow.tasks.inputs import InputFetcher
+from ipaflow.tasks.metadata import passthrough_names, renamed_columns
 
 WINDOW = 64
 
 
 def iter_validation(manifest: str, options: RenderOptions = RenderOptions(), check_inputs: bool = True,
-                    counted: Callable[[int], None] | None = None) -> Iterator[FailedRow]:
-    """The failed rows, in manifest order, as the manifest streams; ``counted`` is told the number of rows."""
+                    counted: Callable[[int], None] | None = None,
+                    warn: Callable[[str], None] | None = None) -> Iterator[FailedRow]:
+    """The failed rows, in manifest order, as the manifest streams; ``counted`` is told the number of rows,
+    ``warn`` what the metadata will keep differently from the manifest (a passthrough column renamed)."""
     storage = Storage(options=options.storage_options_dict())
     registry = SpecRegistry(options.specs, storage=storage)
     opened = open_manifest(manifest, storage=storage)
+    for line in renamed_columns(passthrough_names(opened.columns)):
+        if warn is not None:
+            warn(line)
     census = take_census(opened, registry)
     for resolved in resolve_stream(opened, registry, census, build=check_inputs):
         failed = list(resolved.failed)

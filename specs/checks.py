@@ -274,10 +274,14 @@ class Draft:
         self.id, self.spec, self.index, self.seed, self.params, self.inputs = row_id, spec, index, seed, params, inputs
         self._builder, self._offset = builder, offset
 
+    @property
+    def extra(self) -> dict:
+        """The row's passthrough cells, as ``Job.extra`` holds them."""
+        return {name: R._storable(self._builder.values(name)[self._offset]) for name in self._builder.extra_columns}
+
     def job(self) -> R.Job:
-        extra = {name: R._storable(self._builder.values(name)[self._offset]) for name in self._builder.extra_columns}
         return R.Job.model_construct(id=self.id, spec=self.spec, index=self.index, seed=self.seed, params=self.params,
-                                     inputs=self.inputs, extra=extra)
+                                     inputs=self.inputs, extra=self.extra)
 
 
 def as_job(item: R.Job | Draft) -> R.Job:

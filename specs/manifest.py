@@ -60,6 +60,9 @@ class Undecodable:
                     "save the manifest as UTF-8")
         return "not UTF-8 text"
 
+    def __str__(self) -> str:  # what a failed row's record keeps of it: the bytes that are not UTF-8 escaped
+        return self.data.decode("utf-8", "backslashreplace")
+
     def __repr__(self) -> str:
         return f"Undecodable({self.data[:40]!r})"
 

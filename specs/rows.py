@@ -318,8 +318,13 @@ def resolve_row(row: dict, index: int, registry: SpecRegistry, base: str = "") -
         seed=seed,
         params=params,
         inputs=inputs,
-        extra={k: _storable(v) for k, v in row.items() if k not in KNOWN_COLUMNS},
+        extra=passthrough_of(row),
     )
+
+
+def passthrough_of(row: dict) -> dict[str, Any]:
+    """A row's passthrough cells (the columns ipaflow gives no meaning), as the metadata keeps them."""
+    return {k: _storable(v) for k, v in row.items() if k not in KNOWN_COLUMNS}
 
 
 def _spec_of(row: dict, registry: SpecRegistry) -> Spec:
@@ -343,12 +348,15 @@ def _seed_of(row: dict, row_id: str | None) -> int:
 
 def _storable(value: Any) -> Any:
     """A passthrough cell as the metadata can keep it: unchanged when it is a plain scalar or list (finite
-    numbers, 64-bit integers, valid Unicode), mappings as JSON text, anything else as text. A NaN, a huge
-    integer, half a surrogate pair or an empty mapping (Parquet has no empty struct) must not fail the run."""
+    numbers, 64-bit integers, valid Unicode), mappings and lists with their items made so, anything else as
+    text. A NaN, a huge integer or half a surrogate pair must not fail the run; mappings stay mappings here
+    (the metadata stores them as JSON text once: ``ipaflow.tasks.metadata.passthrough_column``)."""
     if _plain(value):
         return value
-    if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value, default=str)  # ASCII: valid UTF-8 whatever the text held
+    if isinstance(value, dict):
+        return {_storable(str(k)): _storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_storable(v) for v in value]
     return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
 
 

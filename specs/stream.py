@@ -31,6 +31,7 @@ class Resolved:
     jobs: list[R.Job | Draft] = field(default_factory=list)
     failed: list[FailedRow] = field(default_factory=list)
     valid: int = 0  # rows that passed (equals len(jobs) unless jobs were not built)
+    extras: dict[int, dict] = field(default_factory=dict)  # failed rows' passthrough cells, by manifest index
 
 
 def _with_offence(index: int, row: dict, outcome: R.Job | RowFailed, offence: Offence | None,
@@ -71,6 +72,7 @@ def resolve_batch(batch: RowBatch, registry: SpecRegistry, base: str, offenders:
         final = _with_offence(index, row, outcome, offence, registry)
         if isinstance(final, FailedRow):
             out.failed.append(final)
+            out.extras[index] = R.passthrough_of(row)
         else:
             out.valid += 1
             if build:

@@ -22,6 +22,15 @@ parts and rewriting the old ones leaves an id twice for a moment (the newer ``fi
 
 Which old records are superseded is decided by 64-bit hashes of ids (``ipaflow.core.hashing``): ~9 bytes per
 record in the flow, never the records themselves.
+
+Passthrough columns (manifest columns ipaflow gives no meaning) are kept in the records: renamed
+``manifest_<name>`` where they clash with a record field (``passthrough_names``), typed where every value fits
+one Arrow type, else JSON text encoded once and marked in the field's metadata (``passthrough_column``, ``widen``,
+``conform``). A done row whose passthrough values changed is not rendered again: the run journals an update
+(``_ipaflow/updates/<run>/``: the id and the manifest's passthrough values), and the fold writes that record
+anew with its old core fields and the new values, superseding the old copy like any other (``_apply_updates``).
+Which rows changed is decided by ``passthrough_hashes``, canonical so that a value read back from the records
+(an int kept as float64, a list in JSON text) hashes as the manifest's.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ipaflow.core.hashing import hash_joined, hash_strings, members, repeated
+from ipaflow.core.hashing import hash_combine, hash_joined, hash_strings, members, repeated
 from ipaflow.core.redaction import Redactor, redact_url
 from ipaflow.core.storage import Storage, join
 
@@ -71,6 +80,10 @@ CORE_SCHEMA = pa.schema(
     ]
 )
 CORE_COLUMNS = frozenset(CORE_SCHEMA.names)
+RENAMED_PREFIX = "manifest_"  # a passthrough column named like a record field is kept as manifest_<name>
+UPDATES_DIR = "_ipaflow/updates"  # new passthrough values of done records, applied by the next fold
+UPDATE_CHUNK = 262_144  # updated records merged at a time by a fold (their passthrough values held)
+JSON_TEXT = {b"ipaflow": b"json"}  # field metadata: a passthrough column whose values mix types, as JSON text
 
 
 def now() -> datetime:
@@ -114,25 +127,166 @@ def make_record(
         "layout": layout,
     }
     for name, value in (extra or {}).items():
-        if name not in CORE_COLUMNS:
-            record[name] = value
+        record.setdefault(record_column(name), value)  # a manifest column never overwrites a record field
     return record
 
 
+# -- passthrough columns ------------------------------------------------------------------------------------------
+def record_column(name: str) -> str:
+    """The record column a passthrough manifest column is kept in: its own name, or ``manifest_<name>`` where
+    the name is a record field's (``status``, ``outputs``, ...)."""
+    return RENAMED_PREFIX + name if name in CORE_COLUMNS else name
+
+
+def passthrough_names(columns: Iterable[str]) -> dict[str, str]:
+    """Manifest column -> record column, for every passthrough column of a manifest. Raises ManifestError where
+    a renamed column would meet a column of that name (``status`` and ``manifest_status``)."""
+    from ipaflow.specs.manifest import KNOWN_COLUMNS, ManifestError
+
+    names = {name: record_column(name) for name in columns if name not in KNOWN_COLUMNS}
+    for name, kept in names.items():
+        if kept != name and kept in names:
+            raise ManifestError(f"column {name} is a metadata record field, so it is kept as {kept}, and the manifest "
+                                f"has a column {kept} too: rename one of them")
+    return names
+
+
+def renamed_columns(names: dict[str, str]) -> list[str]:
+    """One line per passthrough column kept under another name (``passthrough_names``)."""
+    return [f"column {name} is a metadata record field: its values are kept as {kept}"
+            for name, kept in names.items() if kept != name]
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, default=str, sort_keys=True)  # ASCII: valid UTF-8 whatever the text held
+
+
+def is_json_text(item: pa.Field) -> bool:
+    """Whether a passthrough column holds JSON text (its values mix types): decode each cell with json.loads."""
+    return bool(item.metadata) and item.metadata.get(b"ipaflow") == b"json"
+
+
+def _structured(kind: pa.DataType) -> bool:
+    """Struct, map or union anywhere in the type: mappings are kept as JSON text (Parquet has no empty struct,
+    and structs of different rows rarely agree)."""
+    if pa.types.is_struct(kind) or pa.types.is_map(kind) or pa.types.is_union(kind):
+        return True
+    return (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)) and \
+        _structured(kind.value_type)
+
+
+def passthrough_column(name: str, values: list) -> tuple[pa.Field, pa.Array]:
+    """A passthrough column of records: typed where every value keeps itself in one Arrow type (ints and floats
+    together as float64; lists of one such type), else every value as JSON text once, the field marked
+    ``JSON_TEXT``."""
+    try:
+        array = pa.array(values)
+    except (pa.ArrowException, OverflowError, ValueError, TypeError):
+        array = None
+    if array is not None and not _structured(array.type) and \
+            all(value_text(kept) == value_text(value) for kept, value in zip(array.to_pylist(), values)):
+        return pa.field(name, array.type), array
+    text = pa.array([None if v is None else _json_text(v) for v in values], type=pa.string())
+    return pa.field(name, pa.string(), metadata=JSON_TEXT), text
+
+
 def _table(records: list[dict]) -> pa.Table:
-    """Records to a table: core columns typed, passthrough columns inferred (as text where types clash)."""
+    """Records to a table: core columns typed, passthrough columns by ``passthrough_column``."""
     extra = sorted({name for record in records for name in record} - CORE_COLUMNS)
     arrays = [pa.array([r.get(f.name) for r in records], type=f.type) for f in CORE_SCHEMA]
     fields = list(CORE_SCHEMA)
     for name in extra:
-        values = [r.get(name) for r in records]
-        try:
-            array = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            array = pa.array([None if v is None else json.dumps(v, default=str) for v in values], type=pa.string())
+        item, array = passthrough_column(name, [r.get(name) for r in records])
         arrays.append(array)
-        fields.append(pa.field(name, array.type))
+        fields.append(item)
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _update_table(rows: list[dict], names: Iterable[str]) -> pa.Table:
+    """Updates to a table: ``id`` and every passthrough column of the manifest (record names), nulls included,
+    and any other a row holds (a JSON Lines column first seen after the manifest's head)."""
+    fields, arrays = [pa.field("id", pa.string())], [pa.array([r["id"] for r in rows], type=pa.string())]
+    for name in sorted(set(names).union(*rows) - {"id"}):
+        item, array = passthrough_column(name, [r.get(name) for r in rows])
+        fields.append(item)
+        arrays.append(array)
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+# -- passthrough values, hashed canonically ----------------------------------------------------------------------
+def _canonical_value(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, (list, tuple)):
+        return [_canonical_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _canonical_value(v) for k, v in value.items()}
+    return value
+
+
+def value_text(value: Any) -> str:
+    """A passthrough value as canonical text: equal for a manifest's value and the same value read back from the
+    records, whatever type the records keep it in (1 and 1.0, a list and its JSON text decoded)."""
+    if value is None:
+        return "\x01"
+    if isinstance(value, bool):
+        return "b1" if value else "b0"
+    if isinstance(value, str):
+        return "s" + value
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return f"i{int(value)}"
+    if isinstance(value, float):
+        return "f" + repr(value)
+    if isinstance(value, (list, tuple, dict)):
+        return "j" + json.dumps(_canonical_value(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                default=str)
+    return "s" + str(value)
+
+
+def _column_hashes(column: pa.ChunkedArray | pa.Array | None, item: pa.Field | None, rows: int) -> np.ndarray:
+    """``hash_strings(value_text(v))`` of every cell of a record column; strings and integers in Arrow."""
+    if column is None:
+        return np.full(rows, hash_strings(["\x01"])[0], dtype=np.uint64)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    plain = item is None or not is_json_text(item)
+    if plain and (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or
+                  pa.types.is_integer(column.type)):
+        text = pc.binary_join_element_wise("i" if pa.types.is_integer(column.type) else "s",
+                                           pc.cast(column, pa.string()), "")
+        return hash_strings(pc.if_else(pc.is_null(column), "\x01", text))
+    values = column.to_pylist()
+    if not plain:
+        values = [None if v is None else _decoded(v) for v in values]
+    return hash_strings([value_text(v) for v in values])
+
+
+def _decoded(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def passthrough_hashes(table: pa.Table, names: list[str]) -> np.ndarray:
+    """One uint64 per record: its id and the canonical text of each of ``names`` (record columns, sorted; a
+    missing column reads as nulls). Equal for a record and a manifest row exactly when their passthrough values
+    are (``row_passthrough_hashes``)."""
+    rows = table.num_rows
+    combined = hash_strings(table.column("id"))
+    for name in sorted(names):
+        present = name in table.column_names
+        combined = hash_combine(combined, _column_hashes(table.column(name) if present else None,
+                                                         table.schema.field(name) if present else None, rows))
+    return combined
+
+
+def row_passthrough_hashes(ids: list[str], values: list[dict], names: list[str]) -> np.ndarray:
+    """``passthrough_hashes`` of manifest rows: their ids and passthrough values by record column."""
+    combined = hash_strings(ids)
+    for name in sorted(names):
+        combined = hash_combine(combined, hash_strings([value_text(row.get(name)) for row in values]))
+    return combined
 
 
 def _to_bytes(table: pa.Table) -> bytes:
@@ -150,32 +304,62 @@ def _nested(kind: pa.DataType) -> bool:
     return pa.types.is_nested(kind) or pa.types.is_dictionary(kind)
 
 
-def widen(old: pa.DataType | None, new: pa.DataType) -> pa.DataType:
-    """The type a passthrough column keeps when parts disagree: the same type, float64 for numbers, else text."""
-    if old is None or pa.types.is_null(old):
+def _recode(item: pa.Field, target: pa.Field) -> bool:
+    """Whether a part's column must be rewritten for the schema: its values become JSON text."""
+    if pa.types.is_null(item.type):
+        return False
+    if is_json_text(target):
+        return not is_json_text(item)
+    return _nested(item.type) and pa.types.is_string(target.type)
+
+
+def _list_like(kind: pa.DataType) -> bool:
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind)
+
+
+def _widen_type(old: pa.DataType, new: pa.DataType) -> pa.DataType | None:
+    """The one type both fit, or None: equal types, int and float as float64, lists of such types."""
+    if pa.types.is_null(old):
         return new
     if pa.types.is_null(new) or old == new:
         return old
     numeric = (pa.types.is_integer, pa.types.is_floating)
     if any(f(old) for f in numeric) and any(f(new) for f in numeric):
         return pa.float64()
-    return pa.string()
+    if _list_like(old) and _list_like(new):
+        inner = _widen_type(old.value_type, new.value_type)
+        return None if inner is None else pa.list_(inner)
+    return None
+
+
+def widen(old: pa.Field | None, new: pa.Field) -> pa.Field:
+    """The field a passthrough column keeps when parts disagree: the type both fit (``_widen_type``), else JSON
+    text (``JSON_TEXT``)."""
+    if old is None:
+        return new
+    if is_json_text(old) or is_json_text(new):
+        return old if is_json_text(old) else new
+    kind = _widen_type(old.type, new.type)
+    return pa.field(new.name, pa.string(), metadata=JSON_TEXT) if kind is None else pa.field(new.name, kind)
 
 
 def _as_json_text(column: pa.ChunkedArray | pa.Array) -> pa.Array:
-    return pa.array([None if v is None else json.dumps(v, default=str) for v in column.to_pylist()], type=pa.string())
+    return pa.array([None if v is None else _json_text(v) for v in column.to_pylist()], type=pa.string())
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """``table`` with the columns and types of ``schema`` (missing columns null; nested cells as JSON text where
-    the schema says text)."""
+    """``table`` with the columns and types of ``schema`` (missing columns null; where the schema says JSON text,
+    values not yet held so encoded once)."""
     arrays = []
     for target in schema:
         if target.name not in table.column_names:
             arrays.append(pa.nulls(table.num_rows, type=target.type))
             continue
         column = table.column(target.name)
-        if column.type == target.type:
+        if is_json_text(target) and not is_json_text(table.schema.field(target.name)) and \
+                not pa.types.is_null(column.type):
+            arrays.append(_as_json_text(column))
+        elif column.type == target.type:
             arrays.append(column)
         elif pa.types.is_string(target.type) and _nested(column.type):
             arrays.append(_as_json_text(column))
@@ -198,6 +382,7 @@ class FoldResult:
     parts_deleted: int = 0
     bytes_written: int = 0
     superseded: int = 0
+    updated: int = 0  # records given new passthrough values (their outputs stand)
 
 
 @dataclass
@@ -232,6 +417,19 @@ class MetadataStore:
 
     def journal_files(self, run_id: str | None = None) -> list[str]:
         root = join(self.out, JOURNAL_DIR, run_id) if run_id else join(self.out, JOURNAL_DIR)
+        return [join(root, rel) for rel in self.storage.list_files(root) if rel.endswith(".parquet")]
+
+    # -- updates: new passthrough values for records whose outputs stand ----------------------------------------
+    def journal_updates(self, run_id: str, name: str, rows: list[dict], names: Iterable[str]) -> None:
+        """New passthrough values for done records (one atomic file): ``rows`` hold ``id`` and record columns;
+        ``names`` are all the manifest's passthrough columns (record names): each updated record holds exactly
+        these. The next fold applies them (``fold``); until then readers see the old values."""
+        if rows:
+            uri = join(self.out, UPDATES_DIR, run_id, f"{name}.parquet")
+            self.storage.write_atomic(uri, _to_bytes(_update_table(rows, names)))
+
+    def update_files(self) -> list[str]:
+        root = join(self.out, UPDATES_DIR)
         return [join(root, rel) for rel in self.storage.list_files(root) if rel.endswith(".parquet")]
 
     def _read_table(self, uri: str, columns: list[str] | None = None) -> pa.Table | None:
@@ -309,13 +507,13 @@ class MetadataStore:
             return list(pool.map(read, parts))
 
     def _canonical(self, schemas: Iterable[pa.Schema]) -> pa.Schema:
-        types: dict[str, pa.DataType] = {}
+        fields: dict[str, pa.Field] = {}
         for schema in schemas:
             for item in schema:
                 if item.name not in CORE_COLUMNS:
-                    types[item.name] = widen(types.get(item.name), item.type)
-        return pa.schema(list(CORE_SCHEMA) + [pa.field(n, pa.string() if pa.types.is_null(t) else t)
-                                              for n, t in sorted(types.items())])
+                    fields[item.name] = widen(fields.get(item.name), item)
+        return pa.schema(list(CORE_SCHEMA) + [pa.field(n, pa.string()) if pa.types.is_null(f.type) else f
+                                              for n, f in sorted(fields.items())])
 
     # -- folding ------------------------------------------------------------------------------------------------
     def fold(self, run_id: str | None = None, index: RecordIndex | None = None,
@@ -324,8 +522,8 @@ class MetadataStore:
         parts when the caller has one. ``drop_outputs`` is handed the outputs of superseded records that live in
         containers, before any part changes (``ipaflow.tasks.containers.drop_members``)."""
         result = FoldResult()
-        files = self.journal_files()
-        if not files:
+        files, updates = self.journal_files(), self.update_files()
+        if not files and not updates:
             return result
         run_id = run_id or uuid.uuid4().hex[:12]
         # 1. the winning journal record of each id (the latest finished_at; a later file wins a tie)
@@ -334,23 +532,34 @@ class MetadataStore:
         for uri, table in self.iter_tables(["id"], files):
             readable.append(uri)
             keys.append(hash_strings(table.column("id")))
-        schemas = [s for s in self._schemas(readable) if s is not None]
-        if not keys:
-            for uri in files:
+        update_keys: list[np.ndarray] = []
+        update_readable: list[str] = []
+        for uri, table in self.iter_tables(["id"], updates):
+            update_readable.append(uri)
+            update_keys.append(hash_strings(table.column("id")))
+        schemas = [s for s in self._schemas(readable + update_readable) if s is not None]
+        if not keys and not update_keys:
+            for uri in files + updates:
                 self.storage.delete(uri)
             result.files = len(files)
             return result
-        masks = self._latest(keys, readable)
+        masks = self._latest(keys, readable) if keys else []
         index = index if index is not None else self.index()
-        winners = np.unique(np.concatenate([k[m] for k, m in zip(keys, masks)])) if len(index.hashes) else \
+        rendered = np.unique(np.concatenate([k[m] for k, m in zip(keys, masks)])) if len(index.hashes) and keys else \
             np.zeros(0, np.uint64)  # nothing to supersede: the first run into a folder
         del keys
-        # 2. the parts holding superseded records, and the container samples they name
+        # updates apply to records in the parts, unless this fold brings a newer record of the id
+        updated = np.unique(np.concatenate(update_keys)) if update_keys else np.zeros(0, np.uint64)
+        updated = updated[members(updated, index.hashes) & ~members(updated, rendered)]
+        winners = np.union1d(rendered, updated)
+        # 2. the parts holding superseded records, and the container samples they name (not those of updated
+        # records: their outputs stand)
         touched = sorted(index.parts_holding(winners))
-        if drop_outputs is not None and touched:
+        if drop_outputs is not None and touched and len(rendered):
             doomed: list[str] = []
-            for _, table in self.iter_tables(["id", "outputs", "layout"], [index.parts[i] for i in touched]):
-                gone = members(hash_strings(table.column("id")), winners)
+            for _, table in self.iter_tables(["id", "outputs", "layout"],
+                                             [index.parts[i] for i in sorted(index.parts_holding(rendered))]):
+                gone = members(hash_strings(table.column("id")), rendered)
                 for outputs in table.column("outputs").filter(pa.array(gone)).to_pylist():
                     doomed.extend(uri for uri in outputs or [] if "#" in uri)
             if doomed:
@@ -377,6 +586,8 @@ class MetadataStore:
                 result.images += int(pc.sum(lengths).as_py() or 0)
             result.records += chosen.num_rows
             writer.add(chosen)
+        if len(updated):
+            self._apply_updates(update_readable, updated, index, canonical, writer, result)
         for _, table in self.iter_tables(files=[index.parts[i] for i in small]):
             writer.add(table)
         writer.close()
@@ -400,20 +611,67 @@ class MetadataStore:
         for number in small:
             self.storage.delete(index.parts[number])
             result.parts_deleted += 1
-        # 6. parts whose nested columns the schema now holds as text
+        # 6. parts whose columns the schema now holds as JSON text (values mixed types across parts)
         for uri, schema in zip(index.parts, part_schemas):
             if schema is None or index.parts.index(uri) in touched or index.parts.index(uri) in small:
                 continue
-            if any(item.name in canonical.names and _nested(item.type) and pa.types.is_string(canonical.field(item.name).type)
-                   for item in schema):
+            if any(item.name in canonical.names and _recode(item, canonical.field(item.name)) for item in schema):
                 table = self._read_table(uri)
                 if table is not None:
                     self.storage.write_atomic(uri, _to_bytes(conform(table, canonical)))
                     result.parts_rewritten += 1
-        for uri in files:
+        for uri in files + updates:
             self.storage.delete(uri)
         result.files = len(files)
         return result
+
+    def _apply_updates(self, sources: list[str], updated: np.ndarray, index: RecordIndex, schema: pa.Schema,
+                       writer: _PartWriter, result: FoldResult) -> None:
+        """Write the records ``updated`` names anew: each record's core fields (outputs, key, status, ...) with
+        the passthrough values of its update, and a new ``finished_at`` (so that it wins over the old copy
+        until step 5 removes that). Updates are taken UPDATE_CHUNK rows at a time, each chunk reading only the
+        parts holding its ids: memory stays a chunk of passthrough values and a part."""
+        stamp = now()
+        names = sorted({n for item in self._schemas(sources) if item is not None for n in item.names} - {"id"})
+        target = pa.schema([pa.field("id", pa.string())] + [schema.field(n) for n in names])
+        chunk: list[pa.Table] = []
+        rows = 0
+        for _, table in self.iter_tables(files=sources):
+            chunk.append(conform(table, target))  # a column an update lacks: null (the record no longer holds it)
+            rows += table.num_rows
+            if rows >= UPDATE_CHUNK:
+                self._merge_updates(pa.concat_tables(chunk), updated, index, stamp, writer, result)
+                chunk, rows = [], 0
+        if chunk:
+            self._merge_updates(pa.concat_tables(chunk), updated, index, stamp, writer, result)
+
+    def _merge_updates(self, table: pa.Table, updated: np.ndarray, index: RecordIndex, stamp: datetime,
+                       writer: _PartWriter, result: FoldResult) -> None:
+        """One chunk of updates (in file order) merged into the records they name, reading only their parts."""
+        hashes = hash_strings(table.column("id"))
+        keep = members(hashes, updated)
+        if not keep.any():
+            return
+        table, hashes = table.filter(pa.array(keep)), hashes[keep]
+        order = np.argsort(hashes, kind="stable")
+        ordered = hashes[order]
+        last = np.ones(len(ordered), dtype=bool)  # an id updated twice: the later file's row
+        last[:-1] = ordered[1:] != ordered[:-1]
+        order, ordered = order[last], ordered[last]
+        values = table.drop_columns(["id"])
+        for _, old in self.iter_tables(files=[index.parts[i] for i in sorted(index.parts_holding(ordered))]):
+            hit = members(hash_strings(old.column("id")), ordered)
+            if not hit.any():
+                continue
+            old = old.filter(pa.array(hit))
+            rows = order[np.searchsorted(ordered, hash_strings(old.column("id")))]
+            finished = CORE_SCHEMA.field("finished_at")
+            core = old.select(CORE_SCHEMA.names).set_column(
+                CORE_SCHEMA.get_field_index("finished_at"), finished, pa.array([stamp] * old.num_rows, type=finished.type))
+            patch = values.take(pa.array(rows))
+            writer.add(pa.Table.from_arrays(core.columns + patch.columns,
+                                            schema=pa.schema(list(core.schema) + list(patch.schema))))
+            result.updated += old.num_rows
 
     def _latest(self, keys: list[np.ndarray], sources: list[str]) -> list[np.ndarray]:
         """Per source, which of its records is the latest of its id among all sources (the latest finished_at;

@@ -3,6 +3,7 @@ it folded, a damaged file is skipped with a warning, passthrough columns keep wh
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -61,6 +62,7 @@ def test_passthrough_columns_keep_their_values(tmp_path):
     frame = pd.read_parquet(tmp_path / "metadata").set_index("id")
     assert list(frame["note"]) == ["n1", "n2"]
     assert frame.loc["a", "status"] == "ok"  # a passthrough column never overwrites a core one
+    assert frame.loc["a", "manifest_status"] == "not mine" and pd.isna(frame.loc["b", "manifest_status"])
 
 
 def _parts(tmp_path):
@@ -126,5 +128,7 @@ def test_parts_with_different_passthrough_columns_read_as_one_dataset(tmp_path):
     store.fold("r3")
     frame = pd.read_parquet(tmp_path / "metadata").set_index("id")  # the schema file unites the parts
     assert sorted(frame.index) == ["a", "b", "c"]
-    assert (frame.loc["a", "note"], frame.loc["b", "note"], frame.loc["c", "score"]) == ("1", "two", 0.5)
-    assert frame.loc["a", "tags"] == '["x", "y"]' and frame.loc["b", "tags"] == "plain"
+    # columns whose values mix types across parts: every value JSON text, once
+    assert (frame.loc["a", "note"], frame.loc["b", "note"], frame.loc["c", "score"]) == ("1", '"two"', 0.5)
+    assert frame.loc["a", "tags"] == '["x", "y"]' and frame.loc["b", "tags"] == '"plain"'
+    assert [json.loads(frame.loc[i, "tags"]) for i in "ab"] == [["x", "y"], "plain"]
