@@ -302,9 +302,7 @@ class Compiler:
     def choose(self, key, group: str, rows: int, steps: int) -> Plan:
         """Which units run compiled for a batch of ``rows`` rows of call group ``group`` (``key``: the batch's
         compile shape)."""
-        if self.setting == "off" or self.disabled:
-            return Plan([], [])
-        if self.setting == "auto" and self.device.type != "cuda":
+        if not self.watching():
             return Plan([], [])
         if self._offloaded():
             self._disable("the pipeline is offloaded to the CPU (model CPU offload)", warn=self.setting == "on")
@@ -380,8 +378,6 @@ class Compiler:
                 self._write(name, key, "compiled_s", per)
 
     def _write(self, unit: str, key, name: str, value) -> None:
-        if self.device.type != "cuda" and self.setting != "on":
-            return  # nothing is compiled here: no records on disk
         if (unit, key, name) not in self._written:
             self._written.add((unit, key, name))
             self._records.update(self._record_key(unit, key), **{name: value})

@@ -84,7 +84,7 @@ def decide_vae(slicing: bool | str, tiling: bool | str, decode_batch: float, dec
     room = available - RESERVE
     slice_on = SAFETY * decode_batch > room if auto(slicing) else bool(slicing)
     single = decode_one if slice_on else decode_batch
-    tile_on = (SAFETY * single > room and SAFETY * decode_tile < SAFETY * single) if auto(tiling) else bool(tiling)
+    tile_on = (SAFETY * single > room and decode_tile < single) if auto(tiling) else bool(tiling)
     return slice_on, tile_on
 
 

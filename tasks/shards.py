@@ -65,29 +65,9 @@ class ShardCutter:
         self._buffers.clear()
         return shards
 
-    @property
-    def held(self) -> int:
-        return sum(len(rows) for rows in self._buffers.values())
-
 
 def plan_shards(jobs: list[Job], specs: dict[str, Spec], keys: dict[str, str], batch_size: int,
                 shard_size: int | None = None) -> list[ShardPlan]:
-    """All shards of a list of jobs at once (small manifests, tests), spec by spec."""
-    by_spec: dict[str, list[Job]] = defaultdict(list)
-    for job in jobs:
-        by_spec[job.spec].append(job)
-    size = shard_size or auto_shard_size(len(jobs), batch_size)
-    shards = []
-    for spec_name in sorted(by_spec):
-        ordered = sorted(by_spec[spec_name], key=lambda job: (job.call_group(), job.index))
-        for number, start in enumerate(range(0, len(ordered), size)):
-            chunk = ordered[start:start + size]
-            shards.append(
-                ShardPlan(
-                    name=f"render-{spec_name}-{number}",
-                    spec=specs[spec_name],
-                    jobs=chunk,
-                    row_keys={job.id: keys[job.id] for job in chunk},
-                )
-            )
-    return shards
+    """All shards of a list of jobs at once (small manifests, tests), cut as a run cuts them."""
+    cutter = ShardCutter(specs, shard_size or auto_shard_size(len(jobs), batch_size))
+    return [shard for job in jobs for shard in cutter.add(job, keys[job.id])] + cutter.flush()

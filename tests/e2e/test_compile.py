@@ -82,7 +82,7 @@ def _sdxl_lora(zoo_dir, folder):
     return folder
 
 
-def _compiled_against_eager(spec, jobs, inputs, monkeypatch):
+def _compiled_against_eager(spec, jobs, inputs):
     loaded = build_pipeline(spec)  # its own pipeline: compiling fuses the LoRAs and projections in place
     eager = _pixels(render_rows(loaded, jobs, inputs))
     loaded.compiler.plan("on", {})
@@ -99,7 +99,7 @@ def test_compiled_sd15_with_ip_adapter_and_lcm_lora_matches_eager(models_env, in
     monkeypatch.setenv("IPAFLOW_COMPILE_SCOPE", "regional")
     registry = SpecRegistry()
     jobs, inputs = _prepare(registry, _rows("lcm-instant", inputs_dir))
-    eager, compiled = _compiled_against_eager(registry.get("lcm-instant"), jobs, inputs, monkeypatch)
+    eager, compiled = _compiled_against_eager(registry.get("lcm-instant"), jobs, inputs)
     assert _worst(eager, compiled) <= TOLERANCE
     assert _worst(eager[:1], eager[1:]) > 4 * TOLERANCE  # the rows differ: the comparison is not vacuous
 
@@ -120,7 +120,7 @@ def test_compiled_sdxl_with_two_ip_adapters_and_a_lora_matches_eager(models_env,
     rows = _rows("sdxl-multi-lora", inputs_dir, {"style_folder": str(inputs_dir / "style")})
     jobs, inputs = _prepare(registry, rows)
     spec = registry.get("sdxl-multi-lora")
-    eager, compiled = _compiled_against_eager(spec, jobs, inputs, monkeypatch)
+    eager, compiled = _compiled_against_eager(spec, jobs, inputs)
     assert _worst(eager, compiled) <= TOLERANCE
     from ipaflow.tasks.pipelines import PIPELINES
 
