@@ -470,8 +470,8 @@ def print_summary(summary: dict) -> None:
     )
     for failure in summary["failures"][:20]:
         print(f"  failed: {failure['id']}, {failure['error']}")
-    if len(summary["failures"]) > 20:
-        print(f"  ... and {len(summary['failures']) - 20} more (see the metadata)")
+    if summary["failed"] > 20:
+        print(f"  ... and {summary['failed'] - 20} more (see the metadata)")
     print(f"outputs:  {summary['out']}")
     print(f"gallery:  {summary['gallery']}")
 

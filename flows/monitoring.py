@@ -41,6 +41,7 @@ LIVE_UPDATES_ENV = "IPAFLOW_LIVE_UPDATES"  # seconds between live writes to the 
 DEFAULT_LIVE_INTERVAL = 5.0
 TICK_SECONDS = 1.0  # how often the flow's thread looks at the reports (the terminal bar moves this often)
 FAILURE_LOG_LIMIT = 10  # WARNING lines per shard (and for the rows that fail before rendering)
+FAILURES_KEPT = 1000  # failed rows kept whole for the summary (every one is counted, grouped and journaled)
 SAMPLE_IDS = 5  # per reason in the failed-rows artifact
 MAX_REASONS = 50  # rows of the failed-rows artifact; the rest are summed in one
 PLANNING, RENDERING, FINISHING = "planning rows", "rendering", "writing the metadata, gallery and previews"
@@ -169,7 +170,8 @@ class RunMonitor:
         self.total: int | None = None
         self.skipped = 0  # already done before this run
         self.ok = self.failed = self.images = 0  # finished shards and rows failed outside shards
-        self.failures: list[FailedRow] = []  # every failed row once, in the order seen
+        self.failures: list[FailedRow] = []  # the first FAILURES_KEPT failed rows, in the order seen
+        self.recorded = 0  # every failed row, counted once
         self.groups = FailureGroups()
         self.per_spec: dict[str, SpecTally] = {}
         self.shards: list[dict] = []  # per finished shard: where, when, how many rows
@@ -245,14 +247,14 @@ class RunMonitor:
         """Failed rows, running shards' included (what ``--max-failures`` counts)."""
         return self.failed + sum(p.failed for p in self._live.values())
 
-    def row_failed(self, failed: FailedRow, where: str = "planning") -> None:
+    def row_failed(self, failed: FailedRow) -> None:
         """A row that failed outside a finished shard: before reaching a worker (validation, missing input),
         or in a shard task that failed after its retries or never started."""
         self.failed += 1
         tally = self.per_spec.setdefault(failed.spec or UNKNOWN_SPEC, SpecTally())
         tally.rows += 1
         tally.failed += 1
-        self._record_failure(failed, where)
+        self._record_failure(failed, "planning")
 
     def report(self, report: ShardProgress | dict) -> None:
         """A running shard's report (any thread: a task's thread, or the Dask client's)."""
@@ -307,7 +309,9 @@ class RunMonitor:
             if key in self._seen:
                 return
             self._seen.add(key)
-        self.failures.append(failed)
+        self.recorded += 1
+        if len(self.failures) < FAILURES_KEPT:  # all are counted and grouped; the first ones are kept whole
+            self.failures.append(failed)
         self.groups.add(failed, self.redact)
         logged = self._logged.get(where, 0)
         if logged < FAILURE_LOG_LIMIT:
@@ -371,7 +375,7 @@ class RunMonitor:
                 if self._progress_id is not None:
                     client.update_artifact(self._progress_id, ArtifactUpdate(
                         data=snapshot.percent, description=markdown_text(status_line(snapshot))))
-                if len(self.failures) != self._failures_written:
+                if self.recorded != self._failures_written:
                     self._write_failed_rows(client, final=False)
         except Exception as exc:  # noqa: BLE001 - the render goes on; the next round writes again
             if not self._warned_api:
@@ -389,7 +393,7 @@ class RunMonitor:
         from prefect.artifacts import create_table_artifact
         from prefect.client.schemas.actions import ArtifactUpdate
 
-        count = len(self.failures)
+        count = self.recorded
         reasons = len(self.groups.groups)
         when = "" if final else f" so far (at {datetime.now(timezone.utc):%H:%M:%S} UTC)"
         description = (f"{count} failed row{'s' if count != 1 else ''}{when}, {reasons} "

@@ -40,15 +40,7 @@ from ipaflow.tasks.metadata import MetadataStore, make_record, passthrough_names
 from ipaflow.tasks.owners import OwnedOutputs
 from ipaflow.tasks.shards import ShardCutter, ShardPlan, auto_shard_size
 
-FAILURES_KEPT = 1000  # failed rows the monitor keeps for its artifact and the summary (all are counted)
 JOURNAL_EVERY = 4096  # failed records journaled per file
-
-
-def note_failure(monitor, failed: FailedRow) -> None:
-    """Report a failed row to the monitor, keeping at most FAILURES_KEPT of them in memory."""
-    monitor.row_failed(failed)
-    if len(monitor.failures) > FAILURES_KEPT:
-        del monitor.failures[FAILURES_KEPT:]
 
 
 class RowPlanner:
@@ -83,7 +75,7 @@ class RowPlanner:
         """A row that fails without reaching a worker: counted, reported, journaled (one record per usable id,
         with its passthrough cells: the job's, else ``extra``)."""
         self.rejected += 1
-        note_failure(self.monitor, failed)
+        self.monitor.row_failed(failed)
         if failed.row.startswith("#"):
             return
         if job is not None:

@@ -35,7 +35,7 @@ from ipaflow.core.lease import OutputLease
 from ipaflow.core.problems import Problem
 from ipaflow.core.storage import Storage, is_local
 from ipaflow.flows.monitoring import FINISHING, TICK_SECONDS, RunMonitor
-from ipaflow.flows.plan import FAILURES_KEPT, RowPlanner
+from ipaflow.flows.plan import RowPlanner
 from ipaflow.flows.previews import preview_uris, read_thumbnails, write_contact_sheet
 from ipaflow.flows.runners import gpu_routing, make_task_runner
 from ipaflow.specs.census import take_census
@@ -98,7 +98,7 @@ def _run_name() -> str:
 def _holding_out(body):
     """The flow body runs holding the lease on its ``--out`` (ipaflow.core.lease), taken before anything is
     written there: a second run into the same folder is refused (OutputInUse), an unusable folder said in one
-    line (OutputUnusable). The body gets ``out`` already resolved; resolving it again changes nothing."""
+    line (OutputUnusable). The body gets ``out`` already resolved."""
 
     @functools.wraps(body)
     def run(manifest: str, out: str, options: RenderOptions = RenderOptions()) -> State:
@@ -128,7 +128,6 @@ def render_manifest(
     """
     logger = get_run_logger()
     started = time.perf_counter()
-    out = absolute_uri(fill_template(out, _run_time()))
     run_id = new_run_id()
     settings = RunSettings(run_id=run_id, out=out, options=options)
     storage = settings.storage()
@@ -207,22 +206,21 @@ def _records_state(metadata: MetadataStore, storage: Storage, out: str, overwrit
                 ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False)
                 current_chunks.append(passthrough_hashes(table.filter(ok), passthrough))
 
-    columns = ["status", "key", "outputs", "layout", "finished_at", *passthrough]
-    index = metadata.index(collect, columns)
-    if metadata.repair(index):
-        logger.warning("metadata: dropped superseded copies of records left by an interrupted fold")
+    def scan():
         done_chunks.clear()
         owned.clear()
         current_chunks.clear()
-        index = metadata.index(collect, columns)
+        return metadata.index(collect, ["status", "key", "outputs", "layout", *passthrough])
+
+    index = scan()
+    if metadata.repair(index):
+        logger.warning("metadata: dropped superseded copies of records left by an interrupted fold")
+        index = scan()
     if metadata.journal_files() or metadata.update_files():
         folded = metadata.fold(f"{run_id}-recovered", index, drop_outputs=lambda uris: drop_members(storage, uris))
         logger.info("folded %d journal file(s) left by an earlier run", folded.files)
-        done_chunks.clear()
-        owned.clear()
-        current_chunks.clear()
         state["present"] = None if overwrite else listing_hashes(storage, out)
-        index = metadata.index(collect, columns)
+        index = scan()
     done = np.unique(np.concatenate(done_chunks)) if done_chunks else np.zeros(0, np.uint64)
     current = None if not passthrough else \
         np.unique(np.concatenate(current_chunks)) if current_chunks else np.zeros(0, np.uint64)
@@ -333,6 +331,4 @@ def _finished(future, shard: ShardPlan, planner: RowPlanner, monitor: RunMonitor
         logger.error("spec %s: its pipeline cannot be built (%s); its remaining rows fail with that reason",
                      shard.spec.name, stats.pipeline_problem.reason)
     monitor.shard_finished(stats)
-    if len(monitor.failures) > FAILURES_KEPT:
-        del monitor.failures[FAILURES_KEPT:]
     return stats

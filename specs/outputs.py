@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,8 +36,6 @@ EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "gif": ".gif"}
 # inside it, never takes its images from these: a re-run would otherwise read its own contact sheet or
 # renders as style images, and render again every time (ipaflow.tasks.inputs.style_images).
 OWN_ENTRIES = frozenset({"images", "videos", "metadata", "_ipaflow", "index.html", "contact-sheet.png"})
-Layout = Literal["files", "sharded", "webdataset", "parquet"]
-LAYOUTS: tuple[str, ...] = ("files", "sharded", "webdataset", "parquet")
 DEFAULT_LAYOUT = "files"
 CONTAINERS = {"webdataset": ".tar", "parquet": ".parquet"}  # layout -> container file suffix, under <layout>/
 SHARD_DIGITS = 3  # hex digits of the sharded layout's folder: 4096 folders

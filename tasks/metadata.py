@@ -54,6 +54,7 @@ import pyarrow.parquet as pq
 from ipaflow.core.hashing import hash_combine, hash_joined, hash_strings, members, repeated
 from ipaflow.core.redaction import Redactor, redact_url
 from ipaflow.core.storage import Storage, join
+from ipaflow.specs.outputs import CONTAINERS
 
 log = logging.getLogger("ipaflow.metadata")
 METADATA_DIR = "metadata"
@@ -296,8 +297,12 @@ def _to_bytes(table: pa.Table) -> bytes:
 
 
 def _from_bytes(data: bytes, columns: list[str] | None = None) -> pa.Table:
-    table = pq.read_table(io.BytesIO(data))
-    return table.select([c for c in columns if c in table.column_names]) if columns else table
+    """A part's table, decoding only ``columns`` where given (those it holds)."""
+    source = pq.ParquetFile(io.BytesIO(data))
+    if not columns:
+        return source.read()
+    present = set(source.schema_arrow.names)
+    return source.read(columns=[c for c in columns if c in present])
 
 
 def _nested(kind: pa.DataType) -> bool:
@@ -461,13 +466,13 @@ class MetadataStore:
         return [join(root, rel) for rel in self.storage.list_files(root)
                 if rel.endswith(".parquet") and "/" not in rel and rel != schema and not rel.startswith((".", "_"))]
 
-    def iter_tables(self, columns: list[str] | None = None, files: list[str] | None = None, window: int | None = None
+    def iter_tables(self, columns: list[str] | None = None, files: list[str] | None = None
                     ) -> Iterator[tuple[str, pa.Table]]:
         """(part, table) for every part, read a few at a time in background threads (object stores: the reads
         overlap), in part order; only ``columns`` where given. Whole records are read 4 files at a time (memory
         stays a few parts' worth), a few columns READ_THREADS at a time."""
         files = self.part_files() if files is None else files
-        window = window or (4 if columns is None or len(columns) > 6 else READ_THREADS)
+        window = 4 if columns is None or len(columns) > 6 else READ_THREADS
         with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="ipaflow-records") as pool:
             for start in range(0, len(files), window):
                 chunk = files[start:start + window]
@@ -565,7 +570,8 @@ class MetadataStore:
             if doomed:
                 drop_outputs(doomed)
         # 3. the schema every part conforms to
-        small = [i for i, rows in enumerate(index.rows) if rows < SMALL_PART_ROWS and i not in touched]
+        rewritten = set(touched)
+        small = [i for i, rows in enumerate(index.rows) if rows < SMALL_PART_ROWS and i not in rewritten]
         small = small if len(small) > 1 else []
         part_schemas = self._schemas(index.parts)
         canonical = self._canonical([s for s in part_schemas if s is not None] + schemas)
@@ -578,12 +584,11 @@ class MetadataStore:
             del uri
             chosen = table.filter(pa.array(masks[number])) if not masks[number].all() else table
             ok = pc.equal(chosen.column("status"), "ok")
-            if run_id is not None:
-                mine = pc.equal(chosen.column("run_id"), run_id)
-                result.ok += int(pc.sum(pc.and_(ok, mine)).as_py() or 0)
-                result.failed += int(pc.sum(pc.and_(pc.invert(ok), mine)).as_py() or 0)
-                lengths = pc.list_value_length(chosen.filter(pc.and_(ok, mine)).column("outputs"))
-                result.images += int(pc.sum(lengths).as_py() or 0)
+            mine = pc.equal(chosen.column("run_id"), run_id)
+            result.ok += int(pc.sum(pc.and_(ok, mine)).as_py() or 0)
+            result.failed += int(pc.sum(pc.and_(pc.invert(ok), mine)).as_py() or 0)
+            lengths = pc.list_value_length(chosen.filter(pc.and_(ok, mine)).column("outputs"))
+            result.images += int(pc.sum(lengths).as_py() or 0)
             result.records += chosen.num_rows
             writer.add(chosen)
         if len(updated):
@@ -612,8 +617,9 @@ class MetadataStore:
             self.storage.delete(index.parts[number])
             result.parts_deleted += 1
         # 6. parts whose columns the schema now holds as JSON text (values mixed types across parts)
-        for uri, schema in zip(index.parts, part_schemas):
-            if schema is None or index.parts.index(uri) in touched or index.parts.index(uri) in small:
+        skip = rewritten | set(small)
+        for number, (uri, schema) in enumerate(zip(index.parts, part_schemas)):
+            if schema is None or number in skip:
                 continue
             if any(item.name in canonical.names and _recode(item, canonical.field(item.name)) for item in schema):
                 table = self._read_table(uri)
@@ -659,13 +665,14 @@ class MetadataStore:
         last[:-1] = ordered[1:] != ordered[:-1]
         order, ordered = order[last], ordered[last]
         values = table.drop_columns(["id"])
+        finished = CORE_SCHEMA.field("finished_at")
         for _, old in self.iter_tables(files=[index.parts[i] for i in sorted(index.parts_holding(ordered))]):
-            hit = members(hash_strings(old.column("id")), ordered)
+            old_hashes = hash_strings(old.column("id"))
+            hit = members(old_hashes, ordered)
             if not hit.any():
                 continue
             old = old.filter(pa.array(hit))
-            rows = order[np.searchsorted(ordered, hash_strings(old.column("id")))]
-            finished = CORE_SCHEMA.field("finished_at")
+            rows = order[np.searchsorted(ordered, old_hashes[hit])]
             core = old.select(CORE_SCHEMA.names).set_column(
                 CORE_SCHEMA.get_field_index("finished_at"), finished, pa.array([stamp] * old.num_rows, type=finished.type))
             patch = values.take(pa.array(rows))
@@ -827,7 +834,7 @@ def done_hashes(table: pa.Table, out: str, present: Callable[[pa.Array], np.ndar
     return hash_joined(table.column("id"), table.column("key"), layout)[good]
 
 
-OUTPUT_FOLDERS = ("images", "videos", "webdataset", "parquet")  # every layout's top folders (specs.outputs)
+OUTPUT_FOLDERS = ("images", "videos", *CONTAINERS)  # every layout's top folders (specs.outputs)
 
 
 def listing_hashes(storage: Storage, out: str, folders: Iterable[str] = OUTPUT_FOLDERS) -> np.ndarray:

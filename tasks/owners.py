@@ -154,9 +154,9 @@ class OwnedOutputs:
             return found
         parts = [self._index.parts[number] for number in sorted(self._index.parts_holding(wanted))]
         for _, table in self._metadata.iter_tables(list(COLUMNS), parts):
-            ids = table.column("id")
-            hit = members(hash_strings(ids), wanted)
-            for record, hashed in zip(table.filter(pa.array(hit)).to_pylist(), hash_strings(ids)[hit]):
+            hashed_ids = hash_strings(table.column("id"))
+            hit = members(hashed_ids, wanted)
+            for record, hashed in zip(table.filter(pa.array(hit)).to_pylist(), hashed_ids[hit]):
                 if record["status"] == "ok" and record["outputs"]:
                     keys = {collision_key(stem) for stem in output_stems(record["id"], len(record["outputs"]))}
                     found.setdefault(int(hashed), []).append((record["id"], keys))
