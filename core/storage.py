@@ -540,7 +540,9 @@ class Storage:
             else:
                 with fs.open(path, "rb") as handle:
                     collected = _Collector(size)
-                    while collected.size <= limit and time.monotonic() < deadline:
+                    while collected.size <= limit:
+                        if time.monotonic() >= deadline:  # never a part of the file as if it were whole
+                            raise FSTimeoutError
                         chunk = handle.read(READ_CHUNK)
                         if not chunk:
                             break

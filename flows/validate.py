@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from ipaflow.core.problems import FailedRow, RowFailed
 from ipaflow.core.storage import Storage
 from ipaflow.specs.census import take_census
-from ipaflow.specs.checks import as_job
 from ipaflow.specs.manifest import open_manifest
 from ipaflow.specs.options import RenderOptions
 from ipaflow.specs.registry import SpecRegistry
@@ -41,7 +40,7 @@ def iter_validation(manifest: str, options: RenderOptions = RenderOptions(), che
     for resolved in resolve_stream(opened, registry, census, build=check_inputs):
         failed = list(resolved.failed)
         if check_inputs and resolved.jobs:
-            failed.extend(_input_problems(storage, registry, [as_job(job) for job in resolved.jobs], options.models))
+            failed.extend(_input_problems(storage, registry, resolved.jobs, options.models))
             failed.sort(key=lambda row: row.index)
         yield from failed
     if counted is not None:

@@ -10,6 +10,7 @@ that row's problems. Memory: ~9 bytes per row, whatever the ids.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -74,8 +75,11 @@ def _output_counts(batch: RowBatch, registry: SpecRegistry, names: list[str], nu
             continue
         default = int(spec.default_params().get("num_images") or 1)
         rows = np.flatnonzero(numbers == position)
+        if cells is None:
+            counts[rows] = default
+            continue
         for offset in rows:
-            value = None if cells is None else cells[offset]
+            value = cells[offset]
             if value is None:
                 counts[offset] = default
                 continue
@@ -131,10 +135,13 @@ def _judge(manifest: Manifest, registry: SpecRegistry, candidates: set[int]) -> 
     """The exact rules of ``specs.rows.resolve_rows`` over the candidate rows (every row that can share an id
     or a stem with another is among them)."""
     picked: dict[int, dict] = {}
+    ordered = sorted(candidates)
     for batch in manifest.iter_batches():
-        wanted = [i - batch.start for i in candidates if batch.start <= i < batch.start + batch.num_rows]
-        for offset in sorted(wanted):
-            picked[batch.start + offset] = batch.row(offset)
+        if batch.start > ordered[-1]:
+            break
+        low, high = bisect_left(ordered, batch.start), bisect_left(ordered, batch.start + batch.num_rows)
+        for index in ordered[low:high]:
+            picked[index] = batch.row(index - batch.start)
     groups: dict[str, list[int]] = {}
     labels: dict[int, str] = {}
     for index in sorted(picked):

@@ -309,9 +309,6 @@ class JobBuilder:
             plan = self._plans[name] = _SpecPlan(self.registry.get(name), self.batch.columns)
         return plan
 
-    def build(self, offset: int) -> R.Job:
-        return self.draft(offset).job()
-
     def draft(self, offset: int) -> Draft:
         row_id = str(self.values("id")[offset])
         plan = self._plan(self.values("spec")[offset])

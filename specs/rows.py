@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ipaflow.core.problems import FailedRow, Problem, RowFailed
-from ipaflow.specs.manifest import FLOAT_COLUMNS, INPUT_COLUMNS, INT_COLUMNS, KNOWN_COLUMNS, Manifest, Undecodable
+from ipaflow.specs.manifest import FLOAT_COLUMNS, INPUT_COLUMNS, INT_COLUMNS, KNOWN_COLUMNS, Undecodable
 from ipaflow.specs.outputs import collision_key, extension, job_stems
 from ipaflow.specs.registry import SpecRegistry
 from ipaflow.specs.spec import Params, Spec
@@ -444,8 +444,3 @@ def resolve_rows(rows: Iterable[dict], registry: SpecRegistry, base: str = "") -
             labels[index] = (by_index[index].id, by_index[index].spec)
     failed = [FailedRow(row=labels[i][0], problems=tuple(bad[i]), index=i, spec=labels[i][1]) for i in sorted(bad)]
     return [job for job in jobs if job.index not in bad], failed
-
-
-def resolve_manifest(manifest: Manifest, registry: SpecRegistry):
-    """resolve_rows over a (small) manifest, relative input paths taken from the manifest's folder."""
-    return resolve_rows(manifest.iter_rows(), registry, manifest.base)

@@ -93,9 +93,11 @@ def denoising_failures(jobs: list, specs: dict[str, Spec], models_dir: str | Non
     """Per manifest index, the rows of ``jobs`` (jobs or drafts) that would run no denoising step with their
     pipeline's defaults; only specs that leave steps or strength to the pipeline are looked at."""
     failed: dict[int, Problem] = {}
+    defaults: dict[str, dict | None] = {}  # per spec, once: this runs for every row
     for job in jobs:
         spec = specs[job.spec]
-        if needs_call_defaults(spec):
-            if problem := denoising_problem(job.params, spec, call_defaults(spec, models_dir)):
-                failed[job.index] = problem
+        if job.spec not in defaults:
+            defaults[job.spec] = call_defaults(spec, models_dir) if needs_call_defaults(spec) else None
+        if defaults[job.spec] is not None and (problem := denoising_problem(job.params, spec, defaults[job.spec])):
+            failed[job.index] = problem
     return failed

@@ -52,7 +52,6 @@ class IdentityCache:
         self.capacity = capacity
         self._items: OrderedDict[tuple[str, str], str | RowFailed] = OrderedDict()
         self._lock = threading.Lock()
-        self.lookups = 0
 
     def get(self, item: tuple[str, str]) -> str | RowFailed | None:
         with self._lock:
@@ -67,9 +66,6 @@ class IdentityCache:
             self._items.move_to_end(item)
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 def identify_inputs(storage: Storage, jobs: Iterable[Job], threads: int = 16, cache: IdentityCache | None = None,
@@ -110,8 +106,6 @@ def identify_inputs(storage: Storage, jobs: Iterable[Job], threads: int = 16, ca
             identity = found[item] = looked_up[canonical(item)]
             if cache is not None:
                 cache.put(item, identity)
-        if cache is not None:
-            cache.lookups += len(distinct)
     return found
 
 

@@ -27,7 +27,7 @@ import PIL.Image
 import PIL.ImageOps
 from PIL.PngImagePlugin import PngInfo
 
-from ipaflow.core.storage import MAX_INPUT_BYTES  # noqa: F401 - the byte limit of inputs, defined with the reads
+from ipaflow.core.storage import MAX_INPUT_BYTES  # the byte limit of inputs, defined with the reads
 
 MAX_INPUT_PIXELS = 64 * 1024 * 1024  # one image: 8192 x 8192
 # Pillow warns from 89 Mpx on and refuses from 179 Mpx on, before ipaflow could say "too large": ipaflow's own
@@ -47,7 +47,6 @@ class Probe:
 
     width: int
     height: int
-    mode: str
 
     @property
     def pixels(self) -> int:
@@ -94,7 +93,7 @@ def probe_image(data: bytes | bytearray) -> Probe:
     """The size and mode of an image from its header; MediaError as ``decode_image`` would raise it for an
     empty file, a file that is no image, or one too large."""
     image = _open(data)
-    return Probe(image.width, image.height, image.mode)
+    return Probe(image.width, image.height)
 
 
 def decode_image(data: bytes | bytearray) -> PIL.Image.Image:

@@ -4,7 +4,6 @@ documented ways. Local files only (the servers are in tests/e2e/test_hostile_inp
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -14,6 +13,7 @@ import pytest
 from ipaflow.core.storage import (
     MAX_INPUT_BYTES,
     InputRefused,
+    InputTimeout,
     Storage,
     Timeouts,
     describe_error,
@@ -106,7 +106,6 @@ def test_timeouts_from_the_environment_and_fsspec_options(monkeypatch, caplog):
                            "http": {"client_kwargs": {"timeout": {"sock_read": 3, "total": 4}}}})
     assert own.options_for("s3")["config_kwargs"] == {"connect_timeout": 2.5, "read_timeout": 99}
     assert own.options_for("http")["client_kwargs"]["timeout"].sock_read == 3  # JSON options: a dict
-    json.dumps({"s3": {"config_kwargs": {"read_timeout": 99}}})  # the forms users give are plain JSON
 
 
 def test_spellings_of_one_local_file_share_one_name(tmp_path):
@@ -141,3 +140,23 @@ def test_style_folder_cap_and_own_outputs(tmp_path):
     assert len(style_images(storage, str(out))) == 2  # without --out (validate), the folder as it is
     with pytest.raises(RowFailed, match=r"no images in .*/out/images \(besides ipaflow's own outputs: 1\)"):
         style_images(storage, str(out / "images"), out=str(out))
+
+
+def test_a_slow_read_without_async_support_times_out_and_never_returns_a_part(monkeypatch):
+    """Filesystems without async support (sftp, ftp, memory) are read chunk by chunk: one that reads slower
+    than the input time limit is a timeout, never the first part of the file as if it were whole."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    monkeypatch.setenv("IPAFLOW_INPUT_TIMEOUT", "0.5")
+    MemoryFileSystem().pipe("/ipaflow-slow/three-mib.bin", b"x" * (3 << 20))
+    real_open = MemoryFileSystem._open
+
+    def slow_open(self, path, mode="rb", **kwargs):
+        handle = real_open(self, path, mode, **kwargs)
+        read = handle.read
+        handle.read = lambda size=-1: (time.sleep(0.3), read(size))[1]
+        return handle
+
+    monkeypatch.setattr(MemoryFileSystem, "_open", slow_open)
+    with pytest.raises(InputTimeout):
+        Storage().read_input("memory://ipaflow-slow/three-mib.bin")

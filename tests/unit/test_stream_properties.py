@@ -86,7 +86,7 @@ def _reference(manifest):
 
 def _streamed(manifest):
     jobs, failed = [], []
-    for resolved in resolve_stream(manifest, REGISTRY):
+    for resolved in resolve_stream(manifest, REGISTRY, piece=2):  # batches cut in pieces, as 32k-row ones are
         jobs.extend(as_job(job) for job in resolved.jobs)
         failed.extend(resolved.failed)
     return jobs, failed
