@@ -31,7 +31,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
-from ipaflow.core.storage import InputRefused, Storage, describe_error, is_local, join
+from ipaflow.core.storage import InputRefused, Storage, describe_error, is_local, join, seconds_from_environment
 
 log = logging.getLogger("ipaflow.lease")
 
@@ -63,18 +63,13 @@ def _process_gone(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except (PermissionError, OSError):
+    except OSError:  # alive, another user's
         return False
     return False
 
 
 def _ttl_from_environment() -> float:
-    text = os.environ.get(LEASE_TTL_ENV)
-    try:
-        return float(text) if text and float(text) > 0 else DEFAULT_TTL_S
-    except ValueError:
-        log.warning("ignoring %s=%r: not a number of seconds above 0", LEASE_TTL_ENV, text)
-        return DEFAULT_TTL_S
+    return seconds_from_environment(LEASE_TTL_ENV) or DEFAULT_TTL_S
 
 
 @dataclass(frozen=True)
@@ -162,8 +157,6 @@ class OutputLease:
                         break
             else:
                 raise OutputInUse(f"--out {self.storage.redact(self.out)}: another run keeps taking its lease")
-        except (OutputInUse, OutputUnusable):
-            raise
         except OSError as exc:
             raise self._unusable(exc) from None
         self._beat = threading.Thread(target=self._heartbeat, name="ipaflow-lease", daemon=True)

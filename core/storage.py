@@ -103,18 +103,25 @@ class Timeouts:
     def from_environment(cls) -> Timeouts:
         values = {}
         for name, variable in (("connect", CONNECT_TIMEOUT_ENV), ("read", READ_TIMEOUT_ENV), ("input", INPUT_TIMEOUT_ENV)):
-            text = os.environ.get(variable)
-            if not text:
-                continue
-            try:
-                value = float(text)
-                if not 0 < value < float("inf"):
-                    raise ValueError
-            except ValueError:
-                log.warning("ignoring %s=%r: not a number of seconds above 0", variable, text)
-                continue
-            values[name] = value
+            if (value := seconds_from_environment(variable)) is not None:
+                values[name] = value
         return cls(**values)
+
+
+def seconds_from_environment(variable: str) -> float | None:
+    """A finite number of seconds above 0 from an environment variable; None (with a warning when it was set
+    to something else) where it is not one."""
+    text = os.environ.get(variable)
+    if not text:
+        return None
+    try:
+        value = float(text)
+        if 0 < value < float("inf"):
+            return value
+    except ValueError:
+        pass
+    log.warning("ignoring %s=%r: not a number of seconds above 0", variable, text)
+    return None
 
 
 def _size_text(size: int) -> str:

@@ -260,7 +260,7 @@ class _Interrupt:
         self.first: float | None = None
         self.handled = False  # main() caught the KeyboardInterrupt and returns
         self._kicked = False  # the watchdog sent the pending SIGINT, not the user
-        self._said = threading.Lock()
+        self._said = threading.RLock()  # a second Ctrl-C may arrive while the first is being said
         self._saying = False
 
     def install(self) -> None:

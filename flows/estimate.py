@@ -76,7 +76,7 @@ def estimate_manifest(manifest: str, options: RenderOptions) -> list[dict]:
             if not sample:
                 row["problem"] = "no row of this spec has all its inputs"
                 continue
-            keys = {job.id: keys.get(job.id) or keys.get(job.id.rsplit("-dry", 1)[0]) for job in sample}
+            keys = {job.id: keys[usable[i % len(usable)].id] for i, job in enumerate(sample)}  # a copy: its source's
             settings = RunSettings(run_id="dry-run", out=scratch, options=options)
             shard = ShardPlan(name=f"dry-run-{name}", spec=spec, jobs=sample, row_keys=keys)
             gc.collect()

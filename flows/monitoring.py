@@ -34,6 +34,7 @@ from typing import Any
 from ipaflow.core.problems import FailedRow
 from ipaflow.flows import progress
 from ipaflow.flows.progress import RateMeter, Snapshot, format_duration, format_rate, status_line
+from ipaflow.flows.runners import is_dask
 from ipaflow.tasks.worker import ShardProgress, ShardStats
 
 UNKNOWN_SPEC = "(unknown spec)"  # a failed row whose spec cell names no known spec
@@ -201,8 +202,10 @@ class RunMonitor:
         """The progress artifact, at 0, so the run shows one from its first second."""
         from prefect.artifacts import create_progress_artifact
 
+        snapshot = self.snapshot()
         self._progress_id = create_progress_artifact(progress=0.0, key=_artifact_key(f"{self.name}-progress"),
-                                                     description=markdown_text(status_line(self.snapshot())))
+                                                     description=markdown_text(status_line(snapshot)))
+        self._written = (snapshot.phase, snapshot.done, snapshot.failed, snapshot.total)  # no update of the same
         self.tick()
 
     def tag_flow_run(self, tags: list[str]) -> None:
@@ -415,7 +418,7 @@ class RunMonitor:
         if self.interval <= 0:
             yield
             return
-        client = runner.client if type(runner).__name__ == "DaskTaskRunner" else None
+        client = runner.client if is_dask(runner) else None
         with receive_progress(run_id, self.report):
             if client is None:
                 yield

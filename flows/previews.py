@@ -73,7 +73,7 @@ def read_thumbnails(storage: Storage, records: list[dict], warn: Callable[[str],
     def thumbs(items):
         return [Thumb(label, spec, images[uri]) for label, spec, uri in items if images[uri] is not None]
 
-    return thumbs(sheet_items), {spec: thumbs(items) for spec, items in per_spec_items.items() if thumbs(items)}
+    return thumbs(sheet_items), {spec: found for spec, items in per_spec_items.items() if (found := thumbs(items))}
 
 
 def labelled_grid(thumbs: list[Thumb], cell: int, columns: int):

@@ -123,10 +123,6 @@ def publish(snapshot: Snapshot) -> None:
         listener(snapshot)
 
 
-def latest() -> Snapshot:
-    return _latest
-
-
 def set_phase(phase: str) -> None:
     """What the command is doing before the flow runs, or between its stages."""
     publish(replace(_latest, phase=phase, elapsed=elapsed_since_start(time.monotonic())))

@@ -74,9 +74,14 @@ def local_gpu_cluster(n_workers: int):
                        name="ipaflow-local", silence_logs=logging.WARNING)
 
 
+def is_dask(runner) -> bool:
+    """Whether a task runner is prefect-dask's (checked by name: prefect_dask is imported only when used)."""
+    return type(runner).__name__ == "DaskTaskRunner"
+
+
 def gpu_routing(runner):
     """On a (started) Dask runner: annotate submissions so they need a GPU slot; elsewhere a no-op."""
-    if type(runner).__name__ == "DaskTaskRunner":
+    if is_dask(runner):
         import dask
 
         _warn_without_gpu_workers(runner.client)

@@ -125,6 +125,9 @@ class RunWatcher:
                 level = logging.INFO if state.is_completed() else logging.WARNING
                 log.log(level, "run %s ended %s%s%s", run.name, state.name,
                         f": {state.message}" if state.message else "", seconds)
+        if runs:  # the next poll starts at the oldest run still going (a long-lived serve passes 200 runs)
+            going = [run.start_time for run in runs if run.id not in self.ended and run.start_time is not None]
+            self.since = min(going) if going else max(run.start_time for run in runs if run.start_time is not None)
 
     def watch(self) -> None:
         from prefect.client.orchestration import get_client

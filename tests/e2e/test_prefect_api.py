@@ -130,10 +130,6 @@ def test_final_state_names_the_failures(watched_run):
     assert {shard["worker"] for shard in summary["shards"]} == {f"{socket.gethostname()}:{os.getpid()}"}
 
 
-def _table(data) -> dict[str, dict]:
-    return {row["reason"]: row for row in json.loads(data)}
-
-
 def test_failed_rows_and_progress_are_live(watched_run):
     """The failed-rows artifact holds the worker's failure while that very shard still renders; the progress
     artifact moves within a shard (every batch), with rows/s and an ETA."""
