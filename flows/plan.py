@@ -115,7 +115,7 @@ class RowPlanner:
         stale = ~members(row_passthrough_hashes([job.id for job in jobs], extras, names), self.current)
         for job, values, changed in zip(jobs, extras, stale):
             if changed:
-                self._updates.append({"id": job.id, **dict.fromkeys(names), **values})
+                self._updates.append({"id": job.id, **values})  # absent columns are nulls (journal_updates)
         self.updated += int(stale.sum())
         if len(self._updates) >= JOURNAL_EVERY:
             self.flush()

@@ -56,11 +56,11 @@ log = logging.getLogger("ipaflow.compile")
 CACHE_ENV = "IPAFLOW_COMPILE_CACHE"
 SCOPE_ENV = "IPAFLOW_COMPILE_SCOPE"  # full (default) | regional
 DEFAULT_CACHE = "~/.cache/ipaflow/compile"
-# First compile of an SD-family denoiser on one H200: 51 s (SD1.5 UNet), 89 s (SDXL UNet), default mode. The
-# VAE decoder is a smaller graph.
+# What a first compile is assumed to cost until this machine has measured one (records.json): about a minute
+# and a half for an SD-family denoiser, the VAE decoder a smaller graph.
 DEFAULT_COMPILE_SECONDS = {"denoiser": 90.0, "decode": 30.0}
-# Share of a stage's eager time that compiling saves, until measured: the SD1.5 UNet alone at batch 32 on an
-# H200 went from 0.153 to 0.108 s/row (29%); 0.2 leaves room for shapes that gain less.
+# Share of a stage's eager time that compiling saves, until measured: an assumption on the low side, so that
+# only shapes with many rows compile before the first measurement.
 DEFAULT_SAVING = 0.2
 RECOMPILE_LIMIT = 64  # compiled variants per function: (block shapes x batch shapes), across pipelines
 GPU_OPTIONS = {"triton.cudagraphs": True, "conv_1x1_as_mm": True}  # reduce-overhead + diffusers' SD recipe

@@ -65,12 +65,11 @@ def input_failure(column: str, uri: str, exc: BaseException, redact: Callable[[s
     return RowFailed.at(column, f"cannot read {redact(uri)}: {redact(describe_error(exc))}")
 
 
-def _inside(uri: str, folder: str) -> str | None:
-    """``uri`` relative to ``folder`` when it lies inside it (local paths compared resolved), else None."""
+def _inside(uri: str, folder: str, resolved: Callable[[str], str]) -> str | None:
+    """``uri`` relative to ``folder`` when it lies inside it (compared ``Storage.resolved``), else None."""
     if is_local(uri) != is_local(folder):
         return None
-    if is_local(uri):
-        uri, folder = (os.path.realpath(p.removeprefix("file://")) for p in (uri, folder))
+    uri, folder = resolved(uri), resolved(folder)
     prefix = folder.rstrip("/") + "/"
     return uri[len(prefix):] if uri.startswith(prefix) else None
 
@@ -81,7 +80,7 @@ def style_images(storage: Storage, folder: str, out: str | None = None) -> list[
     rendered images). Storage errors propagate; a folder that breaks these rules fails the row."""
     redact = storage.redact
     files = storage.list_images(folder)
-    owned = [f for f in files if out and (_inside(f[0], out) or "").split("/", 1)[0] in OWN_ENTRIES]
+    owned = [f for f in files if out and (_inside(f[0], out, storage.resolved) or "").split("/", 1)[0] in OWN_ENTRIES]
     files = [f for f in files if f not in owned]
     if not files:
         why = f" (besides ipaflow's own outputs: {len(owned)})" if owned else ""

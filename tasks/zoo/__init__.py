@@ -1,7 +1,7 @@
 """The tiny model zoo: small, random, deterministic models in the layout of the hub repos the IP-Adapter
 guide uses, so the guide's code runs offline through the real diffusers / transformers loading code.
 
-    build_zoo(root, force=False) -> root            # writes root/org/name/... (~25 MB, a few seconds)
+    build_zoo(root, force=False) -> root            # writes root/org/name/... (~33 MB, a few seconds)
     link_into_hf_cache(zoo_root, hub_cache)         # bare hub ids load with HF_HUB_OFFLINE=1
     build_full_size_sd15(root, dtype=float16)       # real SD1.5 + IP-Adapter shapes, random (GPU benchmarks)
     build_full_size_sdxl(root, dtype=float16)       # real SDXL + ViT-H IP-Adapters, random (GPU benchmarks)
