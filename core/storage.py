@@ -531,8 +531,10 @@ class Storage:
         return self.retry(f"read {self.redact(uri)}", lambda: self._read_remote(fs, path, max_bytes, deadline), deadline,
                           prefix=False)  # the row's reason names the URI itself
 
-    def _read_remote(self, fs, path: str, max_bytes: int, deadline: float) -> bytes | bytearray:
-        info = self._info(fs, path, deadline)
+    def _read_remote(self, fs, path: str, max_bytes: int, deadline: float, info: dict | None = None
+                     ) -> bytes | bytearray:
+        """A remote input, at most ``max_bytes`` (``info``: its metadata, when the caller has it already)."""
+        info = info if info is not None else self._info(fs, path, deadline)
         if info.get("type") == "directory":
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
         size = info.get("size")
@@ -584,7 +586,12 @@ class Storage:
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), uri)
         if info.get("size") is not None and info["size"] > max_bytes:
             raise _too_large(info["size"], max_bytes)
-        return _identity(info) or "sha256:" + hashlib.sha256(self.read_input(uri, max_bytes)).hexdigest()
+        if found := _identity(info):
+            return found
+        # no ETag, size or mtime to go by: hash the content, read with the metadata just fetched (one HEAD)
+        data = self.retry(f"read {self.redact(uri)}", lambda: self._read_remote(fs, path, max_bytes, deadline, info),
+                          deadline, prefix=False)
+        return "sha256:" + hashlib.sha256(data).hexdigest()
 
     def list_images(self, folder_uri: str, limit: int = MAX_FOLDER_ENTRIES) -> list[tuple[str, str]]:
         """(URI, identity) of the image files directly under a folder or prefix, sorted by name; other
