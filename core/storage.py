@@ -149,7 +149,7 @@ def describe_error(exc: BaseException) -> str:
         return "is a folder, not a file"
     if isinstance(exc, NotADirectoryError):
         return "a part of the path is a file, not a folder"
-    if any(cls.__name__ in _TIMEOUT_TYPES for cls in type(exc).__mro__):
+    if _is_timeout(exc):
         return "timed out (no answer in time)"
     if isinstance(exc, OSError) and isinstance(exc.errno, int) and exc.errno > 0:
         return os.strerror(exc.errno)  # "Connection refused", "Permission denied", "No space left on device"
@@ -179,6 +179,11 @@ _TRANSIENT_ERRNOS = frozenset({errno.EBUSY, errno.EREMOTEIO, errno.ETIMEDOUT, er
                                errno.ECONNREFUSED, errno.EPIPE, errno.EAGAIN})
 _TRANSIENT_WORDS = ("timeout", "timed out", "reset by peer", "throttl", "slow down", "slowdown", "internalerror",
                     "internal error", "serviceunavailable", "service unavailable", "bad gateway", "temporarily")
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """Whether an error is some library's timeout (asyncio, fsspec, aiohttp, botocore), judged by class name."""
+    return any(cls.__name__ in _TIMEOUT_TYPES for cls in type(exc).__mro__)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -480,7 +485,7 @@ class Storage:
                 now = time.monotonic()
                 delay = self.backoff_s * (2**attempt) * (0.5 + random.random())
                 out_of_time = deadline is not None and now + delay >= deadline  # no time left for another try
-                if out_of_time and any(cls.__name__ in _TIMEOUT_TYPES for cls in type(exc).__mro__):
+                if out_of_time and _is_timeout(exc):
                     raise InputTimeout(f"no complete answer within {self.timeouts.input:g} s "
                                        f"(${INPUT_TIMEOUT_ENV})") from None
                 if out_of_time or attempt == self.retries:

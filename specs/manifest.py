@@ -148,9 +148,7 @@ class Manifest:
         except ManifestError:
             raise
         except (OSError, pa.ArrowException, ValueError) as exc:
-            redact = self.storage.redact
-            raise ManifestError(f"{redact(self.uri)}: cannot read manifest ({exc.__class__.__name__}: "
-                                f"{redact(exc)})") from None
+            raise _unreadable(self.uri, exc, self.storage.redact) from None
 
     def iter_rows(self, batch_rows: int | None = None, columns: tuple[str, ...] | None = None) -> Iterator[dict[str, Any]]:
         """Rows in manifest order as plain Python values (None for nulls), read batch by batch."""
@@ -167,6 +165,10 @@ def _plain(value: Any) -> Any:
         except UnicodeDecodeError:
             return Undecodable(value)
     return value
+
+
+def _unreadable(uri: str, exc: BaseException, redact) -> ManifestError:
+    return ManifestError(f"{redact(uri)}: cannot read manifest ({exc.__class__.__name__}: {redact(exc)})")
 
 
 def _format_of(uri: str, redact) -> str:
@@ -337,7 +339,7 @@ def open_manifest(uri: str, storage: Storage | None = None) -> Manifest:
     except ManifestError:
         raise
     except (OSError, pa.ArrowException, ValueError) as exc:
-        raise ManifestError(f"{redact(uri)}: cannot read manifest ({exc.__class__.__name__}: {redact(exc)})") from None
+        raise _unreadable(uri, exc, redact) from None
     repeated = sorted({c for c in columns if columns.count(c) > 1})
     if repeated:
         raise ManifestError(f"{redact(uri)}: column(s) {', '.join(map(repr, repeated))} appear more than once; "
