@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
@@ -71,6 +72,15 @@ def test_the_same_frames_give_the_same_bytes(fmt, size):
     assert encode_video(frames, fmt, 8, {**PARAMS, "seed": 8}) != first  # the parameters are in the bytes
     if fmt != "gif":
         assert b"Lavf6" not in first and b"Lavc6" not in first  # bit-exact muxing: no FFmpeg version strings
+
+
+def test_clips_encoded_side_by_side_are_those_encoded_alone():
+    """The shard writer encodes outputs in several threads at once (tasks/writers.py)."""
+    jobs = [(fmt, size) for fmt in ("mp4", "webm") for size in ((64, 48), (96, 64), (64, 64))] * 2
+    alone = [encode_video(moving_frames(8, *size), fmt, 8, PARAMS) for fmt, size in jobs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(lambda job: encode_video(moving_frames(8, *job[1]), job[0], 8, PARAMS), jobs))
+    assert together == alone
 
 
 @pytest.mark.parametrize("fmt", ["mp4", "webm"])
