@@ -7,7 +7,7 @@ the same: compared without case, Unicode-normalised; the collision check, the du
 check of outputs owned by an earlier run's records all use it). Where a stem lands depends on the
 layout (the spec's ``output.layout``, or ``render --layout``):
 
-- ``files``: ``images/<stem>.<ext>`` (video tasks: ``videos/<stem>.gif``);
+- ``files``: ``images/<stem>.<ext>`` (video tasks: ``videos/<stem>.gif``, ``.mp4`` or ``.webm``);
 - ``sharded``: ``images/<hhh>/<stem>.<ext>``, ``hhh`` the first three hex digits of a hash of the stem, so
   4096 folders hold at most ~10k files each up to ~40M outputs;
 - ``webdataset``: members ``<stem>.<ext>`` + ``<stem>.json`` of tar shards under ``webdataset/``;
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ipaflow.specs.rows import Job
     from ipaflow.specs.spec import Spec
 
-EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "gif": ".gif"}
+EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "gif": ".gif", "mp4": ".mp4", "webm": ".webm"}
 # What ipaflow writes directly under ``--out`` (folders and files). A style folder that is ``--out``, or lies
 # inside it, never takes its images from these: a re-run would otherwise read its own contact sheet or
 # renders as style images, and render again every time (ipaflow.tasks.inputs.style_images).

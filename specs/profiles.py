@@ -51,7 +51,7 @@ class TaskProfile:
     @property
     def formats(self) -> tuple[str, ...]:
         """Output formats this task can write; the first is the default."""
-        return ("gif",) if self.output == "video" else ("png", "jpeg", "webp")
+        return ("gif", "mp4", "webm") if self.output == "video" else ("png", "jpeg", "webp")
 
     @property
     def folder(self) -> str:

@@ -147,7 +147,7 @@ class Params(StrictModel):
 
 
 class OutputSpec(StrictModel):
-    format: Literal["png", "jpeg", "webp", "gif"] | None = None  # default: the task's first format
+    format: Literal["png", "jpeg", "webp", "gif", "mp4", "webm"] | None = None  # default: the task's first format
     quality: int = Field(default=95, ge=1, le=100)
     fps: int = Field(default=8, ge=1, le=60)
     # files | sharded | webdataset | parquet (specs.outputs); `render --layout` wins. Where outputs are stored,

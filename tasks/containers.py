@@ -8,8 +8,11 @@ empty); containers no record points into (a shard attempt killed after its uploa
 ``drop_orphans``.
 
 Tar members are written as img2dataset writes them: ``<key>.<ext>`` and ``<key>.json`` (the row's parameters),
-with fixed metadata (mtime 0, root owner, mode 644) so the same rows give the same bytes. Parquet shards carry
-the Hugging Face ``datasets`` feature metadata, so ``load_dataset("parquet", ...)`` decodes ``image``.
+with fixed metadata (mtime 0, root owner, mode 644) so the same rows give the same bytes; a video is
+``<key>.gif``, ``<key>.mp4`` or ``<key>.webm``. Parquet shards carry the Hugging Face ``datasets`` feature
+metadata, so ``load_dataset("parquet", ...)`` decodes the output: images (and GIFs, as before) in the ``image``
+column, MP4 and WebM in a ``video`` column (a ``Video`` feature, decoded by torchcodec where it is installed),
+each with its member name (``<key>.<ext>``) as ``path``. A container holds one spec's rows, so one of the two.
 """
 
 from __future__ import annotations
@@ -27,23 +30,29 @@ import pyarrow.parquet as pq
 
 from ipaflow.core.storage import Storage
 from ipaflow.specs.outputs import CONTAINERS, split_member
+from ipaflow.tasks.video import is_film
 
 log = logging.getLogger("ipaflow.containers")
 CONTAINER_SAMPLES = 1000  # outputs per container (~1k samples, as WebDataset shards usually hold)
 CONTAINER_BYTES = 256 << 20  # or this many bytes, whichever comes first: a container is built in memory
-PARQUET_FEATURES = {
-    "id": {"dtype": "string", "_type": "Value"},
-    "key": {"dtype": "string", "_type": "Value"},
-    "spec": {"dtype": "string", "_type": "Value"},
-    "seed": {"dtype": "int64", "_type": "Value"},
-    "image": {"_type": "Image"},
-    "json": {"dtype": "string", "_type": "Value"},
-}
-PARQUET_SCHEMA = pa.schema(
-    [("id", pa.string()), ("key", pa.string()), ("spec", pa.string()), ("seed", pa.int64()),
-     ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("json", pa.string())],
-    metadata={b"huggingface": json.dumps({"info": {"features": PARQUET_FEATURES}}).encode()},
-)
+MEDIA_COLUMNS = {"image": "Image", "video": "Video"}  # the column holding a Parquet sample's output -> its feature
+
+
+def parquet_schema(media: str) -> pa.Schema:
+    """The schema of a Parquet container whose outputs are in column ``media`` (image or video)."""
+    features = {"id": {"dtype": "string", "_type": "Value"}, "key": {"dtype": "string", "_type": "Value"},
+                "spec": {"dtype": "string", "_type": "Value"}, "seed": {"dtype": "int64", "_type": "Value"},
+                media: {"_type": MEDIA_COLUMNS[media]}, "json": {"dtype": "string", "_type": "Value"}}
+    return pa.schema(
+        [("id", pa.string()), ("key", pa.string()), ("spec", pa.string()), ("seed", pa.int64()),
+         (media, pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("json", pa.string())],
+        metadata={b"huggingface": json.dumps({"info": {"features": features}}).encode()},
+    )
+
+
+def media_column(member: str) -> str:
+    """The Parquet column of an output: ``video`` for MP4 and WebM, ``image`` for what Pillow opens (GIF too)."""
+    return "video" if is_film(member) else "image"
 
 
 def _tar_info(name: str, size: int) -> tarfile.TarInfo:
@@ -63,6 +72,7 @@ class ContainerBuilder:
         self._tar = tarfile.open(fileobj=self._tar_buffer, mode="w", format=tarfile.USTAR_FORMAT) \
             if layout == "webdataset" else None
         self._rows: list[dict] = []
+        self._media: str | None = None  # the Parquet column of this container's outputs
 
     @property
     def full(self) -> bool:
@@ -76,8 +86,12 @@ class ContainerBuilder:
             self._tar.addfile(_tar_info(member, len(blob)), io.BytesIO(blob))
             self._tar.addfile(_tar_info(f"{key}.json", len(text)), io.BytesIO(text))
         else:
+            media = media_column(member)
+            if self._media not in (None, media):
+                raise ValueError(f"{member}: a Parquet container holds images or videos, not both")
+            self._media = media
             self._rows.append({"id": info.get("id"), "key": info.get("key"), "spec": info.get("spec"),
-                               "seed": info.get("seed"), "image": {"bytes": blob, "path": member},
+                               "seed": info.get("seed"), media: {"bytes": blob, "path": member},
                                "json": json.dumps(info, sort_keys=True, ensure_ascii=False, default=str)})
         self.samples += 1
         self.bytes += len(blob)
@@ -87,7 +101,8 @@ class ContainerBuilder:
             self._tar.close()
             return self._tar_buffer.getvalue()
         buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(self._rows, schema=PARQUET_SCHEMA), buffer, compression="zstd")
+        schema = parquet_schema(self._media or "image")
+        pq.write_table(pa.Table.from_pylist(self._rows, schema=schema), buffer, compression="zstd")
         return buffer.getvalue()
 
 
@@ -107,10 +122,11 @@ def _tar_without(data: bytes, keys: set[str]) -> tuple[bytes, int]:
 
 def _parquet_without(data: bytes, members: set[str]) -> tuple[bytes, int]:
     table = pq.read_table(io.BytesIO(data))
-    paths = table.column("image").combine_chunks().field("path").to_pylist()
+    media = next(name for name in MEDIA_COLUMNS if name in table.column_names)
+    paths = table.column(media).combine_chunks().field("path").to_pylist()
     kept = table.filter(pa.array([path not in members for path in paths]))
     buffer = io.BytesIO()
-    pq.write_table(kept.replace_schema_metadata(PARQUET_SCHEMA.metadata), buffer, compression="zstd")
+    pq.write_table(kept.replace_schema_metadata(parquet_schema(media).metadata), buffer, compression="zstd")
     return buffer.getvalue(), kept.num_rows
 
 

@@ -7,7 +7,8 @@ with two images). ``GallerySample`` collects all that in one bounded pass over t
 well under a megabyte at millions of rows and the flow never holds the records.
 
 Every manifest value is HTML-escaped (prompts are untrusted input); links are relative, so the folder can be
-browsed from disk, copied, or served from a bucket. Outputs inside containers (webdataset, parquet layouts) are
+browsed from disk, copied, or served from a bucket. Images and GIFs are shown as ``<img>``, MP4 and WebM as a
+muted, looping ``<video>``. Outputs inside containers (webdataset, parquet layouts) are
 named rather than shown: a browser cannot open a member of a tar or a Parquet row.
 """
 
@@ -23,6 +24,7 @@ import pyarrow.compute as pc
 
 from ipaflow.core.storage import Storage, join
 from ipaflow.specs.outputs import relative_to, split_member
+from ipaflow.tasks.video import is_film
 
 SAMPLES_PER_SPEC = 24
 FAILURES_SHOWN = 100
@@ -32,7 +34,7 @@ body{font-family:system-ui,sans-serif;margin:1.5rem;background:#fafafa;color:#22
 h1{margin:0 0 .3rem}.meta{color:#666;margin-bottom:1rem}
 section{margin:1.5rem 0}.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(180px,1fr));gap:.8rem}
 figure{margin:0;background:#fff;border:1px solid #ddd;border-radius:6px;padding:.4rem}
-figure img{width:100%;image-rendering:pixelated;border-radius:4px}
+figure img,figure video{width:100%;image-rendering:pixelated;border-radius:4px}
 figcaption{font-size:.8rem;overflow-wrap:anywhere}.id{font-weight:600}.prompt{color:#444}
 table{border-collapse:collapse;font-size:.85rem}td,th{border:1px solid #ddd;padding:.3rem .5rem;text-align:left}
 """
@@ -111,8 +113,12 @@ def _figure(record: dict, uri: str, out: str, prompt: str) -> str:
         where = html.escape(relative_to(container, out))
         return f"<figure>{caption}<div class='meta'>in {where}</div></figcaption></figure>"
     link = _link(uri, out)
-    return (f"<figure><a href='{link}'><img loading='lazy' src='{link}' "
-            f"alt='{html.escape(record['id'], quote=True)}'></a>{caption}</figcaption></figure>")
+    label = html.escape(record["id"], quote=True)
+    if is_film(uri):
+        shown = f"<video src='{link}' autoplay loop muted playsinline preload='metadata' aria-label='{label}'></video>"
+    else:
+        shown = f"<img loading='lazy' src='{link}' alt='{label}'>"
+    return f"<figure><a href='{link}'>{shown}</a>{caption}</figcaption></figure>"
 
 
 def render_gallery(records: list[dict] | GallerySample, out: str, title: str = "ipaflow renders",

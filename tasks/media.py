@@ -1,4 +1,5 @@
-"""Media: decoding input images the way ``diffusers.utils.load_image`` does, encoding PNG/JPEG/WebP/GIF outputs.
+"""Media: decoding input images the way ``diffusers.utils.load_image`` does, encoding PNG/JPEG/WebP outputs
+(videos: ``tasks/video.py``).
 
 Decoding is bounded: an image's header is read first (``probe_image``), so a too-large image is refused by
 its size before any pixel is decoded, and a row's images can be counted against the row's pixel budget
@@ -7,8 +8,8 @@ its size before any pixel is decoded, and a row's images can be counted against 
 
 Outputs carry their parameters: PNG in a ``parameters`` text chunk, JPEG/WebP in the EXIF image description
 (JSON with non-ASCII text escaped: EXIF text is ASCII; a JPEG's texts shortened to fit its 64 KiB EXIF
-segment), GIF in its comment. Encoding is deterministic: the
-same pixels and parameters give the same bytes.
+segment), GIF in its comment (``tasks/video.py`` writes it). Encoding is deterministic: the same pixels and
+parameters give the same bytes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import json
 import re
 import struct
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,22 +180,6 @@ def encode_image(image: PIL.Image.Image, fmt: str, params: dict[str, Any], quali
         image.save(buffer, format=fmt.upper(), quality=quality, exif=exif)
     else:
         raise ValueError(f"unknown image format {fmt!r}")
-    return buffer.getvalue()
-
-
-def encode_gif(frames: Sequence[PIL.Image.Image], fps: int, params: dict[str, Any]) -> bytes:
-    """Frames to an animated GIF as ``diffusers.utils.export_to_gif`` writes it, parameters in the comment."""
-    buffer = io.BytesIO()
-    frames[0].save(
-        buffer,
-        format="GIF",
-        save_all=True,
-        append_images=list(frames[1:]),
-        optimize=False,
-        duration=1000 // fps,
-        loop=0,
-        comment=params_text(params).encode("utf-8"),
-    )
     return buffer.getvalue()
 
 

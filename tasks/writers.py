@@ -19,9 +19,10 @@ from ipaflow.specs.outputs import CONTAINERS, DEFAULT_LAYOUT, is_container, memb
 from ipaflow.specs.rows import Job
 from ipaflow.specs.spec import Spec
 from ipaflow.tasks.containers import ContainerBuilder
-from ipaflow.tasks.media import encode_gif, encode_image
+from ipaflow.tasks.media import encode_image
 from ipaflow.tasks.metadata import MetadataStore, make_record
 from ipaflow.tasks.render import Rendered
+from ipaflow.tasks.video import encode_video
 
 
 def embedded_params(job: Job, spec: Spec) -> dict:
@@ -69,7 +70,7 @@ class ShardWriter:
         params = embedded_params(job, spec)
         paths = output_paths(job, spec, self.layout)
         if spec.profile.output == "video":
-            blobs = [encode_gif(rendered.images, spec.output.fps if spec.output else 8, params)]
+            blobs = [encode_video(rendered.images, spec.output_format, spec.output.fps if spec.output else 8, params)]
         else:
             quality = spec.output.quality if spec.output else 95
             blobs = [encode_image(image, spec.output_format, params, quality) for image in rendered.images]
