@@ -53,16 +53,16 @@ def read_thumbnails(storage: Storage, records: list[dict], warn: Callable[[str],
                                                                                                 dict[str, list[Thumb]]]:
     """Thumbnails of the contact sheet's outputs and of each spec's preview; each output is read once, in
     parallel (remote reads overlap). An unreadable output is left out, with a warning."""
-    import PIL.Image
     import PIL.ImageOps
+
+    from ipaflow.tasks.video import first_frame
 
     sheet_items, per_spec_items = _chosen(records)
     uris = list(dict.fromkeys(uri for _, _, uri in sheet_items + [i for v in per_spec_items.values() for i in v]))
 
     def thumbnail(uri: str):
         try:
-            with PIL.Image.open(io.BytesIO(storage.read_bytes(uri))) as image:  # a GIF: its first frame
-                return PIL.ImageOps.contain(image.convert("RGB"), (SHEET_CELL, SHEET_CELL))
+            return PIL.ImageOps.contain(first_frame(storage.read_bytes(uri), uri), (SHEET_CELL, SHEET_CELL))
         except Exception as exc:  # noqa: BLE001 - one unreadable output must not cost the previews
             warn(f"preview: skipping {storage.redact(uri)}: {storage.redact(exc)}")
             return None

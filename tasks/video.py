@@ -84,6 +84,18 @@ def is_film(name: str) -> bool:
     return name.lower().endswith(FILM_SUFFIXES)
 
 
+def first_frame(data: bytes, name: str) -> PIL.Image.Image:
+    """An output's first frame as an RGB image: decoded with PyAV for an mp4/webm, with Pillow otherwise (a GIF
+    opens on its first frame)."""
+    if is_film(name):
+        import av
+
+        with av.open(io.BytesIO(data)) as container:
+            return next(container.decode(video=0)).to_image().convert("RGB")
+    with PIL.Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
 def encode_gif(frames: Sequence[PIL.Image.Image], fps: int, params: dict[str, Any]) -> bytes:
     """Frames to an animated GIF as ``diffusers.utils.export_to_gif`` writes it, parameters in the comment."""
     buffer = io.BytesIO()

@@ -19,7 +19,7 @@ import pytest
 from ipaflow.specs.registry import SpecError, SpecRegistry, parse_spec
 from ipaflow.tasks.containers import ContainerBuilder, _parquet_without
 from ipaflow.tasks.gallery import render_gallery
-from ipaflow.tasks.video import CODECS, encode_video, is_film, read_video
+from ipaflow.tasks.video import CODECS, encode_video, first_frame, is_film, read_video
 
 PARAMS = {"id": "wave", "spec": "animatediff-video", "seed": 7, "prompt": "a gummy bear waving, ünïcödé ✓"}
 
@@ -145,3 +145,12 @@ def test_the_gallery_plays_films_and_shows_gifs():
     assert "<video src='videos/c.webm'" in page and "<img loading='lazy' src='videos/b.gif'" in page
     assert "<script>" not in page and "aria-label='&#x27;&gt;&lt;script&gt;" in page
     assert is_film("x/a.MP4") and is_film("t.tar#a.webm") and not is_film("a.gif")
+
+
+@pytest.mark.parametrize("fmt", ["gif", "mp4", "webm"])
+def test_previews_see_a_clip_by_its_first_frame(fmt):
+    frames = moving_frames(4, 64, 48)
+    data = encode_video(frames, fmt, 8, {"id": "a"})
+    first = first_frame(data, f"videos/a.{fmt}")
+    assert first.size == (64, 48) and first.mode == "RGB"
+    assert np.abs(np.asarray(first, dtype=int) - np.asarray(frames[0].convert("RGB"), dtype=int)).mean() < 12
