@@ -203,7 +203,7 @@ class OutputLease:
         self._beat.join(timeout=5)
         self._beat = None
         if unreachable:
-            log.warning("the lease on %s is left to expire (%g s after its last renewal): its store is unreachable",
+            log.info("the lease on %s is left to expire (%g s after its last renewal): its store is unreachable",
                         self.storage.redact(self.out), self.ttl)
             return
         try:

@@ -1,0 +1,131 @@
+"""Infrastructure faults, each a real fault against real parts: moto's S3 server (a process of its own) frozen with
+SIGSTOP or taken down mid-run, SIGTERM to a render blocked on a frozen store. For each: nothing lost (after a
+re-run every row is ``ok`` exactly once and the folder holds what the records name), the run's end is one line
+on the terminal with the exit status docs/faults.md lists, and the time to give up is bounded by the settings
+the test gives (short ones; the defaults are in ipaflow.core.deadlines).
+
+Marked ``faults`` (slow: ``pytest -m "not faults"`` skips them)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import uuid
+
+import pandas as pd
+import pytest
+from s3 import MotoProcess
+from util import ipaflow_command, write_manifest
+
+pytestmark = pytest.mark.faults
+
+# Short limits, so that a fault ends a run in seconds here (production defaults: ipaflow.core.deadlines).
+LIMITS = {"IPAFLOW_CONNECT_TIMEOUT": "1", "IPAFLOW_READ_TIMEOUT": "1", "IPAFLOW_CALL_TIMEOUT": "2",
+          "IPAFLOW_INPUT_TIMEOUT": "3", "IPAFLOW_OUTAGE_TIMEOUT": "6", "IPAFLOW_LEASE_TTL": "8"}
+UNREACHABLE = re.compile(r"ipaflow: s3://(?P<bucket>[\w-]+)/r unreachable for (?P<seconds>\d+)s \((?P<cause>\w+)\); "
+                         r"(?P<safe>\d+) rows? (are|is) safe, re-run to resume")
+
+
+@pytest.fixture
+def moto():
+    server = MotoProcess()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def job(tmp_path, moto, inputs_dir, models_env, prefect_api):
+    """A 40-row manifest (local inputs) and the environment of a render into ``s3://<new bucket>/r``."""
+    from prefect.settings import PREFECT_API_URL
+
+    bucket = f"faults-{uuid.uuid4().hex[:8]}"
+    moto.client.create_bucket(Bucket=bucket)
+    rows = [{"id": f"r{i:02d}", "spec": "sdxl-text2img", "prompt": f"p{i}", "ip_image": str(inputs_dir / "bear.png"),
+             "num_inference_steps": 2} for i in range(40)]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    env = {**os.environ, **LIMITS, "PREFECT_API_URL": PREFECT_API_URL.value(), "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    options = json.dumps({"client_kwargs": {"endpoint_url": moto.endpoint}})
+    command = [ipaflow_command(), "render", str(manifest), "--out", f"s3://{bucket}/r", "--batch-size", "2",
+               "--storage-options", options]
+    return {"bucket": bucket, "rows": rows, "env": env, "command": command}
+
+
+def _start(job) -> subprocess.Popen:
+    return subprocess.Popen(job["command"], env=job["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_images(moto, job, process, count: int = 2) -> None:
+    deadline = time.monotonic() + 240
+    while len(moto.keys(job["bucket"], "r/images/")) < count:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+
+
+def _rerun_completes(moto, job) -> None:
+    """A re-run once the store is back renders what is left: every row ``ok`` exactly once, and the folder holds
+    exactly the outputs the records name."""
+    done = subprocess.run(job["command"], env=job["env"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    bucket = job["bucket"]
+    parts = [key for key in moto.keys(bucket, "r/metadata/") if key.endswith(".parquet")]
+    records = pd.concat([pd.read_parquet(io.BytesIO(moto.client.get_object(Bucket=bucket, Key=key)["Body"].read()))
+                         for key in parts if not key.endswith("00-schema.parquet")])
+    assert sorted(records["id"]) == sorted(row["id"] for row in job["rows"])  # each exactly once
+    assert set(records["status"]) == {"ok"}
+    named = {uri.removeprefix(f"s3://{bucket}/") for outputs in records["outputs"] for uri in outputs}
+    assert set(moto.keys(bucket, "r/images/")) == named
+
+
+def test_a_frozen_store_ends_the_run_in_one_line_and_a_rerun_completes(moto, job):
+    """The S3 endpoint frozen (SIGSTOP: connections accepted, never answered) mid-run: every request is cut at
+    $IPAFLOW_CALL_TIMEOUT, the outage lasts $IPAFLOW_OUTAGE_TIMEOUT, then the run stops by itself with one line
+    and exit status 3. Bound: outage + call timeout + the workers' last calls + the flow's exit."""
+    process = _start(job)
+    try:
+        _wait_for_images(moto, job, process)
+        moto.freeze()
+        frozen = time.monotonic()
+        _, stderr = process.communicate(timeout=120)  # without deadlines, the run never ends
+        took = time.monotonic() - frozen
+    finally:
+        process.kill()
+        process.wait()
+        moto.thaw()
+    lines = stderr.splitlines()
+    assert process.returncode == 3, stderr
+    assert took < 40, took
+    assert "Traceback" not in stderr, stderr
+    assert UNREACHABLE.fullmatch(lines[-1]), stderr
+    assert int(UNREACHABLE.fullmatch(lines[-1])["safe"]) >= 2
+    said = [line for line in lines if "unreachable (" in line]
+    assert len(said) <= 2, stderr  # said once when it began (not per retry, per file), not a stream
+    _rerun_completes(moto, job)
+
+
+def test_sigterm_ends_a_render_blocked_on_a_frozen_store_within_seconds(moto, job):
+    """SIGTERM is honoured like Ctrl-C whatever the threads are blocked on: exit status 143, one line."""
+    job["env"]["IPAFLOW_OUTAGE_TIMEOUT"] = "120"  # the store would not be given up on before the signal
+    process = _start(job)
+    try:
+        _wait_for_images(moto, job, process)
+        moto.freeze()
+        time.sleep(3)  # the workers' writes and the lease's renewal are blocked now
+        process.send_signal(signal.SIGTERM)
+        terminated = time.monotonic()
+        _, stderr = process.communicate(timeout=60)
+        took = time.monotonic() - terminated
+    finally:
+        process.kill()
+        process.wait()
+        moto.thaw()
+    assert process.returncode == 143, stderr
+    assert took < 10, took
+    assert stderr.splitlines()[-1] == "ipaflow: terminated; re-run the same command to resume", stderr
+    assert "Traceback" not in stderr, stderr
+    _rerun_completes(moto, job)
