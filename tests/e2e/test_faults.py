@@ -4,7 +4,8 @@ re-run every row is ``ok`` exactly once and the folder holds what the records na
 on the terminal with the exit status docs/faults.md lists, and the time to give up is bounded by the settings
 the test gives (short ones; the defaults are in ipaflow.core.deadlines).
 
-Marked ``faults`` (slow: ``pytest -m "not faults"`` skips them)."""
+The S3 cases are a few seconds of rendering each; most of their time is the command's start-up (imports,
+Prefect). Marked ``faults`` (slow: ``pytest -m "not faults"`` skips them)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import uuid
 
 import pandas as pd
 import pytest
-from s3 import MotoProcess
+from s3 import MotoProcess, TcpGate
 from util import ipaflow_command, write_manifest
 
 pytestmark = pytest.mark.faults
@@ -129,3 +130,29 @@ def test_sigterm_ends_a_render_blocked_on_a_frozen_store_within_seconds(moto, jo
     assert stderr.splitlines()[-1] == "ipaflow: terminated; re-run the same command to resume", stderr
     assert "Traceback" not in stderr, stderr
     _rerun_completes(moto, job)
+
+
+def test_a_store_down_for_less_than_the_outage_limit_loses_nothing(moto, job):
+    """The S3 endpoint stopped mid-run (connections refused, open ones cut) and back 4 s later, within
+    $IPAFLOW_OUTAGE_TIMEOUT: the workers wait for it, the outage is said once and its end once, and the run
+    completes with every row ``ok`` exactly once."""
+    gate = TcpGate(("127.0.0.1", moto.port))
+    job["env"]["IPAFLOW_OUTAGE_TIMEOUT"] = "60"
+    job["command"][-1] = json.dumps({"client_kwargs": {"endpoint_url": gate.endpoint}})
+    process = _start(job)
+    try:
+        _wait_for_images(moto, job, process)
+        gate.down()
+        time.sleep(4)
+        gate.up()
+        _, stderr = process.communicate(timeout=240)
+    finally:
+        process.kill()
+        process.wait()
+        gate.close()
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr, stderr
+    assert len(re.findall(r"unreachable \(", stderr)) == 1, stderr
+    assert len(re.findall(r"reachable again after \d+s", stderr)) == 1, stderr
+    job["command"][-1] = json.dumps({"client_kwargs": {"endpoint_url": moto.endpoint}})
+    _rerun_completes(moto, job)  # renders nothing more: every row was done
