@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from ipaflow.core.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, UserError
-from ipaflow.flows.prefect_api import APIServerError, TemporaryAPIServer
+from ipaflow.flows.prefect_api import APIBlinks, APIServerError, TemporaryAPIServer
 from ipaflow.specs.options import RenderOptions, parse_storage_options
 
 DEFAULT_ZOO = Path("~/.cache/ipaflow/zoo").expanduser()
@@ -233,6 +233,9 @@ class _OneLineFailures(logging.Filter):
         return not str(record.msg).startswith(_PREFECT_NOISE) and _CANCELLED_TASK not in record.getMessage()
 
 
+_api_blinks = APIBlinks()  # one for the process: the API's blink is said once, whichever handler sees it
+
+
 def _quiet_console() -> None:
     """Add the filter to Prefect's console handlers (Prefect configures its logging when first imported)."""
     import prefect.logging.handlers  # noqa: F401 - configures Prefect's logging first
@@ -244,6 +247,7 @@ def _quiet_console() -> None:
             if isinstance(handler, logging.StreamHandler) and not any(
                     isinstance(f, _OneLineFailures) for f in handler.filters):
                 handler.addFilter(_OneLineFailures())
+                handler.addFilter(_api_blinks)
 
 
 class _Interrupt:
