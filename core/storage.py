@@ -135,14 +135,19 @@ class Outage:
         self.store = store
         self.since: float | None = None  # time.monotonic() of the spell's first failure
         self.given_up: float | None = None
+        self.reached: float | None = None  # time.monotonic() of the last request that reached it
         self.cause = ""
         self._said: float | None = None
         self._lock = threading.Lock()
 
-    def failed(self, exc: BaseException, limit: float) -> float:
-        """Count a failure to reach the store; returns how long it has been unreachable."""
+    def failed(self, exc: BaseException, limit: float, tried: float) -> float:
+        """Count a failure to reach the store of a try that began at ``tried``; returns how long the store has
+        been unreachable. A try that began before the store was last reached (sent during an outage that has
+        ended since) starts no new one."""
         with self._lock:
             now = time.monotonic()
+            if self.since is None and self.reached is not None and tried < self.reached:
+                return 0.0
             self.cause = type(exc).__name__
             if self.since is None:
                 self.since, self._said = now, now
@@ -155,6 +160,7 @@ class Outage:
             return now - self.since
 
     def succeeded(self) -> None:
+        self.reached = time.monotonic()
         if self.since is None:  # the common case: no lock taken
             return
         with self._lock:
@@ -357,11 +363,12 @@ class Storage(InputReads):
             raise spell.give_up(self.timeouts.outage)
         attempt = 0
         while True:
+            tried = time.monotonic()
             try:
                 result = fn()
             except Exception as exc:  # noqa: BLE001 - classified below
                 if spell is not None and is_unreachable(exc):
-                    if spell.failed(exc, self.timeouts.outage) >= self.timeouts.outage:
+                    if spell.failed(exc, self.timeouts.outage, tried) >= self.timeouts.outage:
                         raise spell.give_up(self.timeouts.outage) from exc
                     time.sleep(min(self.backoff_s * 2 ** min(attempt, 8), MAX_BACKOFF_S) * (0.5 + random.random()))
                     attempt += 1

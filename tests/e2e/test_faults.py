@@ -15,12 +15,13 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import uuid
 
 import pandas as pd
 import pytest
-from s3 import MotoProcess, TcpGate
+from s3 import MotoProcess, TcpGate, free_port
 from util import ipaflow_command, write_manifest
 
 pytestmark = pytest.mark.faults
@@ -69,10 +70,14 @@ def _wait_for_images(moto, job, process, count: int = 2) -> None:
 
 
 def _rerun_completes(moto, job) -> None:
-    """A re-run once the store is back renders what is left: every row ``ok`` exactly once, and the folder holds
-    exactly the outputs the records name."""
+    """A re-run once the store is back renders what is left."""
     done = subprocess.run(job["command"], env=job["env"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    _all_ok_once(moto, job)
+
+
+def _all_ok_once(moto, job) -> None:
+    """Every row ``ok`` exactly once, and the folder holds exactly the outputs the records name."""
     bucket = job["bucket"]
     parts = [key for key in moto.keys(bucket, "r/metadata/") if key.endswith(".parquet")]
     records = pd.concat([pd.read_parquet(io.BytesIO(moto.client.get_object(Bucket=bucket, Key=key)["Body"].read()))
@@ -103,10 +108,32 @@ def test_a_frozen_store_ends_the_run_in_one_line_and_a_rerun_completes(moto, job
     assert took < 40, took
     assert "Traceback" not in stderr, stderr
     assert UNREACHABLE.fullmatch(lines[-1]), stderr
-    assert int(UNREACHABLE.fullmatch(lines[-1])["safe"]) >= 2
+    safe = int(UNREACHABLE.fullmatch(lines[-1])["safe"])
     said = [line for line in lines if "unreachable (" in line]
     assert len(said) <= 2, stderr  # said once when it began (not per retry, per file), not a stream
+    states = _flow_run_states(job)
+    assert len(states) == 1 and states[0][0] == "FAILED" and lines[-1].removeprefix("ipaflow: ") in states[0][1]
+    assert safe <= len(_journaled_ok(moto, job))  # no more rows said safe than have an ok record
     _rerun_completes(moto, job)
+
+
+def _journaled_ok(moto, job) -> set[str]:
+    """The ids with an ``ok`` record in the run's journal (what a stopped run leaves for the next to fold)."""
+    bucket, ids = job["bucket"], set()
+    for key in moto.keys(bucket, "r/_ipaflow/journal/"):
+        table = pd.read_parquet(io.BytesIO(moto.client.get_object(Bucket=bucket, Key=key)["Body"].read()))
+        ids.update(table.loc[table["status"] == "ok", "id"])
+    return ids
+
+
+def _flow_run_states(job) -> list[tuple[str, str]]:
+    """(state type, message) of the flow runs into the job's --out, from the Prefect API."""
+    import httpx
+
+    runs = httpx.post(f"{job['env']['PREFECT_API_URL']}/flow_runs/filter", json={}, timeout=10).json()
+    out = f"s3://{job['bucket']}/r"
+    return [(run["state"]["type"], run["state"]["message"] or "") for run in runs
+            if run["parameters"].get("out") == out]
 
 
 def test_sigterm_ends_a_render_blocked_on_a_frozen_store_within_seconds(moto, job):
@@ -154,5 +181,83 @@ def test_a_store_down_for_less_than_the_outage_limit_loses_nothing(moto, job):
     assert "Traceback" not in stderr, stderr
     assert len(re.findall(r"unreachable \(", stderr)) == 1, stderr
     assert len(re.findall(r"reachable again after \d+s", stderr)) == 1, stderr
-    job["command"][-1] = json.dumps({"client_kwargs": {"endpoint_url": moto.endpoint}})
-    _rerun_completes(moto, job)  # renders nothing more: every row was done
+    _all_ok_once(moto, job)
+
+
+class _PrefectServer:
+    """A Prefect API server (what ``prefect server start`` runs: uvicorn on Prefect's app) on a fixed port and
+    database, stopped and started again by the test."""
+
+    def __init__(self, home):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "0", "PREFECT_API_URL": ""}
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import httpx
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
+             "127.0.0.1", "--port", str(self.port), "--log-level", "error"], env=self.env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert self.process.poll() is None and time.monotonic() < deadline, "the Prefect server did not start"
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+    def flow_run_states(self) -> list[str]:
+        import httpx
+
+        runs = httpx.post(f"{self.url}/flow_runs/filter", json={}, timeout=10).json()
+        return [run["state"]["name"] for run in runs]
+
+
+def test_the_prefect_api_down_mid_run_is_one_line_and_the_run_completes(tmp_path, inputs_dir, models_env):
+    """The Prefect server stopped mid-run and started again 8 s later: the run completes, the terminal holds one
+    line for the outage and one for its end (no stream of client errors, no "without a flow run id"), and the
+    run's final state reaches the API once it is back."""
+    server = _PrefectServer(tmp_path / "prefect-home")
+    server.start()
+    rows = [{"id": f"r{i:02d}", "spec": "sdxl-text2img", "prompt": f"p{i}", "ip_image": str(inputs_dir / "bear.png"),
+             "num_inference_steps": 2} for i in range(60)]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    env = {**os.environ, "PREFECT_API_URL": server.url}
+    render = subprocess.Popen([ipaflow_command(), "render", str(manifest), "--out", str(out), "--batch-size", "2"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "images").is_dir() or len(list((out / "images").iterdir())) < 2:
+            assert render.poll() is None and time.monotonic() < deadline, render.communicate()
+            time.sleep(0.2)
+        server.stop()
+        time.sleep(8)
+        server.start()
+        _, stderr = render.communicate(timeout=240)
+        assert render.returncode == 0, stderr
+        assert "Traceback" not in stderr and "failed to process item" not in stderr, stderr
+        assert "without a flow run id" not in stderr, stderr
+        assert stderr.count(f"the Prefect API {server.url} is unreachable") == 1, stderr
+        assert stderr.count("the Prefect API is reachable again") <= 1, stderr
+        deadline = time.monotonic() + 60
+        while server.flow_run_states() != ["Completed"]:  # the final state reached the API
+            assert time.monotonic() < deadline, server.flow_run_states()
+            time.sleep(1)
+    finally:
+        render.kill()
+        render.wait()
+        server.stop()
+    from util import read_records
+
+    records = read_records(out)
+    assert sorted(records["id"]) == sorted(row["id"] for row in rows) and set(records["status"]) == {"ok"}
