@@ -324,12 +324,12 @@ def _run_shards(planner: RowPlanner, settings: RunSettings, monitor: RunMonitor,
 
 def _unless_unreachable(settings: RunSettings, monitor: RunMonitor) -> None:
     """Stop the run once the store of --out has been unreachable past $IPAFLOW_OUTAGE_TIMEOUT (a worker or the
-    lease gave up on it): ``StorageUnreachable``, one line and exit status 3, counting the rows that are safe
-    (done before this run, or rendered and recorded by it)."""
+    lease gave up on it): ``StorageUnreachable``, one line and exit status 3, counting the rows that are safe:
+    done before this run, or rendered by a shard that finished (a finished shard has journaled its records; a
+    running one's rows may not be yet, and are not counted)."""
     storage = settings.storage()
     if (outage := storage.gave_up(settings.out)) is not None:
-        snapshot = monitor.snapshot()
-        raise outage.at(storage.redact(settings.out), snapshot.ok + snapshot.skipped)
+        raise outage.at(storage.redact(settings.out), monitor.ok + monitor.skipped)
 
 
 def _finished(future, shard: ShardPlan, planner: RowPlanner, monitor: RunMonitor, logger) -> ShardStats:

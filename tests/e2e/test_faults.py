@@ -261,3 +261,58 @@ def test_the_prefect_api_down_mid_run_is_one_line_and_the_run_completes(tmp_path
 
     records = read_records(out)
     assert sorted(records["id"]) == sorted(row["id"] for row in rows) and set(records["status"]) == {"ok"}
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (root may mount one; elsewhere the case is skipped)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_local_out_that_fills_up_mid_run_is_one_line_and_a_rerun_completes(tmp_path, inputs_dir, models_env,
+                                                                            prefect_api, small_disk):
+    """The disk of a local --out fills up mid-run (another writer takes the rest of it): the run ends with one
+    line naming the cause, and once space is freed a re-run completes every row exactly once."""
+    from prefect.settings import PREFECT_API_URL
+    from util import read_records
+
+    rows = [{"id": f"r{i:02d}", "spec": "sdxl-text2img", "prompt": f"p{i}", "ip_image": str(inputs_dir / "bear.png"),
+             "num_inference_steps": 2} for i in range(40)]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    out = small_disk / "out"
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    command = [ipaflow_command(), "render", str(manifest), "--out", str(out), "--batch-size", "2"]
+    render = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "images").is_dir() or len(list((out / "images").iterdir())) < 2:
+            assert render.poll() is None and time.monotonic() < deadline, render.communicate()
+            time.sleep(0.1)
+        with open(small_disk / "filler", "wb") as handle:  # the rest of the disk
+            try:
+                while True:
+                    handle.write(b"\0" * 65536)
+                    handle.flush()
+            except OSError:
+                pass
+        _, stderr = render.communicate(timeout=240)
+    finally:
+        render.kill()
+        render.wait()
+    assert render.returncode == 1, stderr
+    assert "No space left on device" in stderr and "Traceback" not in stderr, stderr
+    (small_disk / "filler").unlink()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    records = read_records(out)
+    assert sorted(records["id"]) == sorted(row["id"] for row in rows) and set(records["status"]) == {"ok"}
+    named = {os.path.basename(uri) for outputs in records["outputs"] for uri in outputs}
+    assert set(os.listdir(out / "images")) == named
