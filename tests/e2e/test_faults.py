@@ -42,13 +42,13 @@ def moto():
 
 @pytest.fixture
 def job(tmp_path, moto, inputs_dir, models_env, prefect_api):
-    """A 40-row manifest (local inputs) and the environment of a render into ``s3://<new bucket>/r``."""
+    """A 24-row manifest (local inputs) and the environment of a render into ``s3://<new bucket>/r``."""
     from prefect.settings import PREFECT_API_URL
 
     bucket = f"faults-{uuid.uuid4().hex[:8]}"
     moto.client.create_bucket(Bucket=bucket)
     rows = [{"id": f"r{i:02d}", "spec": "sdxl-text2img", "prompt": f"p{i}", "ip_image": str(inputs_dir / "bear.png"),
-             "num_inference_steps": 2} for i in range(40)]
+             "num_inference_steps": 2} for i in range(24)]
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     env = {**os.environ, **LIMITS, "PREFECT_API_URL": PREFECT_API_URL.value(), "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -285,7 +285,7 @@ def test_a_local_out_that_fills_up_mid_run_is_one_line_and_a_rerun_completes(tmp
     from util import read_records
 
     rows = [{"id": f"r{i:02d}", "spec": "sdxl-text2img", "prompt": f"p{i}", "ip_image": str(inputs_dir / "bear.png"),
-             "num_inference_steps": 2} for i in range(40)]
+             "num_inference_steps": 2} for i in range(16)]
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     out = small_disk / "out"
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
