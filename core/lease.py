@@ -35,7 +35,8 @@ from datetime import datetime, timezone
 from ipaflow.core.deadlines import seconds_from_environment
 from ipaflow.core.errors import UserError
 from ipaflow.core.input_reads import InputRefused
-from ipaflow.core.storage import Storage, StorageUnreachable, describe_error, is_local, join
+from ipaflow.core.outages import StorageUnreachable
+from ipaflow.core.storage import Storage, describe_error, is_local, join
 
 log = logging.getLogger("ipaflow.lease")
 
@@ -118,7 +119,7 @@ class OutputLease:
     def _holder(self, renewing: bool = False) -> Holder | None:
         """The lease's holder, None when there is no lease; an unreadable lease counts as an expired one.
         ``renewing``: read as ipaflow's own file (the heartbeat), so that an unreachable store is one outage
-        said every 30 s (``ipaflow.core.storage.Outage``), not a warning per beat."""
+        said every 30 s (``ipaflow.core.outages.Outage``), not a warning per beat."""
         try:
             data = self.storage.read_bytes(self.uri) if renewing else self.storage.read_input(self.uri, MAX_LEASE_BYTES)
             if len(data) > MAX_LEASE_BYTES:

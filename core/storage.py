@@ -5,9 +5,9 @@
   what still fails after that, and what http(s) and other protocols raise, is retried here.
 - No wait is unbounded (``ipaflow.core.deadlines``): each request for ipaflow's own files has a deadline
   ($IPAFLOW_CALL_TIMEOUT), the SDK's own retries included, so a silent (frozen) store fails like a refusing one.
-- A store that cannot be reached (refused, timed out, cut) is an outage (``Outage``), shared by the process's
-  threads: said once, then every 30 s, and retried until it has lasted $IPAFLOW_OUTAGE_TIMEOUT; then every call
-  to it raises ``StorageUnreachable``, which stops a run in one line (exit status 3). A store that answers
+- A store that cannot be reached (refused, timed out, cut) is an outage (``ipaflow.core.outages``), shared by the
+  process's threads: said once, then every 30 s, and retried until it has lasted $IPAFLOW_OUTAGE_TIMEOUT; then
+  every call to it raises ``StorageUnreachable``, which stops a run in one line (exit status 3). A store that answers
   but refuses (503, throttling) fails a call after ``retries`` tries (``TransientStorageError``).
 - Writes carry a content type on S3 (image/png, image/gif, text/html, parquet, ...).
 - Writes are atomic: an object appears whole or not at all (object stores PUT atomically; local files are
@@ -40,13 +40,12 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ipaflow.core.deadlines import (
     INPUT_TIMEOUT_ENV,
-    OUTAGE_TIMEOUT_ENV,
     Timeouts,
     is_timeout,
     timed,
 )
-from ipaflow.core.errors import EXIT_STORAGE_UNREACHABLE, UserError
 from ipaflow.core.input_reads import InputReads, InputRefused, InputTimeout
+from ipaflow.core.outages import StorageUnreachable, is_unreachable, outage
 from ipaflow.core.redaction import Redactor
 
 log = logging.getLogger("ipaflow.storage")
@@ -67,128 +66,6 @@ CONTENT_TYPES = {
 
 class TransientStorageError(OSError):
     """Storage kept failing after every retry."""
-
-
-def duration_text(seconds: float) -> str:
-    """``45s``, ``5m``, ``5m30s``, ``2h5m``."""
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, rest = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{rest}s" if rest else f"{minutes}m"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes}m" if minutes else f"{hours}h"
-
-
-class StorageUnreachable(UserError):
-    """A store stayed unreachable past $IPAFLOW_OUTAGE_TIMEOUT: the run stops; what it wrote is safe."""
-
-    exit_code = EXIT_STORAGE_UNREACHABLE
-
-    def __init__(self, where: str, seconds: float, cause: str, safe: int | None = None):
-        self.where, self.seconds, self.cause, self.safe = where, seconds, cause, safe
-        rows = "what was written is safe" if safe is None else f"{safe} row{'s are' if safe != 1 else ' is'} safe"
-        super().__init__(f"{where} unreachable for {duration_text(seconds)} ({cause}); {rows}, re-run to resume")
-
-    def __reduce__(self):  # raised in a Dask worker, read in the flow's process
-        return StorageUnreachable, (self.where, self.seconds, self.cause, self.safe)
-
-    def at(self, where: str, safe: int | None = None) -> StorageUnreachable:
-        """The same outage said of ``where`` (the run's --out), with the count of rows that are safe."""
-        return StorageUnreachable(where, self.seconds, self.cause, self.safe if safe is None else safe)
-
-
-# Errors (matched by class name, as below) and errnos that mean the store could not be reached at all, as
-# opposed to a store that answered with a refusal (503, throttling).
-_UNREACHABLE_TYPES = frozenset({
-    "ConnectionError", "TimeoutError", "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
-    "ConnectTimeoutError", "ClientConnectionError", "ServerTimeoutError", "FSTimeoutError", "ProtocolError",
-})
-_UNREACHABLE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
-                                 errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EPIPE})
-
-
-def is_unreachable(exc: BaseException) -> bool:
-    """Whether an error means the store could not be reached (nothing answered), not that it refused."""
-    if any(cls.__name__ in _UNREACHABLE_TYPES for cls in type(exc).__mro__):
-        return True
-    return isinstance(exc, OSError) and exc.errno in _UNREACHABLE_ERRNOS
-
-
-def store_of(uri: str) -> str:
-    """The store a URI lives in, as outages are tracked: ``s3://bucket``; '' for local paths."""
-    if is_local(uri):
-        return ""
-    protocol, rest = uri.split("://", 1)
-    return f"{protocol}://{rest.split('/', 1)[0]}"
-
-
-class Outage:
-    """One store's unreachable spell, shared by every thread of the process: when it began, what it is said
-    as. Said once when it begins, then every ``SAY_EVERY_S`` while it lasts, and once when it ends."""
-
-    SAY_EVERY_S = 30.0
-    GIVEN_UP_S = 60.0  # after giving up, calls fail at once for this long (the run is stopping), then try again
-
-    def __init__(self, store: str):
-        self.store = store
-        self.since: float | None = None  # time.monotonic() of the spell's first failure
-        self.given_up: float | None = None
-        self.reached: float | None = None  # time.monotonic() of the last request that reached it
-        self.cause = ""
-        self._said: float | None = None
-        self._lock = threading.Lock()
-
-    def failed(self, exc: BaseException, limit: float, tried: float) -> float:
-        """Count a failure to reach the store of a try that began at ``tried``; returns how long the store has
-        been unreachable. A try that began before the store was last reached (sent during an outage that has
-        ended since) starts no new one."""
-        with self._lock:
-            now = time.monotonic()
-            if self.since is None and self.reached is not None and tried < self.reached:
-                return 0.0
-            self.cause = type(exc).__name__
-            if self.since is None:
-                self.since, self._said = now, now
-                log.warning("%s unreachable (%s); retrying, for up to %s ($%s)", self.store, self.cause,
-                            duration_text(limit), OUTAGE_TIMEOUT_ENV)
-            elif now - self._said >= self.SAY_EVERY_S:
-                self._said = now
-                log.warning("%s unreachable for %s (%s); retrying, for up to %s", self.store,
-                            duration_text(now - self.since), self.cause, duration_text(limit))
-            return now - self.since
-
-    def succeeded(self) -> None:
-        self.reached = time.monotonic()
-        if self.since is None:  # the common case: no lock taken
-            return
-        with self._lock:
-            if self.since is not None:
-                log.warning("%s reachable again after %s", self.store, duration_text(time.monotonic() - self.since))
-            self.since = self.given_up = self._said = None
-
-    def give_up(self, limit: float) -> StorageUnreachable:
-        with self._lock:
-            now = time.monotonic()
-            self.given_up = self.given_up or now
-            return StorageUnreachable(self.store, max(limit, now - (self.since or now)), self.cause)
-
-    def stopping(self) -> bool:
-        """Whether the process gave up on the store moments ago (calls then fail without trying)."""
-        given_up = self.given_up
-        return given_up is not None and time.monotonic() - given_up < self.GIVEN_UP_S
-
-
-_outages: dict[str, Outage] = {}
-_outages_lock = threading.Lock()
-
-
-def outage(uri: str) -> Outage:
-    """The process's outage record of the store ``uri`` lives in."""
-    store = store_of(uri)
-    with _outages_lock:
-        return _outages.setdefault(store, Outage(store))
 
 
 def describe_error(exc: BaseException) -> str:
@@ -356,8 +233,9 @@ class Storage(InputReads):
         and, with ``prefix``, in the final error (an input's reason names its URI itself).
 
         With ``uri`` (ipaflow's own files: outputs, records, the lease), a failure to reach the store counts
-        toward its ``Outage`` and is retried for as long as the outage lasts, up to $IPAFLOW_OUTAGE_TIMEOUT;
-        then (and at once for a while after the process gave up on the store) it raises StorageUnreachable."""
+        toward its ``Outage`` (``ipaflow.core.outages``) and is retried for as long as the outage lasts, up to
+        $IPAFLOW_OUTAGE_TIMEOUT; then (and at once for a while after the process gave up on the store) it raises
+        StorageUnreachable."""
         spell = outage(uri) if uri is not None and not is_local(uri) else None
         if spell is not None and spell.stopping():
             raise spell.give_up(self.timeouts.outage)

@@ -32,8 +32,9 @@ from pydantic import Field
 
 from ipaflow.core.hashing import hash_strings, members
 from ipaflow.core.lease import OutputLease
+from ipaflow.core.outages import StorageUnreachable
 from ipaflow.core.problems import Problem
-from ipaflow.core.storage import Storage, StorageUnreachable, is_local
+from ipaflow.core.storage import Storage, is_local
 from ipaflow.flows import thread_logs
 from ipaflow.flows.monitoring import FINISHING, TICK_SECONDS, RunMonitor
 from ipaflow.flows.plan import RowPlanner

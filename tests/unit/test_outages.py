@@ -12,11 +12,12 @@ import uuid
 
 import pytest
 
-from ipaflow.core import storage as storage_module
+from ipaflow.core import outages
 from ipaflow.core.deadlines import Timeouts
 from ipaflow.core.errors import EXIT_NOTHING_RAN, EXIT_STORAGE_UNREACHABLE, UserError
 from ipaflow.core.lease import OutputInUse, OutputUnusable
-from ipaflow.core.storage import Storage, StorageUnreachable, TransientStorageError, duration_text
+from ipaflow.core.outages import StorageUnreachable, duration_text
+from ipaflow.core.storage import Storage, TransientStorageError
 
 
 def _uri() -> str:
@@ -64,7 +65,7 @@ def test_a_short_outage_is_waited_out_and_its_end_said(caplog):
 
 
 def test_the_outage_is_said_again_every_30_seconds(monkeypatch, caplog):
-    monkeypatch.setattr(storage_module.Outage, "SAY_EVERY_S", 0.1)
+    monkeypatch.setattr(outages.Outage, "SAY_EVERY_S", 0.1)
     storage = Storage(backoff_s=0.01, timeouts=Timeouts(outage=0.45))
     with caplog.at_level(logging.WARNING, "ipaflow.storage"), pytest.raises(StorageUnreachable):
         storage.retry("write x", _refused, uri=_uri())
