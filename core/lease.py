@@ -16,7 +16,8 @@ there is no flock):
     with OutputLease(storage, out, run="nightly-2026-12-01"):
         ...  # write into out
 
-``OutputInUse`` and ``OutputUnusable`` say, in one line, why a run cannot start.
+``OutputInUse`` and ``OutputUnusable`` say, in one line, why a run cannot start (``UserError``, exit status 2).
+A run stopped because its store is unreachable leaves the lease to expire: the store cannot be told.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
-from ipaflow.core.storage import InputRefused, Storage, describe_error, is_local, join, seconds_from_environment
+from ipaflow.core.deadlines import seconds_from_environment
+from ipaflow.core.errors import UserError
+from ipaflow.core.input_reads import InputRefused
+from ipaflow.core.outages import StorageUnreachable
+from ipaflow.core.storage import Storage, describe_error, is_local, join
 
 log = logging.getLogger("ipaflow.lease")
 
@@ -41,12 +46,12 @@ DEFAULT_TTL_S = 60.0
 MAX_LEASE_BYTES = 64 * 1024
 
 
-class OutputInUse(RuntimeError):
-    """Another live run holds the output folder."""
+class OutputInUse(UserError):
+    """Another live run holds the output folder (nothing ran: exit status 2)."""
 
 
-class OutputUnusable(RuntimeError):
-    """The output folder cannot be written (a file, read-only, full, no permission, ...)."""
+class OutputUnusable(UserError):
+    """The output folder cannot be written (a file, read-only, full, no permission, ...): exit status 2."""
 
 
 def _machine() -> str:
@@ -111,10 +116,15 @@ class OutputLease:
         self._beat: threading.Thread | None = None
 
     # -- reading and writing the file -----------------------------------------------------------------------
-    def _holder(self) -> Holder | None:
-        """The lease's holder, None when there is no lease; an unreadable lease counts as an expired one."""
+    def _holder(self, renewing: bool = False) -> Holder | None:
+        """The lease's holder, None when there is no lease; an unreadable lease counts as an expired one.
+        ``renewing``: read as ipaflow's own file (the heartbeat), so that an unreachable store is one outage
+        said every 30 s (``ipaflow.core.outages.Outage``), not a warning per beat."""
         try:
-            data = json.loads(bytes(self.storage.read_input(self.uri, MAX_LEASE_BYTES)))
+            data = self.storage.read_bytes(self.uri) if renewing else self.storage.read_input(self.uri, MAX_LEASE_BYTES)
+            if len(data) > MAX_LEASE_BYTES:
+                raise InputRefused(f"larger than {MAX_LEASE_BYTES} bytes")
+            data = json.loads(bytes(data))
             return Holder(**{name: data[name] for name in Holder.__dataclass_fields__})
         except FileNotFoundError:
             return None
@@ -173,23 +183,30 @@ class OutputLease:
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl / 4):
             try:
-                holder = self._holder()
+                holder = self._holder(renewing=True)
                 if holder is None or holder.token != self.token:
                     log.error("the lease on %s was taken by %s; this run no longer holds --out",
                               self.storage.redact(self.out), holder.describe(time.time()) if holder else "nobody")
                     return
                 self.storage.write_atomic(self.uri, self._content())
+            except StorageUnreachable:  # said once by the run as it stops
+                return
             except Exception as exc:  # noqa: BLE001 - a missed beat is retried at the next one
                 log.warning("could not renew the lease on %s: %s", self.storage.redact(self.out),
                             self.storage.redact(describe_error(exc)))
 
-    def release(self) -> None:
-        """Stop the heartbeat and delete the lease if it is still ours."""
+    def release(self, unreachable: bool = False) -> None:
+        """Stop the heartbeat and delete the lease if it is still ours; with ``unreachable`` (the run stops
+        because the store is), without touching the store: the lease then expires ``ttl`` after its last beat."""
         self._stop.set()
         if self._beat is None:
             return
         self._beat.join(timeout=5)
         self._beat = None
+        if unreachable:
+            log.info("the lease on %s is left to expire (%g s after its last renewal): its store is unreachable",
+                        self.storage.redact(self.out), self.ttl)
+            return
         try:
             holder = self._holder()
             if holder is not None and holder.token == self.token:
@@ -201,5 +218,5 @@ class OutputLease:
     def __enter__(self) -> OutputLease:
         return self.acquire()
 
-    def __exit__(self, *exc_info) -> None:
-        self.release()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.release(unreachable=isinstance(exc, StorageUnreachable))

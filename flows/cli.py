@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-from ipaflow.flows.prefect_api import APIServerError, TemporaryAPIServer
+from ipaflow.core.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, UserError
+from ipaflow.flows.prefect_api import APIBlinks, APIServerError, TemporaryAPIServer
 from ipaflow.specs.options import RenderOptions, parse_storage_options
 
 DEFAULT_ZOO = Path("~/.cache/ipaflow/zoo").expanduser()
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command ended by Ctrl-C
 
 
 def _quiet_environment() -> None:
@@ -174,9 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     }[args.command]
     try:
         return handler(args)
+    except UserError as exc:
+        print(f"ipaflow: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         _interrupt.say()
-        return EXIT_INTERRUPTED
+        return _interrupt.code
     except APIServerError as exc:
         print(f"ipaflow: {exc}", file=sys.stderr)
         return 1
@@ -210,7 +213,9 @@ def _one_line(exc: BaseException, out: str | None = None) -> str | None:
 
 # Prefect's console lines that repeat what the CLI says: an interrupted run's crash, and the notice of its
 # event queue draining at exit after a run that ended early.
+# Also a task run cancelled by the task runner as a run that stops leaves it (an unreachable store).
 _PREFECT_NOISE = ("Crash detected! Execution was aborted by an interrupt signal", "Still processing items:")
+_CANCELLED_TASK = "Task run cancelled by the task runner"
 
 
 class _OneLineFailures(logging.Filter):
@@ -223,9 +228,12 @@ class _OneLineFailures(logging.Filter):
         from ipaflow.specs.registry import SpecError
 
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, (KeyboardInterrupt, ManifestError, SpecError)) or (error and _one_line(error)):
+        if isinstance(error, (KeyboardInterrupt, UserError, ManifestError, SpecError)) or (error and _one_line(error)):
             return False
-        return not str(record.msg).startswith(_PREFECT_NOISE)
+        return not str(record.msg).startswith(_PREFECT_NOISE) and _CANCELLED_TASK not in record.getMessage()
+
+
+_api_blinks = APIBlinks()  # one for the process: the API's blink is said once, whichever handler sees it
 
 
 def _quiet_console() -> None:
@@ -239,42 +247,90 @@ def _quiet_console() -> None:
             if isinstance(handler, logging.StreamHandler) and not any(
                     isinstance(f, _OneLineFailures) for f in handler.filters):
                 handler.addFilter(_OneLineFailures())
+                handler.addFilter(_api_blinks)
 
 
 class _Interrupt:
-    """Ctrl-C ends a run within seconds, with exit status 130 and one line.
+    """Ctrl-C (SIGINT) and SIGTERM end a run within seconds, with one line and exit status 130 or 143.
 
-    The first SIGINT raises KeyboardInterrupt in the main thread, as Python does; the flow engine records the
-    run as crashed on its way out. What can keep the main thread from ending (a task runner joining a worker
-    thread that is inside a pipeline call) gets another KeyboardInterrupt each second, and after GRACE_S the
-    process ends anyway, as a second Ctrl-C ends it at once. Ending it skips joining busy worker threads: what
-    they had not journaled is rendered again by the next run, as after a kill. The temporary Prefect API
-    server runs in its own process group (a terminal's Ctrl-C does not reach it), so the run's last reports
-    find it alive; it is stopped on the way out.
+    The first signal raises KeyboardInterrupt in the main thread, as Python does for SIGINT; the flow engine
+    records the run as crashed on its way out. What can keep the main thread from ending (a task runner joining
+    a worker thread that is inside a pipeline call or a storage request) gets the signal again each second, and
+    after GRACE_S the process ends anyway, as a second Ctrl-C ends it at once. Ending it skips joining busy
+    worker threads: what they had not journaled is rendered again by the next run, as after a kill.
+
+    During a flow run Prefect puts its own SIGTERM handler in place of this one (it raises TerminationSignal
+    in the main thread). The signal is still seen here: a thread of ours reads the interpreter's wake-up
+    file descriptor, written for every signal whatever the Python handler, and starts the same watchdog. The
+    temporary Prefect API server runs in its own process group (a terminal's Ctrl-C does not reach it), so
+    the run's last reports find it alive; it is stopped on the way out.
     """
 
     GRACE_S = 5.0
-    MESSAGE = "ipaflow: interrupted; re-run the same command to resume"
+    ENDINGS = {signal.SIGINT: ("interrupted", EXIT_INTERRUPTED), signal.SIGTERM: ("terminated", EXIT_TERMINATED)}
 
     def __init__(self) -> None:
         self.first: float | None = None
+        self.signum = signal.SIGINT
         self.handled = False  # main() caught the KeyboardInterrupt and returns
-        self._kicked = False  # the watchdog sent the pending SIGINT, not the user
+        self._presses = 0  # signals from outside (the watchdog's own are not counted)
+        self._kicked = False  # the watchdog sent the pending signal, not the user
+        self._begun = threading.Lock()
         self._said = threading.RLock()  # a second Ctrl-C may arrive while the first is being said
         self._saying = False
 
+    @property
+    def code(self) -> int:
+        return self.ENDINGS[self.signum][1]
+
+    @property
+    def message(self) -> str:
+        return f"ipaflow: {self.ENDINGS[self.signum][0]}; re-run the same command to resume"
+
     def install(self) -> None:
-        signal.signal(signal.SIGINT, self._on_signal)
+        for signum in self.ENDINGS:
+            signal.signal(signum, self._on_signal)
+        self._listen()
+
+    def _listen(self) -> None:
+        """See every SIGINT and SIGTERM, even while another handler (Prefect's) has them."""
+        import socket
+
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        try:
+            signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        except ValueError:  # not the main thread
+            return
+        self._wakeup = (reader, writer)  # kept open for the life of the process
+
+        def read() -> None:
+            while data := reader.recv(64):
+                for signum in data:
+                    if signum in self.ENDINGS:
+                        self._begin(signal.Signals(signum))
+
+        threading.Thread(target=read, name="ipaflow-signals", daemon=True).start()
+
+    def _begin(self, signum: int) -> None:
+        """The first signal: remember which, and start the watchdog (once)."""
+        with self._begun:
+            if self.first is not None:
+                return
+            self.first = time.monotonic()
+            self.signum = signal.Signals(signum)
+        threading.Thread(target=self._watch, name="ipaflow-interrupt", daemon=True).start()
 
     def _on_signal(self, signum, frame) -> None:
         if self.handled:
             self.end()  # main() is on its way out already
-        if self.first is None:
-            self.first = time.monotonic()
-            threading.Thread(target=self._watch, name="ipaflow-interrupt", daemon=True).start()
-        elif not self._kicked:
-            self.end()  # the user pressed Ctrl-C again
-        self._kicked = False
+        self._begin(signum)
+        if self._kicked:
+            self._kicked = False
+        else:
+            self._presses += 1
+            if self._presses > 1:
+                self.end()  # the user pressed Ctrl-C again
         raise KeyboardInterrupt
 
     def _watch(self) -> None:
@@ -282,7 +338,7 @@ class _Interrupt:
             time.sleep(1.0)
             if not self.handled:
                 self._kicked = True
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), self.signum)
         self.end()
 
     def say(self) -> None:
@@ -290,7 +346,7 @@ class _Interrupt:
         with self._said:
             if not self._saying:
                 self._saying = True
-                print(self.MESSAGE, file=sys.stderr, flush=True)
+                print(self.message, file=sys.stderr, flush=True)
 
     def end(self) -> None:
         """Leave now: the one line, the temporary server stopped, the terminal's cursor back, no thread joined."""
@@ -303,7 +359,7 @@ class _Interrupt:
                 stream.flush()
             except (OSError, ValueError):
                 pass
-        os._exit(EXIT_INTERRUPTED)
+        os._exit(self.code)
 
 
 _interrupt = _Interrupt()
@@ -564,8 +620,8 @@ def entry_point() -> None:
     try:
         code = main()
     except KeyboardInterrupt:  # between the handler's return and main's (a second Ctrl-C)
-        code = EXIT_INTERRUPTED
-    if code == EXIT_INTERRUPTED:
+        code = _interrupt.code
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
         _interrupt.end()
     gc.freeze()
     sys.exit(code)

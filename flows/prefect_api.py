@@ -12,21 +12,26 @@ The server runs in a session (process group) of its own: a Ctrl-C in the termina
 server, so the interrupted run can still report to it (with a shared group it died first, and every report
 ended in a connection-refused traceback). It still dies with ipaflow: ipaflow stops it on every way out, and
 on Linux the kernel sends it SIGTERM when ipaflow dies, even by SIGKILL.
+
+``APIBlinks`` keeps the terminal quiet while an API (this one or a configured server) cannot be reached.
 """
 
 from __future__ import annotations
 
 import atexit
 import ctypes
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 PORT_IN_USE_EXIT_CODE = 3  # uvicorn's exit status when the port was taken between choosing and binding it
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -138,3 +143,64 @@ class TemporaryAPIServer:
     def _stderr(self) -> str:
         self._errors.seek(0)
         return self._errors.read().decode(errors="replace").strip()[-2000:]
+
+
+# What Prefect's clients log, a line every few seconds, while its API cannot be reached: the events worker's
+# "failed to process item", the websocket's "Unable to connect", the log worker's failed sends.
+_UNREACHABLE_SIGNS = ("failed to process item", "Unable to connect to", "Failed to send", "ConnectError",
+                      "Connection refused", "All connection attempts failed", "ConnectionClosed")
+
+
+class APIBlinks(logging.Filter):
+    """Quiet while the Prefect API blinks: one WARNING line when its clients start failing to reach it, one
+    when it answers again, instead of a stream of client errors that read as if the run were failing. The run
+    goes on meanwhile; Prefect's clients retry, so its final state and artifacts reach the API once it is back.
+    Put on the console's handlers; ipaflow's own records pass untouched."""
+
+    POLL_S = 2.0
+
+    def __init__(self, say: Callable[[str], None] | None = None, api_url: Callable[[], str] | None = None):
+        super().__init__()
+        self._say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._api_url = api_url or _configured_api_url
+        self._down = False
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("ipaflow") or record.levelno < logging.WARNING:
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        text = f"{record.msg} {type(error).__name__ if error else ''} {error or ''}"
+        if not any(sign in text for sign in _UNREACHABLE_SIGNS):
+            return True
+        self._went_down()
+        return False
+
+    def _went_down(self) -> None:
+        with self._lock:
+            if self._down:
+                return
+            self._down = True
+        url = self._api_url()
+        self._say(f"ipaflow: WARNING: the Prefect API {url} is unreachable; the run goes on, and its state and "
+                  "artifacts reach the API once it is back")
+        threading.Thread(target=self._wait_for_api, args=(url,), name="ipaflow-api-watch", daemon=True).start()
+
+    def _wait_for_api(self, url: str) -> None:
+        while True:
+            time.sleep(self.POLL_S)
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError, ValueError):
+                continue
+        with self._lock:
+            self._down = False
+        self._say("ipaflow: the Prefect API is reachable again")
+
+
+def _configured_api_url() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or ""

@@ -32,8 +32,10 @@ from pydantic import Field
 
 from ipaflow.core.hashing import hash_strings, members
 from ipaflow.core.lease import OutputLease
+from ipaflow.core.outages import StorageUnreachable
 from ipaflow.core.problems import Problem
 from ipaflow.core.storage import Storage, is_local
+from ipaflow.flows import thread_logs
 from ipaflow.flows.monitoring import FINISHING, TICK_SECONDS, RunMonitor
 from ipaflow.flows.plan import RowPlanner
 from ipaflow.flows.previews import preview_uris, read_thumbnails, write_contact_sheet
@@ -105,8 +107,12 @@ def _holding_out(body):
         from prefect.runtime import flow_run
 
         out = absolute_uri(fill_template(out, _run_time()))
-        with OutputLease(Storage(options=options.storage_options_dict()), out, run=flow_run.name or ""):
-            return body(manifest, out, options)
+        storage = Storage(options=options.storage_options_dict())
+        try:
+            with thread_logs.for_run(flow_run.id), OutputLease(storage, out, run=flow_run.name or ""):
+                return body(manifest, out, options)
+        except StorageUnreachable as exc:  # said of --out (the flow run's state and the command's one line)
+            raise exc.at(storage.redact(out)) from exc
 
     return run
 
@@ -311,9 +317,20 @@ def _run_shards(planner: RowPlanner, settings: RunSettings, monitor: RunMonitor,
             except TimeoutError:
                 pass
             monitor.tick()
+            _unless_unreachable(settings, monitor)
     if max_failures is not None and monitor.failed >= max_failures:
         logger.warning("stopped after %d failed rows (--max-failures)", monitor.failed)
     return results
+
+
+def _unless_unreachable(settings: RunSettings, monitor: RunMonitor) -> None:
+    """Stop the run once the store of --out has been unreachable past $IPAFLOW_OUTAGE_TIMEOUT (a worker or the
+    lease gave up on it): ``StorageUnreachable``, one line and exit status 3, counting the rows that are safe:
+    done before this run, or rendered by a shard that finished (a finished shard has journaled its records; a
+    running one's rows may not be yet, and are not counted)."""
+    storage = settings.storage()
+    if (outage := storage.gave_up(settings.out)) is not None:
+        raise outage.at(storage.redact(settings.out), monitor.ok + monitor.skipped)
 
 
 def _finished(future, shard: ShardPlan, planner: RowPlanner, monitor: RunMonitor, logger) -> ShardStats:

@@ -16,7 +16,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from ipaflow.core.storage import InputRefused, Storage, describe_error
+from ipaflow.core.input_reads import InputRefused
+from ipaflow.core.storage import Storage, describe_error
 from ipaflow.specs.spec import Spec
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"

@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 import PIL.Image
 
 from ipaflow.core.budget import Budget
+from ipaflow.core.input_reads import MAX_INPUT_BYTES
 from ipaflow.core.problems import RowFailed
-from ipaflow.core.storage import MAX_INPUT_BYTES, Storage, describe_error, is_local
+from ipaflow.core.storage import Storage, describe_error, is_local
 from ipaflow.specs.outputs import OWN_ENTRIES
 from ipaflow.specs.rows import Job
 from ipaflow.specs.spec import SIZE_FACTOR, Spec

@@ -18,8 +18,9 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
+from ipaflow.core.input_reads import MAX_INPUT_BYTES
 from ipaflow.core.problems import RowFailed
-from ipaflow.core.storage import MAX_INPUT_BYTES, Storage, is_local
+from ipaflow.core.storage import Storage, is_local
 from ipaflow.specs.rows import Job
 from ipaflow.specs.spec import Spec
 from ipaflow.tasks.inputs import input_failure, style_images

@@ -27,7 +27,7 @@ import PIL.Image
 import PIL.ImageOps
 from PIL.PngImagePlugin import PngInfo
 
-from ipaflow.core.storage import MAX_INPUT_BYTES  # the byte limit of inputs, defined with the reads
+from ipaflow.core.input_reads import MAX_INPUT_BYTES  # the byte limit of inputs, defined with the reads
 
 MAX_INPUT_PIXELS = 64 * 1024 * 1024  # one image: 8192 x 8192
 # Pillow warns from 89 Mpx on and refuses from 179 Mpx on, before ipaflow could say "too large": ipaflow's own

@@ -1,5 +1,6 @@
 """Real HTTP endpoints on loopback for the storage tests: moto's S3 server, a fault-injecting proxy in front
-of it, a static file server for http:// inputs, and a hostile one (silent, trickling, endless answers). Each
+of it, a static file server for http:// inputs, a hostile one (silent, trickling, endless answers), moto as a process
+of its own (to freeze) and a TCP gate (to take an endpoint down and up). Each
 runs in a daemon thread and stops on ``close()``."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import http.server
 import logging
 import os
+import signal
 import socket
 import struct
 import threading
@@ -292,3 +294,120 @@ def refused_url() -> str:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class MotoProcess:
+    """moto's S3 server as a process of its own on 127.0.0.1, so that a test can freeze it (SIGSTOP: it keeps
+    accepting connections, through the kernel, and never answers) and thaw it (SIGCONT)."""
+
+    def __init__(self):
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    break
+            except OSError:
+                assert self.process.poll() is None and time.monotonic() < deadline, "moto's server did not start"
+                time.sleep(0.1)
+        self.client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                                   aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def freeze(self) -> None:
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        found = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            found.extend(item["Key"] for item in page.get("Contents", []))
+        return found
+
+    def close(self) -> None:
+        self.thaw()
+        self.process.kill()
+        self.process.wait()
+
+
+class TcpGate:
+    """A TCP relay on 127.0.0.1 in front of ``upstream`` (host, port) that a test can take down (its port
+    refuses connections, open ones are cut, as when an endpoint stops) and bring back up on the same port."""
+
+    def __init__(self, upstream: tuple[str, int]):
+        self.upstream = upstream
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self.up()
+
+    def up(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        with self._lock:
+            for connection in list(self._open):
+                try:
+                    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    connection.close()
+                except OSError:
+                    pass
+            self._open.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open.update((client, server))
+            for source, target in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(source, target), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, target):
+                try:
+                    end.close()
+                except OSError:
+                    pass
+            with self._lock:
+                self._open.discard(source)
+                self._open.discard(target)
+
+    def close(self) -> None:
+        self.down()

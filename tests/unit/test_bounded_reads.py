@@ -10,14 +10,9 @@ import time
 
 import pytest
 
-from ipaflow.core.storage import (
-    MAX_INPUT_BYTES,
-    InputRefused,
-    InputTimeout,
-    Storage,
-    Timeouts,
-    describe_error,
-)
+from ipaflow.core.deadlines import Timeouts
+from ipaflow.core.input_reads import MAX_INPUT_BYTES, InputRefused, InputTimeout
+from ipaflow.core.storage import Storage, describe_error
 
 
 def _within(seconds: float, call):
