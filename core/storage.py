@@ -58,6 +58,8 @@ CONTENT_TYPES = {
     ".jpeg": "image/jpeg",
     ".webp": "image/webp",
     ".gif": "image/gif",
+    ".mp4": "video/mp4",
+    ".webm": "video/webm",
     ".html": "text/html; charset=utf-8",
     ".parquet": "application/vnd.apache.parquet",
     ".json": "application/json",
