@@ -420,16 +420,11 @@ def _render(manifest: str, out: str, options: RenderOptions, api_server=None) ->
 
 
 def check_before_starting(manifest: str, options: RenderOptions) -> None:
-    """Open the manifest and the spec folders, so that a missing or unreadable one is a one-line error before
-    Prefect's API server starts and before a flow run exists (raises ManifestError or SpecError)."""
-    from ipaflow.core.storage import Storage
-    from ipaflow.specs.manifest import open_manifest
-    from ipaflow.specs.registry import SpecRegistry
-    from ipaflow.tasks.metadata import passthrough_names
+    """Open the run (``flows.open_run``), so that a missing or unreadable manifest or spec folder is a one-line
+    error before Prefect's API server starts and before a flow run exists (raises ManifestError or SpecError)."""
+    from ipaflow.flows.open_run import open_run
 
-    storage = Storage(options=options.storage_options_dict())
-    passthrough_names(open_manifest(manifest, storage).columns)
-    SpecRegistry(options.specs, storage=storage)
+    open_run(manifest, options)
 
 
 def _start_loading_first_pipeline(manifest: str, options: RenderOptions):
@@ -441,18 +436,16 @@ def _start_loading_first_pipeline(manifest: str, options: RenderOptions):
 
     def load() -> None:
         try:
-            from ipaflow.core.storage import Storage
-            from ipaflow.specs.manifest import open_manifest
-            from ipaflow.specs.registry import SpecRegistry
+            from ipaflow.flows.open_run import open_run
             from ipaflow.tasks.pipelines import PIPELINES
 
-            storage = Storage(options=options.storage_options_dict())
-            registry = SpecRegistry(options.specs, storage=storage)
+            run = open_run(manifest, options)
             # shards leave as the manifest streams: the first is most likely of the spec of its first rows
-            first = next(open_manifest(manifest, storage).iter_batches(batch_rows=1024, columns=("spec",)), None)
-            known = [name for name in (first.values("spec") if first else []) if isinstance(name, str) and name in registry]
+            first = next(run.manifest.iter_batches(batch_rows=1024, columns=("spec",)), None)
+            known = [name for name in (first.values("spec") if first else [])
+                     if isinstance(name, str) and name in run.registry]
             if known:
-                PIPELINES.get(registry.get(known[0]), options.models)
+                PIPELINES.get(run.registry.get(known[0]), options.models)
         except Exception:  # noqa: BLE001
             logging.getLogger("ipaflow.cli").debug("preloading the first pipeline failed", exc_info=True)
 
@@ -492,9 +485,13 @@ def cmd_render(args) -> int:
     api_server = None if args.dry_run else TemporaryAPIServer.start_unless_configured()
     try:
         if args.dry_run:
-            from ipaflow.flows.estimate import estimate_manifest, print_estimate
+            from datetime import datetime, timezone
 
-            return print_estimate(estimate_manifest(args.manifest, options))
+            from ipaflow.flows.estimate import estimate_manifest, print_estimate
+            from ipaflow.flows.render import absolute_uri, fill_template
+
+            out = absolute_uri(fill_template(args.out, datetime.now(timezone.utc)))
+            return print_estimate(estimate_manifest(args.manifest, out, options))
         summary = _render(args.manifest, args.out, options, api_server)
     except (ManifestError, SpecError) as exc:
         print(f"ipaflow: {exc}", file=sys.stderr)

@@ -23,36 +23,23 @@ from collections import deque
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
-import numpy as np
-import pyarrow.compute as pc
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from prefect.states import State
 from pydantic import Field
 
-from ipaflow.core.hashing import hash_strings, members
 from ipaflow.core.lease import OutputLease
 from ipaflow.core.problems import Problem
 from ipaflow.core.storage import Storage, is_local
 from ipaflow.flows.monitoring import FINISHING, TICK_SECONDS, RunMonitor
+from ipaflow.flows.open_run import OpenedRun, OutputRecords, open_run, scan_records
 from ipaflow.flows.plan import RowPlanner
 from ipaflow.flows.previews import preview_uris, read_thumbnails, write_contact_sheet
 from ipaflow.flows.runners import gpu_routing, make_task_runner
-from ipaflow.specs.census import take_census
-from ipaflow.specs.manifest import open_manifest
 from ipaflow.specs.options import RenderOptions
-from ipaflow.specs.registry import SpecRegistry
 from ipaflow.tasks.containers import containers_of, drop_members, drop_orphans
 from ipaflow.tasks.gallery import GallerySample, write_gallery
-from ipaflow.tasks.metadata import (
-    MetadataStore,
-    done_hashes,
-    listing_hashes,
-    passthrough_hashes,
-    passthrough_names,
-    renamed_columns,
-)
-from ipaflow.tasks.owners import OwnedOutputs
+from ipaflow.tasks.metadata import MetadataStore, renamed_columns
 from ipaflow.tasks.prefect_tasks import render_shard
 from ipaflow.tasks.shards import ShardPlan
 from ipaflow.tasks.worker import RunSettings, ShardStats
@@ -135,22 +122,16 @@ def render_manifest(
     monitor = RunMonitor(name=name, redact=storage.redact)
     monitor.start()
     storage.clean_staging()  # partial files of a run that was killed mid-write
-    registry = SpecRegistry(options.specs, storage=storage)
-    opened = open_manifest(manifest, storage=storage)
-    passthrough = passthrough_names(opened.columns)
-    for line in renamed_columns(passthrough):
+    run = open_run(manifest, options, storage=storage)
+    for line in renamed_columns(run.passthrough):
         logger.warning("manifest: %s", line)
     metadata = MetadataStore(storage, out)
-    owned = OwnedOutputs()
-    index, done, current = _records_state(metadata, storage, out, options.overwrite, run_id, logger,
-                                          sorted(passthrough.values()), owned)
-    owned.seal(metadata, index)
-
-    census = take_census(opened, registry, options.limit)
+    records = _records_state(run, metadata, run_id, logger)
+    census = run.census
     monitor.planned(census.rows, 0)  # rows already done are counted as the manifest streams
     monitor.tag_flow_run(["ipaflow", f"manifest:{name}", *sorted({f"spec:{spec}" for spec in census.specs})])
-    planner = RowPlanner(opened, registry, storage, metadata, census, options, run_id, monitor, done, current, owned)
-    del done, current, owned
+    planner = RowPlanner(run, records, metadata, run_id, monitor)
+    del records
     stats = _run_shards(planner, settings, monitor, started)
     planner.flush()
     monitor.close_log("planning")
@@ -158,7 +139,7 @@ def render_manifest(
                 planner.rows, sum(s.rows for s in stats), planner.skipped, planner.updated, planner.rejected)
 
     monitor.set_phase(FINISHING)
-    folded = metadata.fold(run_id, index, drop_outputs=lambda uris: drop_members(storage, uris))
+    folded = metadata.fold(run_id, planner.records.index, drop_outputs=lambda uris: drop_members(storage, uris))
     gallery, contact_sheet, previews = _gallery(storage, out, metadata, logger)
     times = monitor.stage_times()
     summary = {
@@ -187,44 +168,19 @@ def render_manifest(
     return monitor.finish(summary, previews, options.max_failures)
 
 
-def _records_state(metadata: MetadataStore, storage: Storage, out: str, overwrite: bool, run_id: str, logger,
-                   passthrough: list[str], owned: OwnedOutputs):
-    """Fold what killed runs left, then scan the records once: where each id's record lives (for this run's
-    fold), which (id, key, layout) are done (an ``ok`` record whose outputs are all present), which outputs
-    each id owns (into ``owned``) and, where the manifest has ``passthrough`` columns (record names), the
-    ``passthrough_hashes`` of the ok records."""
-    state = {"present": None if overwrite else listing_hashes(storage, out)}
-    done_chunks: list[np.ndarray] = []
-    current_chunks: list[np.ndarray] = []
-
-    def collect(_: str, table) -> None:
-        owned.add(table)
-        present = state["present"]
-        if present is not None and len(present):
-            done_chunks.append(done_hashes(table, out, lambda paths: members(hash_strings(paths), present)))
-            if passthrough:
-                ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False)
-                current_chunks.append(passthrough_hashes(table.filter(ok), passthrough))
-
-    def scan():
-        done_chunks.clear()
-        owned.clear()
-        current_chunks.clear()
-        return metadata.index(collect, ["status", "key", "outputs", "layout", *passthrough])
-
-    index = scan()
-    if metadata.repair(index):
+def _records_state(run: OpenedRun, metadata: MetadataStore, run_id: str, logger) -> OutputRecords:
+    """The ``--out``'s records as this run plans against them (``flows.open_run.scan_records``), after folding
+    in what killed runs left: superseded copies of an interrupted fold dropped, journals and updates folded."""
+    records = scan_records(run, metadata)
+    if metadata.repair(records.index):
         logger.warning("metadata: dropped superseded copies of records left by an interrupted fold")
-        index = scan()
+        records = scan_records(run, metadata)
     if metadata.journal_files() or metadata.update_files():
-        folded = metadata.fold(f"{run_id}-recovered", index, drop_outputs=lambda uris: drop_members(storage, uris))
+        folded = metadata.fold(f"{run_id}-recovered", records.index,
+                               drop_outputs=lambda uris: drop_members(run.storage, uris))
         logger.info("folded %d journal file(s) left by an earlier run", folded.files)
-        state["present"] = None if overwrite else listing_hashes(storage, out)
-        index = scan()
-    done = np.unique(np.concatenate(done_chunks)) if done_chunks else np.zeros(0, np.uint64)
-    current = None if not passthrough else \
-        np.unique(np.concatenate(current_chunks)) if current_chunks else np.zeros(0, np.uint64)
-    return index, done, current
+        records = scan_records(run, metadata)
+    return records
 
 
 def _gallery(storage: Storage, out: str, metadata: MetadataStore, logger) -> tuple[str, str | None, dict[str, str]]:
