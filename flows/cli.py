@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+from ipaflow.core.errors import EXIT_INTERRUPTED, EXIT_ROWS_FAILED, UserError
 from ipaflow.flows.prefect_api import APIServerError, TemporaryAPIServer
 from ipaflow.specs.options import RenderOptions, parse_storage_options
 
 DEFAULT_ZOO = Path("~/.cache/ipaflow/zoo").expanduser()
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command ended by Ctrl-C
 
 
 def _quiet_environment() -> None:
@@ -177,14 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _interrupt.say()
         return EXIT_INTERRUPTED
-    except APIServerError as exc:
+    except UserError as exc:  # the user's to fix: one line, the error's own exit status (core/errors.py)
         print(f"ipaflow: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except Exception as exc:
         if (line := _one_line(exc, getattr(args, "out", None))) is None:
             raise
         print(f"ipaflow: {line}", file=sys.stderr)
-        return 1
+        return EXIT_ROWS_FAILED
 
 
 # -- failures said in one line, and Ctrl-C -----------------------------------------------------------------------
@@ -195,12 +195,19 @@ _UNWRITABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, 
                          errno.EISDIR, errno.EFBIG})
 
 
+class RunStopped(UserError):
+    """A manifest or spec found unusable once the run had started (a later file of a manifest folder): the rows
+    done so far are recorded; re-run once it is fixed."""
+
+    exit_code = EXIT_ROWS_FAILED
+
+
 def _one_line(exc: BaseException, out: str | None = None) -> str | None:
-    """The one line a failure is told in, for those that are the user's to fix and need no traceback; None
-    for the others (a traceback then helps whoever fixes ipaflow)."""
+    """The one line a failure that is not a ``UserError`` is told in (the Prefect API server failing to start,
+    an output that cannot be written); None for the others (a traceback then helps whoever fixes ipaflow)."""
     from ipaflow.core.lease import OutputInUse, OutputUnusable
 
-    if isinstance(exc, (OutputInUse, OutputUnusable)):
+    if isinstance(exc, (OutputInUse, OutputUnusable, APIServerError)):  # the lease's errors: until UserErrors
         return str(exc)
     if isinstance(exc, OSError) and exc.errno in _UNWRITABLE:
         where = f" to --out {out}" if out else f" {exc.filename}" if exc.filename else ""
@@ -219,11 +226,8 @@ class _OneLineFailures(logging.Filter):
     one, and the notice of its event queue draining at exit. The Prefect API (the UI) still gets the first two."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from ipaflow.specs.manifest import ManifestError
-        from ipaflow.specs.registry import SpecError
-
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, (KeyboardInterrupt, ManifestError, SpecError)) or (error and _one_line(error)):
+        if isinstance(error, (KeyboardInterrupt, UserError)) or (error and _one_line(error)):
             return False
         return not str(record.msg).startswith(_PREFECT_NOISE)
 
@@ -330,23 +334,15 @@ def cmd_zoo(args) -> int:
 def cmd_specs(args) -> int:
     import yaml
 
-    from ipaflow.specs.registry import SpecError, SpecRegistry
+    from ipaflow.specs.registry import SpecRegistry
 
-    try:
-        registry = SpecRegistry(args.options.specs)
-    except SpecError as exc:
-        print(f"ipaflow: {exc}", file=sys.stderr)
-        return 1
+    registry = SpecRegistry(args.options.specs)
     if args.specs_command == "list":
         for name in registry.names():
             spec = registry.get(name)
             print(f"{name:24} {spec.task:10} {spec.model:48} {spec.description}")
         return 0
-    try:
-        spec = registry.get(args.name)
-    except SpecError as exc:
-        print(f"ipaflow: {exc}", file=sys.stderr)
-        return 1
+    spec = registry.get(args.name)
     print(f"# {registry.source(args.name)}")
     print(yaml.safe_dump(shown_spec(spec), sort_keys=False, allow_unicode=True).rstrip())
     return 0
@@ -365,25 +361,19 @@ def shown_spec(spec) -> dict:
 
 def cmd_validate(args) -> int:
     from ipaflow.flows.validate import iter_validation
-    from ipaflow.specs.manifest import ManifestError
-    from ipaflow.specs.registry import SpecError
 
     counted: list[int] = []
     failed = 0
-    shared: set[str] = set()
-    try:
-        for row in iter_validation(args.manifest, args.options, not args.no_inputs, counted.append,  # streamed
-                                   lambda line: print(f"warning: {line}", file=sys.stderr)):
-            failed += 1
-            for line in row.lines():
-                if "duplicate id (manifest rows" in line:  # rows sharing an id share this line: print it once
-                    if line in shared:
-                        continue
-                    shared.add(line)
-                print(line)
-    except (ManifestError, SpecError) as exc:  # nothing could be checked: like a usage error
-        print(f"ipaflow: {exc}", file=sys.stderr)
-        return 2
+    said: set[str] = set()  # lines of problems several rows share (a duplicate id), said once
+    for row in iter_validation(args.manifest, args.options, not args.no_inputs, counted.append,  # streamed
+                               lambda line: print(f"warning: {line}", file=sys.stderr)):
+        failed += 1
+        for problem, line in zip(row.problems, row.lines()):
+            if problem.shared:
+                if line in said:
+                    continue
+                said.add(line)
+            print(line)
     rows = counted[0]
     print(f"{rows} rows checked: {rows - failed} ok, {failed} with problems", file=sys.stderr)
     return 1 if failed else 0
@@ -477,11 +467,7 @@ def cmd_render(args) -> int:
     if options.models:
         options = options.model_copy(update={"models": str(Path(options.models).expanduser().resolve())})
         os.environ["IPAFLOW_MODELS"] = options.models
-    try:
-        check_before_starting(args.manifest, options)
-    except (ManifestError, SpecError) as exc:
-        print(f"ipaflow: {exc}", file=sys.stderr)
-        return 2
+    check_before_starting(args.manifest, options)
     api_server = None if args.dry_run else TemporaryAPIServer.start_unless_configured()
     try:
         if args.dry_run:
@@ -493,9 +479,8 @@ def cmd_render(args) -> int:
             out = absolute_uri(fill_template(args.out, datetime.now(timezone.utc)))
             return print_estimate(estimate_manifest(args.manifest, out, options))
         summary = _render(args.manifest, args.out, options, api_server)
-    except (ManifestError, SpecError) as exc:
-        print(f"ipaflow: {exc}", file=sys.stderr)
-        return 1
+    except (ManifestError, SpecError) as exc:  # once the run started: what ran is recorded
+        raise RunStopped(str(exc)) from exc
     print_summary(summary)
     return 0 if summary["failed"] == 0 else 1
 
@@ -530,11 +515,7 @@ def cmd_records(args) -> int:
     from ipaflow.flows.records import export_records
 
     storage = Storage(options=args.options.storage_options_dict())
-    try:
-        count = export_records(args.out, args.output, storage)
-    except ValueError as exc:
-        print(f"ipaflow: {exc}", file=sys.stderr)
-        return 2
+    count = export_records(args.out, args.output, storage)
     print(f"{count} records" + (f" written to {storage.redact(args.output)}" if args.output else ""), file=sys.stderr)
     return 0
 

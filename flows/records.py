@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from ipaflow.core.errors import UserError
 from ipaflow.core.storage import Storage
 from ipaflow.tasks.metadata import MetadataStore, conform, is_json_text
 
@@ -63,7 +64,7 @@ def export_records(out: str, destination: str | None = None, storage: Storage | 
     if destination:
         suffix = "." + destination.rsplit(".", 1)[-1].lower() if "." in destination else ""
         if suffix not in FORMATS:
-            raise ValueError(f"{destination}: use .parquet, .csv or .jsonl")
+            raise UserError(f"{destination}: use .parquet, .csv or .jsonl")
         fmt = FORMATS[suffix]
     buffer = io.BytesIO()
     writer = pq.ParquetWriter(buffer, schema, compression="zstd") if fmt == "parquet" else None

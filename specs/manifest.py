@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from ipaflow.core.errors import UserError
 from ipaflow.core.storage import Storage
 
 # Columns with a meaning (README, "Manifest reference"); every other column passes through to the metadata.
@@ -38,8 +39,9 @@ CSV_NULLS = ["", "NA", "N/A", "n/a", "NULL", "null"]
 BATCH_ROWS = 32_768  # rows per batch: large enough for the vectorised checks, small enough to stream
 
 
-class ManifestError(ValueError):
-    """The manifest as a whole cannot be read (missing file, unknown format, missing or repeated column)."""
+class ManifestError(UserError, ValueError):
+    """The manifest as a whole cannot be read (missing file, unknown format, missing or repeated column).
+    Nothing ran: exit 2."""
 
 
 class Undecodable:

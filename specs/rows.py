@@ -403,8 +403,8 @@ def duplicate_problem(indexes: list[int], ids: list[str] | None = None) -> Probl
     rows = f"(manifest rows {', '.join(str(i) for i in indexes)})"
     spelled = list(dict.fromkeys(ids or []))
     if len(spelled) > 1:
-        return Problem("id", f"duplicate id: {', '.join(map(repr, spelled))} differ only in case {rows}")
-    return Problem("id", f"duplicate id {rows}")
+        return Problem("id", f"duplicate id: {', '.join(map(repr, spelled))} differ only in case {rows}", shared=True)
+    return Problem("id", f"duplicate id {rows}", shared=True)
 
 
 def resolve_rows(rows: Iterable[dict], registry: SpecRegistry, base: str = "") -> tuple[list[Job], list[FailedRow]]:

@@ -92,7 +92,7 @@ BAD_ROWS = [
     ({**MULTI, "id": "style-missing", "style_folder": "inputs/no-such-folder"}, "style-missing",
      {"style_folder": "not found"}),
     ({**TEXT2IMG, "id": "inpaint-missing-mask", "spec": "sdxl-inpaint", "image": "inputs/bear.png",
-      "mask": "inputs/no-mask.png"}, "inpaint-missing-mask", {"mask": "not found"}),
+      "mask": "inputs/no-mask.png", "num_inference_steps": 2}, "inpaint-missing-mask", {"mask": "not found"}),
 ]
 READABLE = {">= 1": "greater than or equal to 1", ">= 8": "greater than or equal to 8", "> 0": "greater than 0",
             "<= 1": "less than or equal to 1"}

@@ -115,3 +115,6 @@ def test_validate_names_a_duplicate_id_once_with_both_rows(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.splitlines() == ["dup, id, duplicate id (manifest rows 0, 2, 3)"]
     assert "4 rows checked: 1 ok, 3 with problems" in captured.err
+    from ipaflow.specs.rows import duplicate_problem
+
+    assert duplicate_problem([0, 2]).shared  # said once because of this field, whatever its wording
