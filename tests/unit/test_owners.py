@@ -46,7 +46,7 @@ def test_ids_with_a_newline_are_refused_by_both_checks(value):
 
 
 def _records(tmp_path, records: list[dict]) -> tuple[MetadataStore, OwnedOutputs]:
-    """Records folded into metadata/, then scanned the way a run starts (flows.render._records_state)."""
+    """Records folded into metadata/, then scanned the way a run starts (flows.open_run.scan_records)."""
     store = MetadataStore(Storage(), str(tmp_path))
     store.journal("r1", "x", records)
     store.compact()
