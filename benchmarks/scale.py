@@ -105,8 +105,8 @@ def child_render(manifest: str, out: str, models: str, layout: str | None) -> No
         server.wait_until_ready()
     options = {"models": models, **({"layout": layout} if layout else {})}
     summary = render_manifest(manifest, out=out, options=options)
-    print(json.dumps({k: summary[k] for k in ("rows", "rendered", "skipped", "failed", "seconds", "first_shard_s",
-                                              "metadata_bytes_written")}))
+    print(summary.model_dump_json(include={"rows", "rendered", "skipped", "failed", "seconds", "first_shard_s",
+                                           "metadata_bytes_written"}))
 
 
 def child_done_state(manifest: str, out: str, models: str) -> None:
@@ -253,8 +253,8 @@ def main() -> None:
                 out = work / f"broken-{size}-{number}"
                 wall, rss, text = run(me + ["render", str(manifest), str(out), str(empty), ""], env)
                 summary = json.loads(text.strip().splitlines()[-1])
-                assert summary["failed"] == size, summary
-                runs.append((wall, rss, summary["first_shard_s"], summary["seconds"]))
+                assert summary.failed == size, summary
+                runs.append((wall, rss, summary.first_shard_s, summary.seconds))
                 subprocess.run(["rm", "-rf", str(out)])
             row["broken_wall_s"] = statistics.median(r[0] for r in runs)
             row["broken_flow_s"] = statistics.median(r[3] for r in runs)
@@ -270,8 +270,8 @@ def main() -> None:
                 for _ in range(args.rounds):
                     wall, rss, text = run(me + ["render", str(manifest), str(out), str(zoo), ""], env)
                     summary = json.loads(text.strip().splitlines()[-1])
-                    assert summary["skipped"] == size and summary["rendered"] == 0, summary
-                    runs.append((wall, rss, summary["seconds"]))
+                    assert summary.skipped == size and summary.rendered == 0, summary
+                    runs.append((wall, rss, summary.seconds))
                 row["all_done_wall_s"] = statistics.median(r[0] for r in runs)
                 row["all_done_flow_s"] = statistics.median(r[2] for r in runs)
                 row["all_done_rss_mb"] = statistics.median(r[1] for r in runs)

@@ -11,11 +11,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from ipaflow.core.errors import EXIT_INTERRUPTED, EXIT_ROWS_FAILED, UserError
+from ipaflow.core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, UserError
 from ipaflow.flows.prefect_api import APIServerError, TemporaryAPIServer
 from ipaflow.specs.options import RenderOptions, parse_storage_options
+
+if TYPE_CHECKING:
+    from ipaflow.flows.summary import RunSummary
 
 DEFAULT_ZOO = Path("~/.cache/ipaflow/zoo").expanduser()
 
@@ -379,7 +382,7 @@ def cmd_validate(args) -> int:
     return 1 if failed else 0
 
 
-def _render(manifest: str, out: str, options: RenderOptions, api_server=None) -> dict:
+def _render(manifest: str, out: str, options: RenderOptions, api_server=None) -> RunSummary:
     """Run the render flow in this process, showing its progress from the start (imports and Prefect's API
     server take seconds), and return its summary (also when it stopped at ``--max-failures``)."""
     import gc
@@ -391,8 +394,8 @@ def _render(manifest: str, out: str, options: RenderOptions, api_server=None) ->
         if not (options.dask_address or options.workers):
             _start_loading_first_pipeline(manifest, options)
 
-        from ipaflow.flows.monitoring import summary_of
         from ipaflow.flows.render import render_manifest
+        from ipaflow.flows.summary import summary_of
 
         if api_server is not None:
             set_phase("waiting for Prefect's API server")
@@ -442,21 +445,21 @@ def _start_loading_first_pipeline(manifest: str, options: RenderOptions):
     threading.Thread(target=load, name="ipaflow-preload", daemon=True).start()
 
 
-def print_summary(summary: dict) -> None:
+def print_summary(summary: RunSummary) -> None:
     """The run summary (already free of credentials: the flow redacts what it returns)."""
-    startup = summary["times"]["startup"]
+    startup = summary.times.startup
     print(
-        f"{summary['rows']} rows: {summary['rendered']} rendered, {summary['skipped']} already done"
-        + (f" ({summary['updated']} records updated)" if summary.get("updated") else "") + ", "
-        f"{summary['failed']} failed ({summary['images']} images in {summary['seconds']:.1f}s"
+        f"{summary.rows} rows: {summary.rendered} rendered, {summary.skipped} already done"
+        + (f" ({summary.updated} records updated)" if summary.updated else "") + ", "
+        f"{summary.failed} failed ({summary.images} images in {summary.seconds:.1f}s"
         + (f", {startup:.1f}s of it start-up)" if startup else ")")
     )
-    for failure in summary["failures"][:20]:
-        print(f"  failed: {failure['id']}, {failure['error']}")
-    if summary["failed"] > 20:
-        print(f"  ... and {summary['failed'] - 20} more (see the metadata)")
-    print(f"outputs:  {summary['out']}")
-    print(f"gallery:  {summary['gallery']}")
+    for failure in summary.failures[:20]:
+        print(f"  failed: {failure.id}, {failure.error}")
+    if summary.failed > 20:
+        print(f"  ... and {summary.failed - 20} more (see the metadata)")
+    print(f"outputs:  {summary.out}")
+    print(f"gallery:  {summary.gallery}")
 
 
 def cmd_render(args) -> int:
@@ -482,7 +485,7 @@ def cmd_render(args) -> int:
     except (ManifestError, SpecError) as exc:  # once the run started: what ran is recorded
         raise RunStopped(str(exc)) from exc
     print_summary(summary)
-    return 0 if summary["failed"] == 0 else 1
+    return EXIT_OK if summary.failed == 0 else EXIT_ROWS_FAILED
 
 
 def cmd_demo(args) -> int:
@@ -506,7 +509,7 @@ def cmd_demo(args) -> int:
     summary = _render(str(manifest), str(out), RenderOptions(models=os.environ["IPAFLOW_MODELS"]), api_server)
     print_summary(summary)
     print(f"open {out / 'index.html'} in a browser; records in {out / 'metadata'}")
-    return 0 if summary["failed"] == 0 else 1
+    return EXIT_OK if summary.failed == 0 else EXIT_ROWS_FAILED
 
 
 def cmd_records(args) -> int:

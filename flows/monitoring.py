@@ -35,6 +35,8 @@ from ipaflow.core.problems import FailedRow
 from ipaflow.flows import progress
 from ipaflow.flows.progress import RateMeter, Snapshot, format_duration, format_rate, status_line
 from ipaflow.flows.runners import is_dask
+from ipaflow.flows.summary import FailureLine, LiveUpdates, RunSummary, RunTimes, ShardLine, TooManyFailures
+from ipaflow.tasks.counts import RowCounts
 from ipaflow.tasks.worker import ShardProgress, ShardStats
 
 UNKNOWN_SPEC = "(unknown spec)"  # a failed row whose spec cell names no known spec
@@ -121,27 +123,6 @@ class FailureGroups:
 
 # -- the run ----------------------------------------------------------------------------------------------------
 
-@dataclass
-class SpecTally:
-    rows: int = 0
-    ok: int = 0
-    failed: int = 0
-    images: int = 0
-    seconds: float = 0.0
-
-
-class TooManyFailures(RuntimeError):
-    """The run stopped at ``--max-failures``: the data of its Failed state (``render_manifest(...)`` raises it;
-    ``.summary`` is the run summary)."""
-
-    def __init__(self, message: str, summary: dict):
-        super().__init__(message)
-        self.summary = summary
-
-    def __reduce__(self):
-        return type(self), (self.args[0], self.summary)
-
-
 def _run_logger() -> logging.Logger | logging.LoggerAdapter:
     try:
         from prefect import get_run_logger
@@ -169,13 +150,13 @@ class RunMonitor:
         self.started = self._phase_start = time.monotonic()
         self.phase = PLANNING
         self.total: int | None = None
-        self.skipped = 0  # already done before this run
-        self.ok = self.failed = self.images = 0  # finished shards and rows failed outside shards
+        # finished shards, rows failed outside shards, rows already done (and updated) before this run
+        self.counts = RowCounts()
         self.failures: list[FailedRow] = []  # the first FAILURES_KEPT failed rows, in the order seen
         self.recorded = 0  # every failed row, counted once
         self.groups = FailureGroups()
-        self.per_spec: dict[str, SpecTally] = {}
-        self.shards: list[dict] = []  # per finished shard: where, when, how many rows
+        self.per_spec: dict[str, RowCounts] = {}
+        self.shards: list[ShardLine] = []  # per finished shard: where, when, how many rows
         self.times: dict[str, float] = {}  # the run's stages, seconds
         self.api_writes = 0  # live-update rounds written, and the flow-thread seconds they took
         self.api_seconds = 0.0
@@ -224,8 +205,9 @@ class RunMonitor:
             current = client.read_flow_run(flow_run.id).tags
             client.update_flow_run(flow_run.id, tags=sorted(set(current) | set(tags)))
 
-    def planned(self, total: int, skipped: int) -> None:
-        self.total, self.skipped = total, skipped
+    def planned(self, total: int) -> None:
+        """The rows the run will judge (rows already done are counted as the manifest streams)."""
+        self.total = self.counts.rows = total
         self.set_phase(RENDERING)
 
     def set_phase(self, phase: str) -> None:
@@ -248,15 +230,13 @@ class RunMonitor:
     @property
     def failed_so_far(self) -> int:
         """Failed rows, running shards' included (what ``--max-failures`` counts)."""
-        return self.failed + sum(p.failed for p in self._live.values())
+        return self.counts.failed + sum(p.failed for p in self._live.values())
 
     def row_failed(self, failed: FailedRow) -> None:
         """A row that failed outside a finished shard: before reaching a worker (validation, missing input),
         or in a shard task that failed after its retries or never started."""
-        self.failed += 1
-        tally = self.per_spec.setdefault(failed.spec or UNKNOWN_SPEC, SpecTally())
-        tally.rows += 1
-        tally.failed += 1
+        self.counts.failed += 1
+        self.per_spec.setdefault(failed.spec or UNKNOWN_SPEC, RowCounts()).add(RowCounts(rows=1, failed=1))
         self._record_failure(failed, "planning")
 
     def report(self, report: ShardProgress | dict) -> None:
@@ -268,20 +248,12 @@ class RunMonitor:
         self._drain()
         self._finished.add(stats.name)
         self._live.pop(stats.name, None)
-        tally = self.per_spec.setdefault(stats.spec, SpecTally())
-        tally.rows += stats.rows
-        tally.ok += stats.ok + stats.skipped
-        tally.failed += stats.failed
-        tally.images += stats.images
-        tally.seconds += stats.seconds
-        self.ok += stats.ok + stats.skipped
-        self.failed += stats.failed
-        self.images += stats.images
-        self._worker_rows += stats.ok + stats.failed
+        counted = stats.run_counts()
+        self.per_spec.setdefault(stats.spec, RowCounts()).add(counted)
+        self._add_shard(counted, stats)
         for failed in stats.failures:
             self._record_failure(failed, stats.name)
-        self.shards.append(stats.model_dump(include={"name", "spec", "worker", "rows", "ok", "failed", "seconds",
-                                                     "started_at", "finished_at"}))
+        self.shards.append(ShardLine.model_validate(stats.model_dump(include=set(ShardLine.model_fields))))
         self.log.info("%s on %s: %d ok, %d failed in %.1fs", stats.name, stats.worker, stats.ok, stats.failed,
                       stats.seconds)
         self.close_log(stats.name)
@@ -293,10 +265,12 @@ class RunMonitor:
         self._drain()
         self._finished.add(name)
         if last := self._live.pop(name, None):
-            self.ok += last.ok + last.skipped
-            self.failed += last.failed
-            self.images += last.images
-            self._worker_rows += last.ok + last.failed
+            self._add_shard(last.run_counts(), last)
+
+    def _add_shard(self, counted: RowCounts, shard: ShardStats | ShardProgress) -> None:
+        """A shard's rows into the run's counts (not its rows: the run counts manifest rows, ``planned``)."""
+        self.counts.add(counted.model_copy(update={"rows": 0, "seconds": 0.0}))
+        self._worker_rows += shard.ok + shard.failed
 
     def close_log(self, where: str) -> None:
         """One line for the failed rows of ``where`` that were not logged one by one."""
@@ -339,15 +313,15 @@ class RunMonitor:
 
     def snapshot(self) -> Snapshot:
         live = list(self._live.values())
-        ok = self.ok + sum(p.ok + p.skipped for p in live)
-        failed = self.failed + sum(p.failed for p in live)
-        done = self.skipped + ok + failed
+        now_counts = sum((p.run_counts() for p in live), self.counts.counts())
+        ok, failed = now_counts.ok, now_counts.failed
+        done = self.counts.skipped + ok + failed
         phase = self.phase
         if phase == RENDERING and live and all(p.phase == "loading pipeline" for p in live):
             phase = f"loading pipeline {live[0].spec}"
         remaining = self.total - done if self.total is not None else 0
         now = time.monotonic()
-        return Snapshot(phase=phase, total=self.total, done=done, ok=ok, failed=failed, skipped=self.skipped,
+        return Snapshot(phase=phase, total=self.total, done=done, ok=ok, failed=failed, skipped=self.counts.skipped,
                         rate=self._meter.rate(), eta=self._meter.eta(remaining) if self.total is not None else None,
                         elapsed=progress.elapsed_since_start(now, fallback=self.started))
 
@@ -432,7 +406,24 @@ class RunMonitor:
 
     # -- the end ----------------------------------------------------------------------------------------------
 
-    def finish(self, summary: dict, previews: dict[str, str], max_failures: int | None):
+    def summary(self, **where: Any) -> RunSummary:
+        """The run summary: every count from this monitor's ``counts``; ``where`` names the run and its files
+        (``run_id``, ``manifest``, ``out``, ``gallery``, ``contact_sheet``, ``metadata_bytes_written``,
+        ``first_shard_s``)."""
+        times = self.stage_times()
+        seconds = times.pop("seconds")  # from the command's start when a command runs the flow
+        rendered = self.counts.ok
+        rate = round(rendered / times["rendering"], 4) if times["rendering"] else None
+        return RunSummary(
+            **where, rows=self.counts.rows, rendered=rendered, skipped=self.counts.skipped,
+            updated=self.counts.updated, failed=self.counts.failed, images=self.counts.images, seconds=seconds,
+            times=RunTimes(**times, render_rate=rate),
+            failures=[FailureLine(id=f.row, spec=f.spec, error=f.error) for f in self.failures],
+            shards=self.shards,
+            live_updates=LiveUpdates(shard_reports=self.reports, api_writes=self.api_writes,
+                                     api_seconds=round(self.api_seconds, 3)))
+
+    def finish(self, summary: RunSummary, previews: dict[str, str], max_failures: int | None):
         """The final artifacts (progress at 100, failed rows, the summary with its previews, the contact sheet
         when the UI can load it) and the run's final state, whose data is ``summary``."""
         from prefect.artifacts import create_image_artifact, create_markdown_artifact
@@ -445,15 +436,15 @@ class RunMonitor:
         with get_client(sync_client=True) as client:
             if self.failures:
                 self._write_failed_rows(client, final=True)
-        sheet = summary["contact_sheet"]
+        sheet = summary.contact_sheet
         if sheet and shown_in_ui(sheet):
             create_image_artifact(image_url=sheet, key=_artifact_key(f"{self.name}-contact-sheet"),
                                   description="the first outputs by row id")
-        message = f"{summary['rendered']} ok, {summary['failed']} failed, {summary['skipped']} skipped"
-        stopped = max_failures is not None and summary["failed"] >= max_failures
+        message = f"{summary.rendered} ok, {summary.failed} failed, {summary.skipped} skipped"
+        stopped = max_failures is not None and summary.failed >= max_failures
         if stopped:
             state = Failed(message=f"{message} (stopped at --max-failures {max_failures})")
-        elif summary["failed"]:
+        elif summary.failed:
             state = Completed(name="Completed with failures", message=message)
         else:
             state = Completed(message=message)
@@ -463,47 +454,37 @@ class RunMonitor:
         return state
 
 
-def summary_of(state) -> dict:
-    """The run summary a finished render flow's state holds (its Failed state's too)."""
-    result = state.result(raise_on_failure=False)
-    if isinstance(result, TooManyFailures):
-        return result.summary
-    if isinstance(result, BaseException):  # the flow itself failed: its exception, as a plain call raises it
-        raise result
-    return result
-
-
 def shown_in_ui(uri: str) -> bool:
     """The Prefect UI displays image artifacts by URL, fetched by the browser: only http(s) works."""
     return uri.startswith(("http://", "https://"))
 
 
-def summary_markdown(summary: dict, per_spec: dict[str, SpecTally], previews: dict[str, str], state_name: str,
+def summary_markdown(summary: RunSummary, per_spec: dict[str, RowCounts], previews: dict[str, str], state_name: str,
                      redact: Callable[[str], str] = str) -> str:
     md = markdown_text
-    times = summary["times"]
-    sheet = summary["contact_sheet"]
+    times = summary.times
+    sheet = summary.contact_sheet
     if not sheet:
         sheet_line = "- contact sheet: none (no image rendered yet)"
     elif shown_in_ui(sheet):
         sheet_line = f"- contact sheet: ![contact sheet]({sheet})"
     else:
         sheet_line = f"- contact sheet: {md(redact(sheet))}"
-    rate = times.get("render_rate")
+    rate = times.render_rate
     lines = [
-        f"# ipaflow run {md(summary['run_id'])}: {md(state_name)}",
+        f"# ipaflow run {md(summary.run_id)}: {md(state_name)}",
         "",
-        f"- manifest: {md(redact(summary['manifest']))}",
-        f"- outputs: {md(redact(summary['out']))}; gallery {md(redact(summary['gallery'] or '(none)'))}",
-        f"- rows: {summary['rows']} = {summary['rendered']} rendered + {summary['skipped']} skipped (already done"
-        + (f"; {summary['updated']} records updated" if summary.get("updated") else "")
-        + f") + {summary['failed']} failed" + (" (the failed-rows artifact groups them by reason)" if summary["failed"]
-                                            else ""),
-        f"- time: {format_duration(summary['seconds'])} in all = {format_duration(times['startup'])} start-up"
-        f" (before the flow: Prefect's API, imports, the first pipeline) + {format_duration(times['planning'])}"
-        f" planning + {format_duration(times['rendering'])} rendering + {format_duration(times['finishing'])}"
+        f"- manifest: {md(redact(summary.manifest))}",
+        f"- outputs: {md(redact(summary.out))}; gallery {md(redact(summary.gallery or '(none)'))}",
+        f"- rows: {summary.rows} = {summary.rendered} rendered + {summary.skipped} skipped (already done"
+        + (f"; {summary.updated} records updated" if summary.updated else "")
+        + f") + {summary.failed} failed" + (" (the failed-rows artifact groups them by reason)" if summary.failed
+                                          else ""),
+        f"- time: {format_duration(summary.seconds)} in all = {format_duration(times.startup)} start-up"
+        f" (before the flow: Prefect's API, imports, the first pipeline) + {format_duration(times.planning)}"
+        f" planning + {format_duration(times.rendering)} rendering + {format_duration(times.finishing)}"
         " metadata, gallery and previews",
-        f"- images: {summary['images']}" + (f", {md(format_rate(rate))} while rendering" if rate else ""),
+        f"- images: {summary.images}" + (f", {md(format_rate(rate))} while rendering" if rate else ""),
         sheet_line,
         "",
         "| spec | rows | ok | failed | images | worker seconds |",
@@ -513,9 +494,9 @@ def summary_markdown(summary: dict, per_spec: dict[str, SpecTally], previews: di
         t = per_spec[spec]
         lines.append(f"| {md(spec)} | {t.rows} | {t.ok} | {t.failed} | {t.images} | {t.seconds:.1f} |")
     lines += ["", "| worker | shards | rows | busy seconds |", "| --- | ---: | ---: | ---: |"]
-    for worker, done in sorted(_by_worker(summary["shards"]).items()):
-        lines.append(f"| {md(worker)} | {len(done)} | {sum(s['rows'] for s in done)} | "
-                     f"{sum(s['seconds'] for s in done):.1f} |")
+    for worker, done in sorted(_by_worker(summary.shards).items()):
+        lines.append(f"| {md(worker)} | {len(done)} | {sum(s.rows for s in done)} | "
+                     f"{sum(s.seconds for s in done):.1f} |")
     if previews:
         lines += ["", "## Previews", "", "The first outputs of each spec, by row id (the gallery has them all).", ""]
         for spec, uri in previews.items():
@@ -523,8 +504,8 @@ def summary_markdown(summary: dict, per_spec: dict[str, SpecTally], previews: di
     return "\n".join(lines)
 
 
-def _by_worker(shards: list[dict]) -> dict[str, list[dict]]:
-    grouped: dict[str, list[dict]] = {}
+def _by_worker(shards: list[ShardLine]) -> dict[str, list[ShardLine]]:
+    grouped: dict[str, list[ShardLine]] = {}
     for shard in shards:
-        grouped.setdefault(shard["worker"], []).append(shard)
+        grouped.setdefault(shard.worker, []).append(shard)
     return grouped

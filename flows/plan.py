@@ -42,7 +42,6 @@ class RowPlanner:
         self.storage, self.options, self.census = run.storage, run.options, run.census
         self.run_id, self.monitor = run_id, monitor
         self.passthrough = run.passthrough  # manifest column -> record column
-        self.updated = 0
         self._updates: list[dict] = []
         self._update_files = 0
         self.cache = IdentityCache()
@@ -50,7 +49,7 @@ class RowPlanner:
         self.size = self.options.shard_size or auto_shard_size(self.census.rows, self.options.batch_size)
         self.cutter = ShardCutter(self.specs, self.size, self.options.layout)
         self.broken: dict[str, Problem] = {}  # spec -> why its pipeline cannot be built (fail fast)
-        self.skipped = self.rejected = self.rows = 0
+        self.rejected = self.rows = 0  # rows judged, and of those failed before rendering
         self.first_shard_s: float | None = None
         self._records: list[dict] = []
         self._files = 0
@@ -105,7 +104,7 @@ class RowPlanner:
         for job, values, changed in zip(jobs, extras, stale):
             if changed:
                 self._updates.append({"id": job.id, **values})  # absent columns are nulls (journal_updates)
-        self.updated += int(stale.sum())
+        self.monitor.counts.updated += int(stale.sum())
         if len(self._updates) >= JOURNAL_EVERY:
             self.flush()
 
@@ -116,8 +115,7 @@ class RowPlanner:
             for rejected in judged.rejected:
                 self.fail(rejected.failed, rejected.job, rejected.key, rejected.extra)
             skipped = len(judged.done)
-            self.skipped += skipped
-            self.monitor.skipped += skipped
+            self.monitor.counts.skipped += skipped
             if skipped and self.records.current is not None:
                 self._update_stale(judged.done)
             for job, key in judged.to_render:

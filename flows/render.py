@@ -105,7 +105,7 @@ def render_manifest(
     out: Annotated[str, Field(min_length=1, description="output URI or path; {date} and {datetime} are filled in")],
     options: RenderOptions = RenderOptions(),
 ) -> State:
-    """Render every row of ``manifest`` into ``out``; returns the run summary (a dict).
+    """Render every row of ``manifest`` into ``out``; returns the run summary (``flows.summary.RunSummary``).
 
     ``options`` (``ipaflow.specs.options.RenderOptions``, or a dict of its fields) are the command line's
     render options; ``storage_options`` in it is kept secret (the Prefect API stores it masked). The flow run
@@ -128,43 +128,26 @@ def render_manifest(
     metadata = MetadataStore(storage, out)
     records = _records_state(run, metadata, run_id, logger)
     census = run.census
-    monitor.planned(census.rows, 0)  # rows already done are counted as the manifest streams
+    monitor.planned(census.rows)
     monitor.tag_flow_run(["ipaflow", f"manifest:{name}", *sorted({f"spec:{spec}" for spec in census.specs})])
     planner = RowPlanner(run, records, metadata, run_id, monitor)
     del records
     stats = _run_shards(planner, settings, monitor, started)
     planner.flush()
     monitor.close_log("planning")
+    counts = monitor.counts
     logger.info("%d rows: %d rendered or tried, %d already done (%d records updated), %d failed before rendering",
-                planner.rows, sum(s.rows for s in stats), planner.skipped, planner.updated, planner.rejected)
+                planner.rows, sum(s.rows for s in stats), counts.skipped, counts.updated, planner.rejected)
 
     monitor.set_phase(FINISHING)
     folded = metadata.fold(run_id, planner.records.index, drop_outputs=lambda uris: drop_members(storage, uris))
     gallery, contact_sheet, previews = _gallery(storage, out, metadata, logger)
-    times = monitor.stage_times()
-    summary = {
-        "run_id": run_id,
-        "manifest": storage.redact(manifest),
-        "out": storage.redact(out),
-        "gallery": storage.redact(gallery),
-        "contact_sheet": contact_sheet and storage.redact(contact_sheet),
-        "rows": planner.rows,
-        "rendered": folded.ok,
-        "skipped": planner.skipped,
-        "updated": folded.updated,  # done rows whose records took new passthrough values (not rendered)
-        "failed": monitor.failed,
-        "images": folded.images,
-        "seconds": times.pop("seconds"),  # from the command's start when a command runs the flow
-        "times": {**times, "render_rate": round(folded.ok / times["rendering"], 4) if times["rendering"] else None},
-        "failures": [{"id": f.row, "spec": f.spec, "error": f.error} for f in monitor.failures],
-        "shards": monitor.shards,
-        "metadata_bytes_written": folded.bytes_written,
-        "first_shard_s": planner.first_shard_s,
-        "live_updates": {"shard_reports": monitor.reports, "api_writes": monitor.api_writes,
-                         "api_seconds": round(monitor.api_seconds, 3)},
-    }
-    logger.info("done: %d rendered, %d skipped, %d failed in %.1fs; gallery %s", summary["rendered"],
-                summary["skipped"], summary["failed"], summary["seconds"], summary["gallery"])
+    summary = monitor.summary(run_id=run_id, manifest=storage.redact(manifest), out=storage.redact(out),
+                              gallery=storage.redact(gallery),
+                              contact_sheet=contact_sheet and storage.redact(contact_sheet),
+                              metadata_bytes_written=folded.bytes_written, first_shard_s=planner.first_shard_s)
+    logger.info("done: %d rendered, %d skipped, %d failed in %.1fs; gallery %s", summary.rendered,
+                summary.skipped, summary.failed, summary.seconds, summary.gallery)
     return monitor.finish(summary, previews, options.max_failures)
 
 
@@ -267,8 +250,8 @@ def _run_shards(planner: RowPlanner, settings: RunSettings, monitor: RunMonitor,
             except TimeoutError:
                 pass
             monitor.tick()
-    if max_failures is not None and monitor.failed >= max_failures:
-        logger.warning("stopped after %d failed rows (--max-failures)", monitor.failed)
+    if max_failures is not None and monitor.counts.failed >= max_failures:
+        logger.warning("stopped after %d failed rows (--max-failures)", monitor.counts.failed)
     return results
 
 

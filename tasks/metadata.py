@@ -55,6 +55,7 @@ from ipaflow.core.hashing import hash_combine, hash_joined, hash_strings, member
 from ipaflow.core.redaction import Redactor, redact_url
 from ipaflow.core.storage import Storage, join
 from ipaflow.specs.outputs import CONTAINERS
+from ipaflow.tasks.counts import RowCounts
 
 log = logging.getLogger("ipaflow.metadata")
 METADATA_DIR = "metadata"
@@ -373,21 +374,17 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-@dataclass
-class FoldResult:
-    """What a fold did: journal files folded, records written (this run's by status), parts written, bytes."""
+class FoldResult(RowCounts):
+    """What a fold did: this run's records written, by status (its counts: ``ok``, ``failed``, ``images``,
+    ``updated``), journal files folded, parts written, rewritten and deleted, bytes written."""
 
     files: int = 0
     records: int = 0
-    ok: int = 0
-    failed: int = 0
-    images: int = 0
     parts_written: int = 0
     parts_rewritten: int = 0
     parts_deleted: int = 0
     bytes_written: int = 0
     superseded: int = 0
-    updated: int = 0  # records given new passthrough values (their outputs stand)
 
 
 @dataclass

@@ -145,6 +145,6 @@ def test_out_as_the_style_folder_never_feeds_back(tmp_path, inputs_dir, models_e
         {"id": "styled", "spec": "sdxl-multi-style-face", "prompt": "p", "num_inference_steps": 1,
          "style_folder": str(out), "ip_image": str(inputs_dir / "face.png")}])
     first = render_manifest(str(manifest), out=str(out))
-    assert (first["rendered"], (out / "contact-sheet.png").exists()) == (1, True)
+    assert (first.rendered, (out / "contact-sheet.png").exists()) == (1, True)
     second = render_manifest(str(manifest), out=str(out))
-    assert (second["rendered"], second["skipped"], second["failed"]) == (0, 1, 0)
+    assert (second.rendered, second.skipped, second.failed) == (0, 1, 0)
