@@ -37,14 +37,9 @@ from ipaflow.specs.spec import Spec
 from ipaflow.specs.stream import resolve_stream
 from ipaflow.tasks.call_defaults import denoising_failures
 from ipaflow.tasks.keys import IdentityCache, identify_inputs, row_key
-from ipaflow.tasks.metadata import (
-    MetadataStore,
-    RecordIndex,
-    done_hashes,
-    listing_hashes,
-    passthrough_hashes,
-    passthrough_names,
-)
+from ipaflow.tasks.metadata import MetadataStore
+from ipaflow.tasks.metadata_scans import RecordIndex, done_hashes, listing_hashes, passthrough_hashes
+from ipaflow.tasks.metadata_schema import passthrough_names
 from ipaflow.tasks.owners import OwnedOutputs
 
 

@@ -3,7 +3,7 @@
 ``RowPlanner.shards()`` yields each shard as soon as it is full (and ``None`` after each batch, so the flow can
 look after running shards while a long stretch of done rows streams by). It holds a batch of rows, the shards
 being filled, a bounded cache of input identities and, to decide what is done, one uint64 per current ``ok``
-record whose outputs are present (``tasks.metadata.done_hashes``) and two per output those records own
+record whose outputs are present (``tasks.metadata_scans.done_hashes``) and two per output those records own
 (``tasks.owners``: a row may not overwrite another id's output): never all rows, jobs, keys or records.
 
 Rows that fail before rendering (checks, missing inputs, a spec whose pipeline cannot be built) are journaled
@@ -11,7 +11,7 @@ as ``failed`` records in batches, with their passthrough columns, and reported t
 
 A done row whose passthrough values differ from its record's is not rendered again: its new values are
 journaled as an update (``MetadataStore.journal_updates``), which the run's fold applies to the record. Deciding
-that costs one more uint64 per current ``ok`` record (``tasks.metadata.passthrough_hashes``, over the manifest's
+that costs one more uint64 per current ``ok`` record (``tasks.metadata_scans.passthrough_hashes``, over the manifest's
 passthrough columns), compared with the done rows' as they stream.
 """
 
@@ -27,7 +27,9 @@ from ipaflow.specs.checks import as_job
 from ipaflow.specs.outputs import layout_of
 from ipaflow.specs.rows import Job
 from ipaflow.tasks.keys import IdentityCache
-from ipaflow.tasks.metadata import MetadataStore, make_record, record_column, row_passthrough_hashes
+from ipaflow.tasks.metadata import MetadataStore
+from ipaflow.tasks.metadata_scans import row_passthrough_hashes
+from ipaflow.tasks.metadata_schema import make_record, record_column
 from ipaflow.tasks.shards import ShardCutter, ShardPlan, auto_shard_size
 
 JOURNAL_EVERY = 4096  # failed records journaled per file

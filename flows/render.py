@@ -39,7 +39,8 @@ from ipaflow.flows.runners import gpu_routing, make_task_runner
 from ipaflow.specs.options import RenderOptions
 from ipaflow.tasks.containers import containers_of, drop_members, drop_orphans
 from ipaflow.tasks.gallery import GallerySample, write_gallery
-from ipaflow.tasks.metadata import MetadataStore, renamed_columns
+from ipaflow.tasks.metadata import MetadataStore
+from ipaflow.tasks.metadata_schema import renamed_columns
 from ipaflow.tasks.prefect_tasks import render_shard
 from ipaflow.tasks.shards import ShardPlan
 from ipaflow.tasks.worker import RunSettings, ShardStats

@@ -15,7 +15,7 @@ from ipaflow.core.problems import FailedRow, RowFailed
 from ipaflow.flows.open_run import OpenedRun, judge_rows, open_run
 from ipaflow.specs.options import RenderOptions
 from ipaflow.tasks.inputs import InputFetcher
-from ipaflow.tasks.metadata import renamed_columns
+from ipaflow.tasks.metadata_schema import renamed_columns
 
 WINDOW = 64
 

@@ -350,7 +350,7 @@ def _storable(value: Any) -> Any:
     """A passthrough cell as the metadata can keep it: unchanged when it is a plain scalar or list (finite
     numbers, 64-bit integers, valid Unicode), mappings and lists with their items made so, anything else as
     text. A NaN, a huge integer or half a surrogate pair must not fail the run; mappings stay mappings here
-    (the metadata stores them as JSON text once: ``ipaflow.tasks.metadata.passthrough_column``)."""
+    (the metadata stores them as JSON text once: ``ipaflow.tasks.metadata_schema.passthrough_column``)."""
     if _plain(value):
         return value
     if isinstance(value, dict):

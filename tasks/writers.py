@@ -21,7 +21,8 @@ from ipaflow.specs.spec import Spec
 from ipaflow.tasks.containers import ContainerBuilder
 from ipaflow.tasks.counts import RowCounts
 from ipaflow.tasks.media import encode_gif, encode_image
-from ipaflow.tasks.metadata import MetadataStore, make_record
+from ipaflow.tasks.metadata import MetadataStore
+from ipaflow.tasks.metadata_schema import make_record
 from ipaflow.tasks.render import Rendered
 
 

@@ -332,18 +332,19 @@ def test_a_contact_sheet_at_an_http_url_becomes_an_image_artifact(prefect_api):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from ipaflow.flows.monitoring import RunMonitor
+    from ipaflow.tasks.counts import RowCounts
 
     sheet = "https://renders.example.com/nightly/contact-sheet.png"
-    summary = {"run_id": "r", "manifest": "m.parquet", "out": "https://renders.example.com/nightly",
-               "gallery": "https://renders.example.com/nightly/index.html", "contact_sheet": sheet, "rows": 1,
-               "rendered": 1, "skipped": 0, "failed": 0, "images": 1, "seconds": 1.0, "shards": [],
-               "times": {"startup": 0.0, "planning": 0.1, "rendering": 0.8, "finishing": 0.1, "render_rate": 1.25}}
 
     @flow
     def finish_a_run():
         monitor = RunMonitor(name="web")
         monitor.start()
-        monitor.planned(1, 0)
+        monitor.planned(1)
+        monitor.counts.add(RowCounts(ok=1, images=1))
+        summary = monitor.summary(run_id="r", manifest="m.parquet", out="https://renders.example.com/nightly",
+                                  gallery="https://renders.example.com/nightly/index.html", contact_sheet=sheet,
+                                  metadata_bytes_written=0, first_shard_s=None)
         return monitor.finish(summary, {}, max_failures=None)
 
     state = finish_a_run(return_state=True)

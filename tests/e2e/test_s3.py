@@ -460,7 +460,7 @@ def test_credentials_never_leak(moto, proxy, aws_env, bucket, inputs_dir, cli, c
 
 def test_records_keep_usable_output_uris_when_a_short_key_is_part_of_a_name(aws_env):
     """A credential that merely occurs in a bucket name must not turn outputs into URIs that do not exist."""
-    from ipaflow.tasks.metadata import make_record
+    from ipaflow.tasks.metadata_schema import make_record
 
     aws_env.setenv("AWS_ACCESS_KEY_ID", "renders")
     record = make_record(job_id="a", spec="s", status="ok", run_id="r", error="key renders rejected",
