@@ -31,10 +31,11 @@ from pydantic import Field
 from ipaflow.core.lease import OutputLease
 from ipaflow.core.problems import Problem
 from ipaflow.core.storage import Storage, is_local
-from ipaflow.flows.monitoring import FINISHING, TICK_SECONDS, RunMonitor
+from ipaflow.flows.monitoring import TICK_SECONDS, RunMonitor
 from ipaflow.flows.open_run import OpenedRun, OutputRecords, open_run, scan_records
 from ipaflow.flows.plan import RowPlanner
 from ipaflow.flows.previews import preview_uris, read_thumbnails, write_contact_sheet
+from ipaflow.flows.run_counter import FINISHING
 from ipaflow.flows.runners import gpu_routing, make_task_runner
 from ipaflow.specs.options import RenderOptions
 from ipaflow.tasks.containers import containers_of, drop_members, drop_orphans

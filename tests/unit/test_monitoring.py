@@ -15,9 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ipaflow.core.problems import FailedRow, Problem
-from ipaflow.flows.monitoring import MAX_REASONS, FailureGroups, RunMonitor, markdown_text
+from ipaflow.flows.monitoring import MAX_REASONS, RunMonitor, failure_table, markdown_text
 from ipaflow.flows.previews import PREVIEW_BUDGET, Thumb, labelled_grid, preview_jpeg, preview_uris
 from ipaflow.flows.progress import RateMeter, Snapshot, status_line
+from ipaflow.flows.run_counter import FailureGroups
 from ipaflow.tasks.counts import RowCounts
 from ipaflow.tasks.worker import ShardProgress, ShardStats
 
@@ -68,7 +69,7 @@ def test_failures_are_grouped_by_reason_with_counts_and_samples():
     for i in range(3):
         groups.add(_failed(f"w-{i}", "width", f"input should be a multiple of 8, got {100 + i}", spec=None), str)
     groups.add(_failed("u", "spec", "unknown spec '<b>x</b>'; `ipaflow specs list` shows the known ones", None), str)
-    table = groups.table()
+    table = failure_table(groups)
     assert [(row["rows"], row["column"]) for row in table] == [(7, "ip\\_image"), (3, "width"), (1, "spec")]
     assert table[0]["sample ids"] == "m-0, m-1, m-2, m-3, m-4"  # five samples
     assert table[0]["reason (first row's)"] == "not found: /data/in/0.png"
@@ -80,7 +81,7 @@ def test_the_reasons_table_is_capped():
     groups = FailureGroups()
     for i in range(MAX_REASONS + 5):
         groups.add(_failed(f"r{i}", f"col{chr(97 + i % 26)}{i // 26}", "bad"), str)
-    table = groups.table()
+    table = failure_table(groups)
     assert len(table) == MAX_REASONS + 1 and table[-1]["rows"] == 5 and table[-1]["reason (first row's)"] == (
         "5 other reasons")
 
@@ -159,7 +160,7 @@ def test_row_counts_add_up():
 def test_failed_rows_are_logged_up_to_a_limit_per_shard(caplog):
     import logging
 
-    from ipaflow.flows.monitoring import FAILURE_LOG_LIMIT
+    from ipaflow.flows.run_counter import FAILURE_LOG_LIMIT
 
     monitor = _monitor()
     monitor.planned(total=40)
