@@ -8,7 +8,7 @@ import argparse
 import pytest
 from pydantic import SecretStr
 
-from ipaflow.flows.cli import _parser, options_from_args
+from ipaflow.flows.cli_parser import command_parser, options_from_args
 from ipaflow.specs.options import RenderOptions
 
 FIELDS = set(RenderOptions.model_fields)
@@ -30,7 +30,7 @@ SAMPLES = {
 
 
 def _subparser(command: str) -> argparse.ArgumentParser:
-    commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    commands = next(a for a in command_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return commands.choices[command]
 
 
@@ -52,7 +52,7 @@ def test_render_and_serve_flags_are_the_options():
 def test_each_flag_sets_its_option(command, field):
     flags, expected = SAMPLES[field]
     head = ["render", "m.parquet", "--out", "o"] if command == "render" else ["serve", "--manifest", "m", "--out", "o"]
-    args = _parser().parse_args(head + flags)
+    args = command_parser().parse_args(head + flags)
     options = options_from_args(args.command_parser, args)
     value = getattr(options, field)
     if isinstance(expected, SecretStr):
@@ -98,7 +98,7 @@ def test_the_worker_settings_carry_the_options():
 ])
 def test_bad_values_are_usage_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as caught:
-        args = _parser().parse_args(["render", "m.parquet", "--out", "o", *flags])
+        args = command_parser().parse_args(["render", "m.parquet", "--out", "o", *flags])
         options_from_args(args.command_parser, args)
     assert caught.value.code == 2
     err = capsys.readouterr().err
@@ -107,6 +107,6 @@ def test_bad_values_are_usage_errors(flags, message, capsys):
 
 def test_storage_options_errors_never_echo_the_text(capsys):
     with pytest.raises(SystemExit):
-        _parser().parse_args(["render", "m.parquet", "--out", "o", "--storage-options", '{"secret": "s3cr3t"'])
+        command_parser().parse_args(["render", "m.parquet", "--out", "o", "--storage-options", '{"secret": "s3cr3t"'])
     err = capsys.readouterr().err
     assert "not valid JSON" in err and "s3cr3t" not in err
