@@ -104,7 +104,7 @@ def test_renders_on_the_gpu_worker_only_one_at_a_time(cluster, tmp_path, inputs_
     shards = sorted(summary.shards, key=lambda s: s.started_at)
     assert [s.worker for s in shards] == [cluster.gpu] * 3
     for earlier, later in zip(shards, shards[1:]):
-        assert later["started_at"] >= earlier["finished_at"], "two renders overlapped on one GPU"
+        assert later.started_at >= earlier.finished_at, "two renders overlapped on one GPU"
     executed = cluster.client.run(lambda dask_worker: dask_worker.state.executed_count)
     assert executed[cluster.cpu] == 0 and executed[cluster.gpu] >= 3  # the scheduler's own count
 
