@@ -343,10 +343,7 @@ def cmd_render(args) -> int:
     from ipaflow.specs.manifest import ManifestError
     from ipaflow.specs.registry import SpecError
 
-    options = args.options
-    if options.models:
-        options = options.model_copy(update={"models": str(Path(options.models).expanduser().resolve())})
-        os.environ["IPAFLOW_MODELS"] = options.models
+    options = args.options.resolved()
     check_before_starting(args.manifest, options)
     api_server = None if args.dry_run else TemporaryAPIServer.start_unless_configured()
     try:
@@ -374,16 +371,15 @@ def cmd_demo(args) -> int:
 
     api_server = TemporaryAPIServer.start_unless_configured()  # starts while the zoo and models load
     quiet_libraries()
-    models = args.models or os.environ.get("IPAFLOW_MODELS")
-    if not models:
+    options = RenderOptions(models=args.models).resolved()
+    if not options.models:
         started = time.perf_counter()
-        models = str(build_zoo(DEFAULT_ZOO))
-        print(f"tiny model zoo: {models} ({time.perf_counter() - started:.1f}s)")
-    os.environ["IPAFLOW_MODELS"] = str(Path(models).expanduser().resolve())
+        options = RenderOptions(models=str(build_zoo(DEFAULT_ZOO))).resolved()
+        print(f"tiny model zoo: {options.models} ({time.perf_counter() - started:.1f}s)")
     out = Path(args.out).resolve()
     manifest = write_demo(out)
     print(f"demo manifest: {manifest}")
-    summary = _render(str(manifest), str(out), RenderOptions(models=os.environ["IPAFLOW_MODELS"]), api_server)
+    summary = _render(str(manifest), str(out), options, api_server)
     print_summary(summary)
     print(f"open {out / 'index.html'} in a browser; records in {out / 'metadata'}")
     return EXIT_OK if summary.failed == 0 else EXIT_ROWS_FAILED

@@ -82,7 +82,7 @@ def open_run(manifest: str, options: RenderOptions, storage: Storage | None = No
 
     Args:
         manifest: the manifest's URI or path.
-        options: the run's options.
+        options: the run's options (``RenderOptions.resolved`` here, if not already).
         storage: the storage to read through (a run's own, with its staging folder); by default one made from
             ``options``.
 
@@ -93,6 +93,7 @@ def open_run(manifest: str, options: RenderOptions, storage: Storage | None = No
         ManifestError: the manifest cannot be read, or a column name is unusable.
         SpecError: a spec folder or spec is unusable.
     """
+    options = options.resolved()
     storage = storage or Storage(options=options.storage_options_dict())
     registry = SpecRegistry(options.specs, storage=storage)
     opened = open_manifest(manifest, storage=storage)

@@ -94,6 +94,7 @@ def _holding_out(body):
         from prefect.runtime import flow_run
 
         out = absolute_uri(fill_template(out, _run_time()))
+        options = options.resolved()  # the environment's models folder and storage options, for every worker
         with OutputLease(Storage(options=options.storage_options_dict()), out, run=flow_run.name or ""):
             return body(manifest, out, options)
 
