@@ -27,7 +27,7 @@ from ipaflow.core.hashing import hash_joined, hash_strings, members
 from ipaflow.core.problems import FailedRow, Problem, RowFailed
 from ipaflow.core.storage import Storage
 from ipaflow.specs.census import Census, take_census
-from ipaflow.specs.checks import Draft
+from ipaflow.specs.checks import VouchedRow
 from ipaflow.specs.manifest import Manifest, open_manifest
 from ipaflow.specs.options import RenderOptions
 from ipaflow.specs.outputs import layout_of
@@ -153,7 +153,7 @@ class Rejected:
     once it resolved (else the row's passthrough cells, ``extra``) and its key once its inputs were identified."""
 
     failed: FailedRow
-    job: Job | Draft | None = None
+    job: Job | VouchedRow | None = None
     key: str | None = None
     extra: dict | None = None
 
@@ -171,11 +171,11 @@ class JudgedRows:
 
     rows: int
     rejected: list[Rejected] = field(default_factory=list)
-    done: list[Job | Draft] = field(default_factory=list)
-    to_render: list[tuple[Job | Draft, str | None]] = field(default_factory=list)
+    done: list[Job | VouchedRow] = field(default_factory=list)
+    to_render: list[tuple[Job | VouchedRow, str | None]] = field(default_factory=list)
 
 
-def _failed(job: Job | Draft, problems: tuple[Problem, ...], key: str | None = None) -> Rejected:
+def _failed(job: Job | VouchedRow, problems: tuple[Problem, ...], key: str | None = None) -> Rejected:
     return Rejected(FailedRow(row=job.id, problems=problems, index=job.index, spec=job.spec), job=job, key=key)
 
 
@@ -213,7 +213,7 @@ def _judge_against(run: OpenedRun, records: OutputRecords, jobs: list, cache: Id
     """The rules of an ``--out``: every input has an identity, done rows, outputs other ids own."""
     # out: a style folder inside the output folder leaves ipaflow's own files out
     identities = identify_inputs(run.storage, jobs, cache=cache, out=records.out)
-    keyed: list[tuple[Job | Draft, str]] = []
+    keyed: list[tuple[Job | VouchedRow, str]] = []
     for job in jobs:
         try:
             keyed.append((job, row_key(job, run.specs[job.spec], identities)))

@@ -84,7 +84,7 @@ def _run_name() -> str:
     return f"{manifest_name(flow_run.parameters.get('manifest', 'manifest'))}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
 
-def _holding_out(body):
+def _holding_output_lease(body):
     """The flow body runs holding the lease on its ``--out`` (ipaflow.core.lease), taken before anything is
     written there: a second run into the same folder is refused (OutputInUse), an unusable folder said in one
     line (OutputUnusable). The body gets ``out`` already resolved."""
@@ -102,7 +102,7 @@ def _holding_out(body):
 
 
 @flow(name="ipaflow-render", flow_run_name=_run_name, log_prints=False, validate_parameters=True)
-@_holding_out
+@_holding_output_lease
 def render_manifest(
     manifest: Annotated[str, Field(min_length=1, description="manifest URI or path (.parquet, .csv, .jsonl)")],
     out: Annotated[str, Field(min_length=1, description="output URI or path; {date} and {datetime} are filled in")],
