@@ -108,13 +108,23 @@ def render_manifest(
     out: Annotated[str, Field(min_length=1, description="output URI or path; {date} and {datetime} are filled in")],
     options: RenderOptions = RenderOptions(),
 ) -> State:
-    """Render every row of ``manifest`` into ``out``; returns the run summary (``flows.summary.RunSummary``).
+    """Render every row of ``manifest`` into ``out``.
 
-    ``options`` (``ipaflow.specs.options.RenderOptions``, or a dict of its fields) are the command line's
-    render options; ``storage_options`` in it is kept secret (the Prefect API stores it masked). The flow run
-    ends "Completed", "Completed with failures" (rows failed; the state's message counts them), or "Failed"
-    once ``max_failures`` rows failed (calling the flow then raises ``TooManyFailures``, which carries the
-    summary).
+    Args:
+        manifest: the manifest's URI or path (Parquet, CSV, JSON Lines; a folder, prefix or glob of them).
+        out: the output folder's URI or path; ``{date}`` and ``{datetime}`` are filled from the run's
+            scheduled (or start) time.
+        options: the command line's render options (``ipaflow.specs.options.RenderOptions``, or a dict of its
+            fields); ``storage_options`` in it is kept secret (the Prefect API stores it masked).
+
+    Returns:
+        The run summary (``ipaflow.flows.summary.RunSummary``). The flow run ends "Completed", "Completed with
+        failures" (rows failed; the state's message counts them), or "Failed" once ``max_failures`` rows
+        failed: calling the flow then raises ``TooManyFailures``, which carries the summary.
+
+    Raises:
+        OutputInUse: another run holds ``out``.
+        ManifestError, SpecError: the manifest or a spec folder is unusable.
     """
     logger = get_run_logger()
     started = time.perf_counter()

@@ -141,8 +141,19 @@ def _build(shard: ShardPlan, settings: RunSettings, redact):
 
 
 def run_shard(shard: ShardPlan, settings: RunSettings, progress: ProgressCallback | None = None) -> ShardStats:
-    """Render one shard; every row ends journaled as ``ok`` or ``failed`` with a reason. ``progress``, when
-    given, receives a ShardProgress as the pipeline loads and after every batch (in this thread)."""
+    """Render one shard; every row ends journaled as ``ok`` or ``failed`` with a reason. Free of Prefect: the
+    Prefect task (``tasks.prefect_tasks.render_shard``) and ``--dry-run`` call it alike.
+
+    Args:
+        shard: the rows to render (one spec, sorted by call group) and their keys.
+        settings: the run's id, output folder and options.
+        progress: when given, receives a ``ShardProgress`` as the pipeline loads and after every batch (in this
+            thread); an exception it raises is logged, never fails the shard.
+
+    Returns:
+        What the shard did (``ShardStats``: its counts, failed rows, batch timings); rows an earlier attempt of
+        the same shard journaled ``ok`` are ``skipped``.
+    """
     started = time.perf_counter()
     storage = settings.storage()
     stats = ShardStats(name=shard.name, spec=shard.spec.name, rows=len(shard.jobs))
