@@ -41,7 +41,9 @@ def _cli(metavar: str | None = None, secret: bool = False) -> dict[str, Any]:
 
 
 class RenderOptions(BaseModel):
-    """How a manifest is rendered (everything but the manifest and the output URI)."""
+    """How a manifest is rendered (everything but the manifest and the output URI). Each field's description is
+    its documentation and the ``--help`` of its flag (``flows.cli_parser``); a run makes what the environment
+    supplies explicit once (``resolved``), and reads every value from here."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
