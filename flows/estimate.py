@@ -1,5 +1,8 @@
 """``ipaflow render --dry-run``: render a sample of each spec into a scratch folder and estimate the run.
 
+Rows are judged as a render into the same ``--out`` judges them (``flows.open_run``): the rows it would reject
+and the rows already done there are counted in lines of their own, neither sampled nor estimated.
+
 Per spec, the sample is a warm-up batch (the pipeline build, first-call costs) and three more batches,
 each timed on its own; the estimate is the build plus the median seconds per row of the timed batches times the
 spec's valid rows, and its spread comes from the fastest and slowest timed batch. Each shard task also costs a
