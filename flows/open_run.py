@@ -108,43 +108,45 @@ class OutputRecords:
     Attributes:
         out: the output folder.
         index: where each id's current record lives (for the run's fold).
-        done: sorted ``hash(id, key, layout)`` of the current ``ok`` records whose outputs are all present
+        done_keys: sorted ``hash(id, key, layout)`` of the current ``ok`` records whose outputs are all present
             (empty with ``--overwrite``).
         owned: the outputs each id's current record owns.
-        current: sorted ``passthrough_hashes`` of the current ``ok`` records, when the manifest has passthrough
+        ok_passthrough: sorted ``passthrough_hashes`` of the current ``ok`` records, when the manifest has passthrough
             columns (None: not compared).
     """
 
     out: str
     index: RecordIndex
-    done: np.ndarray
+    done_keys: np.ndarray
     owned: OwnedOutputs
-    current: np.ndarray | None = None
+    ok_passthrough: np.ndarray | None = None
 
 
 def scan_records(run: OpenedRun, metadata: MetadataStore) -> OutputRecords:
     """One read of ``metadata``'s parts and one listing per output folder; writes nothing (a render folds what
     killed runs left first: ``flows.render``)."""
     passthrough = sorted(run.passthrough.values())
-    present = None if run.options.overwrite else listing_hashes(run.storage, metadata.out)
+    output_paths = None if run.options.overwrite else listing_hashes(run.storage, metadata.out)
     owned = OwnedOutputs()
     done_chunks: list[np.ndarray] = []
-    current_chunks: list[np.ndarray] = []
+    passthrough_chunks: list[np.ndarray] = []
 
     def collect(_: str, table: pa.Table) -> None:
         owned.add(table)
-        if present is not None and len(present):
-            done_chunks.append(done_hashes(table, metadata.out, lambda paths: members(hash_strings(paths), present)))
+        if output_paths is not None and len(output_paths):
+            done_chunks.append(done_hashes(table, metadata.out,
+                                           lambda paths: members(hash_strings(paths), output_paths)))
             if passthrough:
                 ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False)
-                current_chunks.append(passthrough_hashes(table.filter(ok), passthrough))
+                passthrough_chunks.append(passthrough_hashes(table.filter(ok), passthrough))
 
     index = metadata.index(collect, ["status", "key", "outputs", "layout", *passthrough])
-    done = np.unique(np.concatenate(done_chunks)) if done_chunks else np.zeros(0, np.uint64)
-    current = None if not passthrough else \
-        np.unique(np.concatenate(current_chunks)) if current_chunks else np.zeros(0, np.uint64)
+    done_keys = np.unique(np.concatenate(done_chunks)) if done_chunks else np.zeros(0, np.uint64)
+    ok_passthrough = None if not passthrough else \
+        np.unique(np.concatenate(passthrough_chunks)) if passthrough_chunks else np.zeros(0, np.uint64)
     owned.seal(metadata, index)
-    return OutputRecords(out=metadata.out, index=index, done=done, owned=owned, current=current)
+    return OutputRecords(out=metadata.out, index=index, done_keys=done_keys, owned=owned,
+                         ok_passthrough=ok_passthrough)
 
 
 @dataclass
@@ -222,10 +224,10 @@ def _judge_against(run: OpenedRun, records: OutputRecords, jobs: list, cache: Id
     if not keyed:
         return
     done = np.zeros(len(keyed), dtype=bool)
-    if len(records.done) and not run.options.overwrite:
+    if len(records.done_keys) and not run.options.overwrite:
         hashes = hash_joined(pa.array([job.id for job, _ in keyed]), pa.array([key for _, key in keyed]),
                              pa.array([run.layout(job.spec) for job, _ in keyed]))
-        done = members(hashes, records.done)
+        done = members(hashes, records.done_keys)
     judged.done = [job for (job, _), finished in zip(keyed, done) if finished]
     left = [(job, key) for (job, key), finished in zip(keyed, done) if not finished]
     taken = records.owned.problems([job for job, _ in left], run.specs)

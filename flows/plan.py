@@ -102,7 +102,7 @@ class RowPlanner:
         """Done rows whose passthrough values differ from their records': journal the new values."""
         extras = [{record_column(name): value for name, value in job.extra.items()} for job in jobs]
         names = sorted(self.passthrough.values())
-        stale = ~members(row_passthrough_hashes([job.id for job in jobs], extras, names), self.records.current)
+        stale = ~members(row_passthrough_hashes([job.id for job in jobs], extras, names), self.records.ok_passthrough)
         for job, values, changed in zip(jobs, extras, stale):
             if changed:
                 self._updates.append({"id": job.id, **values})  # absent columns are nulls (journal_updates)
@@ -118,7 +118,7 @@ class RowPlanner:
                 self.fail(rejected.failed, rejected.job, rejected.key, rejected.extra)
             skipped = len(judged.done)
             self.monitor.counts.skipped += skipped
-            if skipped and self.records.current is not None:
+            if skipped and self.records.ok_passthrough is not None:
                 self._update_stale(judged.done)
             for job, key in judged.to_render:
                 if job.spec in self.broken:
