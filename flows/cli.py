@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from ipaflow.core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, UserError
 from ipaflow.flows.cli_parser import DEFAULT_ZOO, command_parser, options_from_args
 from ipaflow.flows.prefect_api import APIServerError, TemporaryAPIServer
-from ipaflow.specs.options import RenderOptions
+from ipaflow.specs.options import RenderOptions, default_models_folder
 
 if TYPE_CHECKING:
     from ipaflow.flows.summary import RunSummary
@@ -343,7 +343,7 @@ def cmd_render(args) -> int:
     from ipaflow.specs.manifest import ManifestError
     from ipaflow.specs.registry import SpecError
 
-    options = args.options.resolved()
+    options = args.options  # resolved by the run itself (RenderOptions.resolved), secrets kept out of its parameters
     check_before_starting(args.manifest, options)
     api_server = None if args.dry_run else TemporaryAPIServer.start_unless_configured()
     try:
@@ -371,11 +371,12 @@ def cmd_demo(args) -> int:
 
     api_server = TemporaryAPIServer.start_unless_configured()  # starts while the zoo and models load
     quiet_libraries()
-    options = RenderOptions(models=args.models).resolved()
-    if not options.models:
+    models = args.models or default_models_folder()
+    if not models:
         started = time.perf_counter()
-        options = RenderOptions(models=str(build_zoo(DEFAULT_ZOO))).resolved()
-        print(f"tiny model zoo: {options.models} ({time.perf_counter() - started:.1f}s)")
+        models = str(build_zoo(DEFAULT_ZOO))
+        print(f"tiny model zoo: {models} ({time.perf_counter() - started:.1f}s)")
+    options = RenderOptions(models=models)
     out = Path(args.out).resolve()
     manifest = write_demo(out)
     print(f"demo manifest: {manifest}")
