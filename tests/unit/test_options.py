@@ -4,6 +4,7 @@ a deployment's stored parameters and the worker settings all carry exactly its f
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -110,3 +111,18 @@ def test_storage_options_errors_never_echo_the_text(capsys):
         command_parser().parse_args(["render", "m.parquet", "--out", "o", "--storage-options", '{"secret": "s3cr3t"'])
     err = capsys.readouterr().err
     assert "not valid JSON" in err and "s3cr3t" not in err
+
+
+def test_a_run_resolves_what_the_environment_supplies_once(tmp_path, monkeypatch):
+    """The models folder and storage options the environment gives are made explicit in the options, so that
+    every part of a run (workers in other processes too) reads them from there."""
+    monkeypatch.setenv("IPAFLOW_MODELS", str(tmp_path / "zoo"))
+    monkeypatch.setenv("IPAFLOW_STORAGE_OPTIONS", '{"anon": true}')
+    resolved = RenderOptions(batch_size=2).resolved()
+    assert resolved.models == str((tmp_path / "zoo").resolve()) and resolved.batch_size == 2
+    assert resolved.storage_options.get_secret_value() == '{"anon": true}'
+    assert resolved.resolved() is resolved  # nothing left to resolve
+    given = RenderOptions(models="zoo", storage_options='{"anon": false}').resolved()
+    assert given.models == str(Path("zoo").resolve()) and given.storage_options_dict() == {"anon": False}
+    given.storage_options_dict()["anon"] = True  # a fresh dict each time
+    assert given.storage_options_dict() == {"anon": False}
