@@ -48,63 +48,62 @@ def estimate_manifest(manifest: str, out: str, options: RenderOptions) -> list[d
         for the rows already done in ``out`` (estimated at 0 s).
     """
     run = open_run(manifest, options)
-    records = scan_records(run, MetadataStore(run.storage, out))
-    batch_size = options.batch_size
-    wanted = batch_size * (1 + TIMED_BATCHES)
+    wanted = options.batch_size * (1 + TIMED_BATCHES)
     counts: dict[str, int] = {}
-    picked: dict[str, list] = {}
-    keys: dict[str, str] = {}
+    picked: dict[str, list[tuple]] = {}  # per spec, the first rows to render with their keys
     invalid = skipped = 0
-    for judged in judge_rows(run, records):
+    for judged in judge_rows(run, scan_records(run, MetadataStore(run.storage, out))):
         invalid += len(judged.rejected)
         skipped += len(judged.done)
         for job, key in judged.to_render:
             counts[job.spec] = counts.get(job.spec, 0) + 1
             if len(picked.setdefault(job.spec, [])) < wanted:
-                picked[job.spec].append(as_job(job))
-                keys[job.id] = key
-    shard_size = options.shard_size or auto_shard_size(run.census.rows, batch_size)
-    registry = run.registry
-    rows = []
+                picked[job.spec].append((as_job(job), key))
+    shard_size = options.shard_size or auto_shard_size(run.census.rows, options.batch_size)
     with tempfile.TemporaryDirectory(prefix="ipaflow-dry-run-") as scratch:
-        for name in sorted(counts):
-            spec = registry.get(name)
-            row = {"spec": name, "rows": counts[name], "sampled": 0, "build_s": None, "s_per_row": None,
-                   "estimate_s": None, "low_s": None, "high_s": None, "problem": None}
-            rows.append(row)
-            usable = picked[name]
-            sample = _sample(usable, wanted)
-            sample_keys = {job.id: keys[usable[i % len(usable)].id] for i, job in enumerate(sample)}  # its source's
-            settings = RunSettings(run_id="dry-run", out=scratch, options=options)
-            shard = ShardPlan(name=f"dry-run-{name}", spec=spec, jobs=sample, row_keys=sample_keys)
-            gc.collect()
-            gc.freeze()  # as a run does (ipaflow.flows.cli): a full collection inside a timed batch skews it
-            try:
-                stats = run_shard(shard, settings)
-            finally:
-                gc.unfreeze()
-            row["sampled"], row["build_s"] = len(sample), round(stats.build_seconds, 2)
-            if stats.pipeline_problem is not None:
-                row["problem"] = str(stats.pipeline_problem)
-                continue
-            if stats.failed:
-                row["problem"] = f"{stats.failed} of {len(sample)} sample rows failed: {stats.failures[0].error}"
-                continue
-            ends, sizes = stats.batch_ends, stats.batch_rows
-            per_row = [(ends[i] - ends[i - 1]) / sizes[i] for i in range(1, len(ends))]
-            if len(per_row) < TIMED_BATCHES:
-                row["problem"] = f"only {len(per_row)} batch(es) could be timed after the warm-up"
-                continue
-            shards = -(-counts[name] // shard_size)
-            fixed = stats.build_seconds + shards * SHARD_OVERHEAD_S
-            middle = statistics.median(per_row)
-            row.update(s_per_row=round(middle, 4), estimate_s=round(fixed + middle * counts[name], 1),
-                       low_s=round(fixed + min(per_row) * counts[name], 1),
-                       high_s=round(fixed + max(per_row) * counts[name], 1))
-    for label, count in (("(invalid rows)", invalid), ("(already done)", skipped)):
-        rows.append({"spec": label, "rows": count, "sampled": 0, "build_s": None, "s_per_row": None,
-                     "estimate_s": 0.0, "low_s": 0.0, "high_s": 0.0, "problem": None})
-    return rows
+        settings = RunSettings(run_id="dry-run", out=scratch, options=options)
+        rows = [_estimate_spec(run.registry.get(name), picked[name], counts[name], wanted, shard_size, settings)
+                for name in sorted(counts)]
+    return rows + [_line(label, count, estimate_s=0.0, low_s=0.0, high_s=0.0)
+                   for label, count in (("(invalid rows)", invalid), ("(already done)", skipped))]
+
+
+def _line(spec: str, rows: int, **values) -> dict:
+    return {"spec": spec, "rows": rows, "sampled": 0, "build_s": None, "s_per_row": None, "estimate_s": None,
+            "low_s": None, "high_s": None, "problem": None, **values}
+
+
+def _estimate_spec(spec, picked: list[tuple], count: int, wanted: int, shard_size: int, settings: RunSettings) -> dict:
+    """One spec's line: a sample of its rows rendered, timed per batch after the warm-up, scaled to ``count``."""
+    row = _line(spec.name, count)
+    keys = {job.id: key for job, key in picked}
+    usable = [job for job, _ in picked]
+    sample = _sample(usable, wanted)
+    sample_keys = {job.id: keys[usable[i % len(usable)].id] for i, job in enumerate(sample)}  # a copy: its source's
+    shard = ShardPlan(name=f"dry-run-{spec.name}", spec=spec, jobs=sample, row_keys=sample_keys)
+    gc.collect()
+    gc.freeze()  # as a run does (ipaflow.flows.cli): a full collection inside a timed batch skews it
+    try:
+        stats = run_shard(shard, settings)
+    finally:
+        gc.unfreeze()
+    row["sampled"], row["build_s"] = len(sample), round(stats.build_seconds, 2)
+    if stats.pipeline_problem is not None:
+        row["problem"] = str(stats.pipeline_problem)
+        return row
+    if stats.failed:
+        row["problem"] = f"{stats.failed} of {len(sample)} sample rows failed: {stats.failures[0].error}"
+        return row
+    ends, sizes = stats.batch_ends, stats.batch_rows
+    per_row = [(ends[i] - ends[i - 1]) / sizes[i] for i in range(1, len(ends))]
+    if len(per_row) < TIMED_BATCHES:
+        row["problem"] = f"only {len(per_row)} batch(es) could be timed after the warm-up"
+        return row
+    fixed = stats.build_seconds + -(-count // shard_size) * SHARD_OVERHEAD_S
+    middle = statistics.median(per_row)
+    row.update(s_per_row=round(middle, 4), estimate_s=round(fixed + middle * count, 1),
+               low_s=round(fixed + min(per_row) * count, 1), high_s=round(fixed + max(per_row) * count, 1))
+    return row
 
 
 def print_estimate(rows: list[dict]) -> int:
