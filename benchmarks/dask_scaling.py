@@ -59,7 +59,7 @@ def render(manifest: Path, out: Path, args, **cluster) -> dict:
 
     options = {"batch_size": args.batch_size, "shard_size": args.shard_size, "overwrite": True, **cluster}
     summary = render_manifest(str(manifest), out=str(out), options=options)
-    assert summary["rendered"] == args.rows and summary["failed"] == 0, summary
+    assert summary.rendered == args.rows and summary.failed == 0, summary
     return summary
 
 
@@ -73,10 +73,10 @@ def breakdown(seconds: float, summary: dict) -> str:
     """Wall time, the flow's own time (without Prefect's flow start and end), and the seconds each worker
     spent inside shards (how evenly the work spread; the rest is fixed cost and per-task overhead)."""
     busy: dict[str, float] = {}
-    for shard in summary["shards"]:
-        busy[shard["worker"]] = busy.get(shard["worker"], 0.0) + shard["finished_at"] - shard["started_at"]
+    for shard in summary.shards:
+        busy[shard.worker] = busy.get(shard.worker, 0.0) + shard.finished_at - shard.started_at
     per_worker = " + ".join(f"{s:.1f}" for s in sorted(busy.values(), reverse=True))
-    return (f"{seconds:6.1f}s wall ({summary['images'] / seconds:.2f} images/s), flow {summary['seconds']:.1f}s, "
+    return (f"{seconds:6.1f}s wall ({summary.images / seconds:.2f} images/s), flow {summary.seconds:.1f}s, "
             f"in shards {per_worker}s")
 
 

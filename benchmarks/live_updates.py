@@ -158,9 +158,9 @@ def wrapped_render(argv: list[str]) -> int:
 
     shown = cli.print_summary
 
-    def print_and_keep(summary: dict) -> None:
+    def print_and_keep(summary) -> None:
         shown(summary)
-        Path(os.environ[SUMMARY_ENV]).write_text(json.dumps(summary))
+        Path(os.environ[SUMMARY_ENV]).write_text(summary.model_dump_json())
 
     cli.print_summary = print_and_keep
     return cli.main(["render", *argv])

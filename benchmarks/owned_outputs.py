@@ -2,7 +2,7 @@
 
     python benchmarks/owned_outputs.py --records 1000000 [--rounds 5]
 
-Records in parts of 2048 (``tasks.metadata.PART_ROWS``), a quarter with ``num_images: 4``, the rest with one:
+Records in parts of 2048 (``tasks.metadata_fold.PART_ROWS``), a quarter with ``num_images: 4``, the rest with one:
 
 - ``build``: ``OwnedOutputs.add`` over every part then ``seal`` (what a run adds to its start-up scan of the
   records), seconds, and the bytes the sealed arrays hold;

@@ -34,7 +34,7 @@ FILE_ROWS = 4096
 
 
 def _records(start: int, stop: int, run: str, **extra_of) -> list[dict]:
-    from ipaflow.tasks.metadata import make_record
+    from ipaflow.tasks.metadata_schema import make_record
 
     return [make_record(job_id=f"row-{i:08d}", spec="sd15-full-face", status="ok", run_id=run, key=f"{i:064x}",
                         outputs=[f"/renders/images/row-{i:08d}.png"], seed=i, params={"prompt": f"prompt {i}"},
@@ -74,7 +74,8 @@ def child_update(out: str, size: int) -> dict:
 
     from ipaflow.core.hashing import members
     from ipaflow.core.storage import Storage
-    from ipaflow.tasks.metadata import MetadataStore, passthrough_hashes, row_passthrough_hashes
+    from ipaflow.tasks.metadata import MetadataStore
+    from ipaflow.tasks.metadata_scans import passthrough_hashes, row_passthrough_hashes
 
     store = MetadataStore(Storage(), out)
     names = ["added", "note"]

@@ -105,8 +105,8 @@ def child_render(manifest: str, out: str, models: str, layout: str | None) -> No
         server.wait_until_ready()
     options = {"models": models, **({"layout": layout} if layout else {})}
     summary = render_manifest(manifest, out=out, options=options)
-    print(json.dumps({k: summary[k] for k in ("rows", "rendered", "skipped", "failed", "seconds", "first_shard_s",
-                                              "metadata_bytes_written")}))
+    print(summary.model_dump_json(include={"rows", "rendered", "skipped", "failed", "seconds", "first_shard_s",
+                                           "metadata_bytes_written"}))
 
 
 def child_done_state(manifest: str, out: str, models: str) -> None:
@@ -115,26 +115,23 @@ def child_done_state(manifest: str, out: str, models: str) -> None:
     import PIL.Image
 
     from ipaflow.core.storage import Storage
-    from ipaflow.specs.census import take_census
+    from ipaflow.flows.open_run import judge_rows, open_run
     from ipaflow.specs.checks import as_job
-    from ipaflow.specs.manifest import open_manifest
-    from ipaflow.specs.registry import SpecRegistry
-    from ipaflow.specs.stream import resolve_stream
+    from ipaflow.specs.options import RenderOptions
     from ipaflow.tasks.keys import IdentityCache, identify_inputs, row_key
     from ipaflow.tasks.metadata import MetadataStore
     from ipaflow.tasks.render import Rendered
     from ipaflow.tasks.writers import ShardWriter
 
     storage = Storage(local_staging=f"{out}/_ipaflow/tmp")
-    registry = SpecRegistry()
-    opened = open_manifest(manifest, storage)
-    census = take_census(opened, registry)
+    run = open_run(manifest, RenderOptions(), storage=storage)
+    registry = run.registry
     picture = PIL.Image.new("RGB", (8, 8), "gray")
     cache = IdentityCache()
     run_id = "bench-done-state"
     started = time.perf_counter()
-    for number, resolved in enumerate(resolve_stream(opened, registry, census)):
-        jobs = [as_job(job) for job in resolved.jobs]
+    for number, judged in enumerate(judge_rows(run)):
+        jobs = [as_job(job) for job, _ in judged.to_render]
         identities = identify_inputs(storage, jobs, cache=cache)
         keys = {job.id: row_key(job, registry.get(job.spec), identities) for job in jobs}
         writer = ShardWriter(storage, out, run_id, f"fill-{number:05d}", registry.get("sd15-full-face"), keys,
@@ -152,47 +149,36 @@ def child_touch(manifest: str, out: str) -> None:
     import logging
 
     import PIL.Image
-    import pyarrow as pa
 
-    from ipaflow.core.hashing import hash_joined, members
     from ipaflow.core.storage import Storage
+    from ipaflow.flows.open_run import judge_rows, open_run
     from ipaflow.flows.render import _records_state
-    from ipaflow.specs.census import take_census
     from ipaflow.specs.checks import as_job
-    from ipaflow.specs.manifest import open_manifest
-    from ipaflow.specs.registry import SpecRegistry
-    from ipaflow.specs.stream import resolve_stream
-    from ipaflow.tasks.keys import IdentityCache, identify_inputs, row_key
+    from ipaflow.specs.options import RenderOptions
     from ipaflow.tasks.metadata import MetadataStore
     from ipaflow.tasks.render import Rendered
     from ipaflow.tasks.writers import ShardWriter
 
     storage = Storage(local_staging=f"{out}/_ipaflow/tmp")
-    registry = SpecRegistry()
+    run = open_run(manifest, RenderOptions(), storage=storage)
     metadata = MetadataStore(storage, out)
-    index, done, _ = _records_state(metadata, storage, out, False, "bench-touch", logging.getLogger("bench"), [])
-    opened = open_manifest(manifest, storage)
-    census = take_census(opened, registry)
+    records = _records_state(run, metadata, "bench-touch", logging.getLogger("bench"))
     picture = PIL.Image.new("RGB", (8, 8), "gray")
-    cache = IdentityCache()
     run_id = "bench-touch"
     touched = 0
-    for number, resolved in enumerate(resolve_stream(opened, registry, census)):
-        jobs = [as_job(job) for job in resolved.jobs]
-        identities = identify_inputs(storage, jobs, cache=cache)
-        keys = {job.id: row_key(job, registry.get(job.spec), identities) for job in jobs}
-        hashes = hash_joined(pa.array(list(keys)), pa.array(list(keys.values())), pa.array(["files"] * len(keys)))
-        todo = [job for job, finished in zip(jobs, members(hashes, done)) if not finished]
+    for number, judged in enumerate(judge_rows(run, records)):  # done rows left out, as a run leaves them
+        todo = [as_job(job) for job, _ in judged.to_render]
         if not todo:
             continue
         touched += len(todo)
-        writer = ShardWriter(storage, out, run_id, f"touch-{number:05d}", registry.get("sd15-full-face"), keys,
+        keys = {job.id: key for job, key in judged.to_render}
+        writer = ShardWriter(storage, out, run_id, f"touch-{number:05d}", run.registry.get("sd15-full-face"), keys,
                              threads=2, flush_every_s=1e9)
         for job in todo:
             writer.submit(Rendered(job=job, images=[picture]))
         writer.close()
     journal = sum(Path(p).stat().st_size for p in metadata.journal_files())
-    folded = metadata.fold(run_id, index)
+    folded = metadata.fold(run_id, records.index)
     total = sum(p.stat().st_size for p in Path(out, "metadata").glob("*.parquet"))
     print(json.dumps({"touched": touched, "journal_bytes": journal, "fold_bytes": folded.bytes_written,
                       "parts_rewritten": folded.parts_rewritten, "parts_written": folded.parts_written,
@@ -267,8 +253,8 @@ def main() -> None:
                 out = work / f"broken-{size}-{number}"
                 wall, rss, text = run(me + ["render", str(manifest), str(out), str(empty), ""], env)
                 summary = json.loads(text.strip().splitlines()[-1])
-                assert summary["failed"] == size, summary
-                runs.append((wall, rss, summary["first_shard_s"], summary["seconds"]))
+                assert summary.failed == size, summary
+                runs.append((wall, rss, summary.first_shard_s, summary.seconds))
                 subprocess.run(["rm", "-rf", str(out)])
             row["broken_wall_s"] = statistics.median(r[0] for r in runs)
             row["broken_flow_s"] = statistics.median(r[3] for r in runs)
@@ -284,8 +270,8 @@ def main() -> None:
                 for _ in range(args.rounds):
                     wall, rss, text = run(me + ["render", str(manifest), str(out), str(zoo), ""], env)
                     summary = json.loads(text.strip().splitlines()[-1])
-                    assert summary["skipped"] == size and summary["rendered"] == 0, summary
-                    runs.append((wall, rss, summary["seconds"]))
+                    assert summary.skipped == size and summary.rendered == 0, summary
+                    runs.append((wall, rss, summary.seconds))
                 row["all_done_wall_s"] = statistics.median(r[0] for r in runs)
                 row["all_done_flow_s"] = statistics.median(r[2] for r in runs)
                 row["all_done_rss_mb"] = statistics.median(r[1] for r in runs)

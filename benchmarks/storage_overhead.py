@@ -85,8 +85,8 @@ def timed_render(manifest: Path, out: str, rows: int) -> float:
     started = time.perf_counter()
     summary = render_manifest(str(manifest), out=out)
     seconds = time.perf_counter() - started
-    if (summary["rendered"], summary["failed"]) != (rows, 0):
-        raise SystemExit(f"render to {out} did not complete: {summary['failures'][:3]}")
+    if (summary.rendered, summary.failed) != (rows, 0):
+        raise SystemExit(f"render to {out} did not complete: {summary.failures[:3]}")
     return seconds
 
 

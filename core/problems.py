@@ -27,6 +27,7 @@ class Problem:
 
     column: str
     reason: str
+    shared: bool = False  # the very problem of several rows (a duplicate id): a report may say it once
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reason", one_line(self.reason)[:MAX_REASON_CHARS])

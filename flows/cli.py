@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 import os
@@ -11,13 +10,16 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING
 
-from ipaflow.core.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, UserError
+from ipaflow.core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, EXIT_TERMINATED, UserError
+from ipaflow.flows.cli_parser import DEFAULT_ZOO, command_parser, options_from_args
 from ipaflow.flows.prefect_api import APIBlinks, APIServerError, TemporaryAPIServer
-from ipaflow.specs.options import RenderOptions, parse_storage_options
+from ipaflow.specs.options import RenderOptions, default_models_folder
 
-DEFAULT_ZOO = Path("~/.cache/ipaflow/zoo").expanduser()
+if TYPE_CHECKING:
+    from ipaflow.flows.summary import RunSummary
+
 
 
 def _quiet_environment() -> None:
@@ -29,134 +31,12 @@ def _quiet_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
-# -- render options as flags, derived from RenderOptions -------------------------------------------------------
-
-def _field_parser(name: str):
-    """argparse ``type=`` for one RenderOptions field: the field's own type and bounds, so that a bad value
-    is a one-line usage error (exit 2) before anything starts."""
-    from pydantic import TypeAdapter, ValidationError
-
-    info = RenderOptions.model_fields[name]
-    adapter = TypeAdapter(Annotated[info.annotation, info])
-
-    def parse(text: str) -> Any:
-        if name == "storage_options":
-            try:
-                parse_storage_options(text)
-            except ValueError as exc:
-                raise argparse.ArgumentTypeError(str(exc)) from None
-        try:
-            return adapter.validate_python(text)
-        except ValidationError as exc:
-            raise argparse.ArgumentTypeError(f"{exc.errors()[0]['msg'].lower()}, got {text!r}") from None
-
-    parse.__name__ = name  # argparse names the type in some messages
-    return parse
-
-
-def add_render_options(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
-    """A flag per RenderOptions field (``--batch-size`` for ``batch_size``), with its help, bounds and default;
-    ``only`` picks a subset (``validate`` takes the spec folders and storage options)."""
-    for name, info in RenderOptions.model_fields.items():
-        if only is not None and name not in only:
-            continue
-        extra = info.json_schema_extra or {}
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": info.description}
-        if info.annotation is bool:
-            kwargs["action"] = "store_true"
-        elif info.annotation == list[str]:
-            kwargs.update(action="append", metavar=extra.get("metavar"))
-        else:
-            kwargs.update(type=_field_parser(name), metavar=extra.get("metavar"))
-        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
-
-
-def options_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RenderOptions:
-    """The RenderOptions the flags given make (unset flags keep the model's defaults)."""
-    from pydantic import ValidationError
-
-    given = {name: getattr(args, name) for name in RenderOptions.model_fields if hasattr(args, name)}
-    try:
-        return RenderOptions(**given)
-    except ValidationError as exc:
-        parser.error("; ".join(item["msg"].removeprefix("Value error, ") for item in exc.errors()))
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with usage errors on one line (the usage of `render` alone is six): exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _parser() -> argparse.ArgumentParser:
-    from importlib.metadata import version
-
-    parser = _Parser(prog="ipaflow", description="Batch renders with diffusers IP-Adapter pipelines.")
-    parser.add_argument("--version", action="version", version=f"ipaflow {version('ipaflow')}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    demo = commands.add_parser("demo", help="render a demo manifest covering every bundled spec")
-    demo.add_argument("--out", default="ipaflow-demo", help="output folder (default ./ipaflow-demo)")
-    demo.add_argument("--models", help=f"model folder (default $IPAFLOW_MODELS or the tiny zoo in {DEFAULT_ZOO})")
-
-    render = commands.add_parser("render", help="render a manifest")
-    render.add_argument("manifest", help="manifest URI or path (.parquet, .csv, .jsonl)")
-    render.add_argument("--out", required=True, help="output URI or path; {date} and {datetime} are filled in")
-    render.set_defaults(command_parser=render)
-    add_render_options(render)
-    render.add_argument("--dry-run", action="store_true", help="render a sample and estimate the whole run")
-
-    validate = commands.add_parser("validate", help="check every row without rendering")
-    validate.add_argument("manifest", help="manifest URI or path (.parquet, .csv, .jsonl)")
-    validate.set_defaults(command_parser=validate)
-    add_render_options(validate, only=("specs", "storage_options"))
-    validate.add_argument("--no-inputs", action="store_true", help="skip reading and decoding the inputs")
-
-    records = commands.add_parser("records", help="the current records of an output folder, one per id")
-    records.add_argument("out", help="the output folder or URI (what --out was)")
-    records.add_argument("--output", metavar="PATH", help="write .parquet, .csv or .jsonl there (default: JSON Lines "
-                                                          "on stdout)")
-    records.set_defaults(command_parser=records)
-    add_render_options(records, only=("storage_options",))
-
-    zoo = commands.add_parser("zoo", help="the tiny model zoo").add_subparsers(dest="zoo_command", required=True,
-                                                                              metavar="COMMAND")
-    build = zoo.add_parser("build", help="write the tiny zoo in hub layout")
-    build.add_argument("dir", nargs="?", default=str(DEFAULT_ZOO), help=f"where (default {DEFAULT_ZOO})")
-    build.add_argument("--force", action="store_true", help="rebuild even if a complete zoo is there")
-    build.add_argument("--hf-cache", metavar="DIR",
-                       help="also register the zoo in this HF hub cache, so bare hub ids load offline")
-    build.add_argument("--full-size-sd15", action="store_true",
-                       help="write a shape-true SD1.5 + IP-Adapter (random weights, float16) instead")
-
-    specs = commands.add_parser("specs", help="bundled and user specs").add_subparsers(
-        dest="specs_command", required=True, metavar="COMMAND")
-    listing = specs.add_parser("list", help="every known spec: name, task, base model, description")
-    listing.set_defaults(command_parser=listing)
-    add_render_options(listing, only=("specs",))
-    show = specs.add_parser("show", help="one spec, whole, as YAML")
-    show.add_argument("name", help="the spec's name")
-    show.set_defaults(command_parser=show)
-    add_render_options(show, only=("specs",))
-
-    serve = commands.add_parser("serve", help="serve the render flow as a deployment on a cron schedule")
-    serve.add_argument("--manifest", required=True, help="manifest URI")
-    serve.add_argument("--out", required=True, help="output URI; {date} and {datetime} are filled in per run")
-    serve.set_defaults(command_parser=serve)
-    add_render_options(serve)
-    serve.add_argument("--cron", default="0 2 * * *", help="cron schedule (default: every day at 02:00)")
-    serve.add_argument("--timezone", default="UTC", help="time zone of the cron schedule (default UTC)")
-    serve.add_argument("--name", default="nightly", help="deployment name (default nightly)")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
     from ipaflow.flows.progress import mark_command_start
 
     mark_command_start()  # the run's times include the command's start-up
     _quiet_environment()  # before anything imports prefect, which reads its settings once
-    parser = _parser()
+    parser = command_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -174,20 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     }[args.command]
     try:
         return handler(args)
-    except UserError as exc:
-        print(f"ipaflow: {exc}", file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
         _interrupt.say()
         return _interrupt.code
-    except APIServerError as exc:
+    except UserError as exc:  # the user's to fix: one line, the error's own exit status (core/errors.py)
         print(f"ipaflow: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except Exception as exc:
         if (line := _one_line(exc, getattr(args, "out", None))) is None:
             raise
         print(f"ipaflow: {line}", file=sys.stderr)
-        return 1
+        return EXIT_ROWS_FAILED
 
 
 # -- failures said in one line, and Ctrl-C -----------------------------------------------------------------------
@@ -198,12 +75,17 @@ _UNWRITABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, 
                          errno.EISDIR, errno.EFBIG})
 
 
-def _one_line(exc: BaseException, out: str | None = None) -> str | None:
-    """The one line a failure is told in, for those that are the user's to fix and need no traceback; None
-    for the others (a traceback then helps whoever fixes ipaflow)."""
-    from ipaflow.core.lease import OutputInUse, OutputUnusable
+class RunStopped(UserError):
+    """A manifest or spec found unusable once the run had started (a later file of a manifest folder): the rows
+    done so far are recorded; re-run once it is fixed."""
 
-    if isinstance(exc, (OutputInUse, OutputUnusable)):
+    exit_code = EXIT_ROWS_FAILED
+
+
+def _one_line(exc: BaseException, out: str | None = None) -> str | None:
+    """The one line a failure that is not a ``UserError`` is told in (the Prefect API server failing to start,
+    an output that cannot be written); None for the others (a traceback then helps whoever fixes ipaflow)."""
+    if isinstance(exc, APIServerError):
         return str(exc)
     if isinstance(exc, OSError) and exc.errno in _UNWRITABLE:
         where = f" to --out {out}" if out else f" {exc.filename}" if exc.filename else ""
@@ -224,11 +106,8 @@ class _OneLineFailures(logging.Filter):
     one, and the notice of its event queue draining at exit. The Prefect API (the UI) still gets the first two."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from ipaflow.specs.manifest import ManifestError
-        from ipaflow.specs.registry import SpecError
-
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, (KeyboardInterrupt, UserError, ManifestError, SpecError)) or (error and _one_line(error)):
+        if isinstance(error, (KeyboardInterrupt, UserError)) or (error and _one_line(error)):
             return False
         return not str(record.msg).startswith(_PREFECT_NOISE) and _CANCELLED_TASK not in record.getMessage()
 
@@ -386,23 +265,15 @@ def cmd_zoo(args) -> int:
 def cmd_specs(args) -> int:
     import yaml
 
-    from ipaflow.specs.registry import SpecError, SpecRegistry
+    from ipaflow.specs.registry import SpecRegistry
 
-    try:
-        registry = SpecRegistry(args.options.specs)
-    except SpecError as exc:
-        print(f"ipaflow: {exc}", file=sys.stderr)
-        return 1
+    registry = SpecRegistry(args.options.specs)
     if args.specs_command == "list":
         for name in registry.names():
             spec = registry.get(name)
             print(f"{name:24} {spec.task:10} {spec.model:48} {spec.description}")
         return 0
-    try:
-        spec = registry.get(args.name)
-    except SpecError as exc:
-        print(f"ipaflow: {exc}", file=sys.stderr)
-        return 1
+    spec = registry.get(args.name)
     print(f"# {registry.source(args.name)}")
     print(yaml.safe_dump(shown_spec(spec), sort_keys=False, allow_unicode=True).rstrip())
     return 0
@@ -421,31 +292,25 @@ def shown_spec(spec) -> dict:
 
 def cmd_validate(args) -> int:
     from ipaflow.flows.validate import iter_validation
-    from ipaflow.specs.manifest import ManifestError
-    from ipaflow.specs.registry import SpecError
 
     counted: list[int] = []
     failed = 0
-    shared: set[str] = set()
-    try:
-        for row in iter_validation(args.manifest, args.options, not args.no_inputs, counted.append,  # streamed
-                                   lambda line: print(f"warning: {line}", file=sys.stderr)):
-            failed += 1
-            for line in row.lines():
-                if "duplicate id (manifest rows" in line:  # rows sharing an id share this line: print it once
-                    if line in shared:
-                        continue
-                    shared.add(line)
-                print(line)
-    except (ManifestError, SpecError) as exc:  # nothing could be checked: like a usage error
-        print(f"ipaflow: {exc}", file=sys.stderr)
-        return 2
+    said: set[str] = set()  # lines of problems several rows share (a duplicate id), said once
+    for row in iter_validation(args.manifest, args.options, not args.no_inputs, counted.append,  # streamed
+                               lambda line: print(f"warning: {line}", file=sys.stderr)):
+        failed += 1
+        for problem, line in zip(row.problems, row.lines()):
+            if problem.shared:
+                if line in said:
+                    continue
+                said.add(line)
+            print(line)
     rows = counted[0]
     print(f"{rows} rows checked: {rows - failed} ok, {failed} with problems", file=sys.stderr)
     return 1 if failed else 0
 
 
-def _render(manifest: str, out: str, options: RenderOptions, api_server=None) -> dict:
+def _render(manifest: str, out: str, options: RenderOptions, api_server=None) -> RunSummary:
     """Run the render flow in this process, showing its progress from the start (imports and Prefect's API
     server take seconds), and return its summary (also when it stopped at ``--max-failures``)."""
     import gc
@@ -457,8 +322,8 @@ def _render(manifest: str, out: str, options: RenderOptions, api_server=None) ->
         if not (options.dask_address or options.workers):
             _start_loading_first_pipeline(manifest, options)
 
-        from ipaflow.flows.monitoring import summary_of
         from ipaflow.flows.render import render_manifest
+        from ipaflow.flows.summary import summary_of
 
         if api_server is not None:
             set_phase("waiting for Prefect's API server")
@@ -476,16 +341,11 @@ def _render(manifest: str, out: str, options: RenderOptions, api_server=None) ->
 
 
 def check_before_starting(manifest: str, options: RenderOptions) -> None:
-    """Open the manifest and the spec folders, so that a missing or unreadable one is a one-line error before
-    Prefect's API server starts and before a flow run exists (raises ManifestError or SpecError)."""
-    from ipaflow.core.storage import Storage
-    from ipaflow.specs.manifest import open_manifest
-    from ipaflow.specs.registry import SpecRegistry
-    from ipaflow.tasks.metadata import passthrough_names
+    """Open the run (``flows.open_run``), so that a missing or unreadable manifest or spec folder is a one-line
+    error before Prefect's API server starts and before a flow run exists (raises ManifestError or SpecError)."""
+    from ipaflow.flows.open_run import open_run
 
-    storage = Storage(options=options.storage_options_dict())
-    passthrough_names(open_manifest(manifest, storage).columns)
-    SpecRegistry(options.specs, storage=storage)
+    open_run(manifest, options)
 
 
 def _start_loading_first_pipeline(manifest: str, options: RenderOptions):
@@ -497,66 +357,60 @@ def _start_loading_first_pipeline(manifest: str, options: RenderOptions):
 
     def load() -> None:
         try:
-            from ipaflow.core.storage import Storage
-            from ipaflow.specs.manifest import open_manifest
-            from ipaflow.specs.registry import SpecRegistry
+            from ipaflow.flows.open_run import open_run
             from ipaflow.tasks.pipelines import PIPELINES
 
-            storage = Storage(options=options.storage_options_dict())
-            registry = SpecRegistry(options.specs, storage=storage)
+            run = open_run(manifest, options)
             # shards leave as the manifest streams: the first is most likely of the spec of its first rows
-            first = next(open_manifest(manifest, storage).iter_batches(batch_rows=1024, columns=("spec",)), None)
-            known = [name for name in (first.values("spec") if first else []) if isinstance(name, str) and name in registry]
+            first = next(run.manifest.iter_batches(batch_rows=1024, columns=("spec",)), None)
+            known = [name for name in (first.values("spec") if first else [])
+                     if isinstance(name, str) and name in run.registry]
             if known:
-                PIPELINES.get(registry.get(known[0]), options.models)
+                PIPELINES.get(run.registry.get(known[0]), options.models)
         except Exception:  # noqa: BLE001
             logging.getLogger("ipaflow.cli").debug("preloading the first pipeline failed", exc_info=True)
 
     threading.Thread(target=load, name="ipaflow-preload", daemon=True).start()
 
 
-def print_summary(summary: dict) -> None:
+def print_summary(summary: RunSummary) -> None:
     """The run summary (already free of credentials: the flow redacts what it returns)."""
-    startup = summary["times"]["startup"]
+    startup = summary.times.startup
     print(
-        f"{summary['rows']} rows: {summary['rendered']} rendered, {summary['skipped']} already done"
-        + (f" ({summary['updated']} records updated)" if summary.get("updated") else "") + ", "
-        f"{summary['failed']} failed ({summary['images']} images in {summary['seconds']:.1f}s"
+        f"{summary.rows} rows: {summary.rendered} rendered, {summary.skipped} already done"
+        + (f" ({summary.updated} records updated)" if summary.updated else "") + ", "
+        f"{summary.failed} failed ({summary.images} images in {summary.seconds:.1f}s"
         + (f", {startup:.1f}s of it start-up)" if startup else ")")
     )
-    for failure in summary["failures"][:20]:
-        print(f"  failed: {failure['id']}, {failure['error']}")
-    if summary["failed"] > 20:
-        print(f"  ... and {summary['failed'] - 20} more (see the metadata)")
-    print(f"outputs:  {summary['out']}")
-    print(f"gallery:  {summary['gallery']}")
+    for failure in summary.failures[:20]:
+        print(f"  failed: {failure.id}, {failure.error}")
+    if summary.failed > 20:
+        print(f"  ... and {summary.failed - 20} more (see the metadata)")
+    print(f"outputs:  {summary.out}")
+    print(f"gallery:  {summary.gallery}")
 
 
 def cmd_render(args) -> int:
     from ipaflow.specs.manifest import ManifestError
     from ipaflow.specs.registry import SpecError
 
-    options = args.options
-    if options.models:
-        options = options.model_copy(update={"models": str(Path(options.models).expanduser().resolve())})
-        os.environ["IPAFLOW_MODELS"] = options.models
-    try:
-        check_before_starting(args.manifest, options)
-    except (ManifestError, SpecError) as exc:
-        print(f"ipaflow: {exc}", file=sys.stderr)
-        return 2
+    options = args.options  # resolved by the run itself (RenderOptions.resolved), secrets kept out of its parameters
+    check_before_starting(args.manifest, options)
     api_server = None if args.dry_run else TemporaryAPIServer.start_unless_configured()
     try:
         if args.dry_run:
-            from ipaflow.flows.estimate import estimate_manifest, print_estimate
+            from datetime import datetime, timezone
 
-            return print_estimate(estimate_manifest(args.manifest, options))
+            from ipaflow.flows.estimate import estimate_manifest, print_estimate
+            from ipaflow.flows.render import absolute_uri, fill_template
+
+            out = absolute_uri(fill_template(args.out, datetime.now(timezone.utc)))
+            return print_estimate(estimate_manifest(args.manifest, out, options))
         summary = _render(args.manifest, args.out, options, api_server)
-    except (ManifestError, SpecError) as exc:
-        print(f"ipaflow: {exc}", file=sys.stderr)
-        return 1
+    except (ManifestError, SpecError) as exc:  # once the run started: what ran is recorded
+        raise RunStopped(str(exc)) from exc
     print_summary(summary)
-    return 0 if summary["failed"] == 0 else 1
+    return EXIT_OK if summary.failed == 0 else EXIT_ROWS_FAILED
 
 
 def cmd_demo(args) -> int:
@@ -568,19 +422,19 @@ def cmd_demo(args) -> int:
 
     api_server = TemporaryAPIServer.start_unless_configured()  # starts while the zoo and models load
     quiet_libraries()
-    models = args.models or os.environ.get("IPAFLOW_MODELS")
+    models = args.models or default_models_folder()
     if not models:
         started = time.perf_counter()
         models = str(build_zoo(DEFAULT_ZOO))
         print(f"tiny model zoo: {models} ({time.perf_counter() - started:.1f}s)")
-    os.environ["IPAFLOW_MODELS"] = str(Path(models).expanduser().resolve())
+    options = RenderOptions(models=models)
     out = Path(args.out).resolve()
     manifest = write_demo(out)
     print(f"demo manifest: {manifest}")
-    summary = _render(str(manifest), str(out), RenderOptions(models=os.environ["IPAFLOW_MODELS"]), api_server)
+    summary = _render(str(manifest), str(out), options, api_server)
     print_summary(summary)
     print(f"open {out / 'index.html'} in a browser; records in {out / 'metadata'}")
-    return 0 if summary["failed"] == 0 else 1
+    return EXIT_OK if summary.failed == 0 else EXIT_ROWS_FAILED
 
 
 def cmd_records(args) -> int:
@@ -589,11 +443,7 @@ def cmd_records(args) -> int:
     from ipaflow.flows.records import export_records
 
     storage = Storage(options=args.options.storage_options_dict())
-    try:
-        count = export_records(args.out, args.output, storage)
-    except ValueError as exc:
-        print(f"ipaflow: {exc}", file=sys.stderr)
-        return 2
+    count = export_records(args.out, args.output, storage)
     print(f"{count} records" + (f" written to {storage.redact(args.output)}" if args.output else ""), file=sys.stderr)
     return 0
 

@@ -1,5 +1,8 @@
 """``ipaflow render --dry-run``: render a sample of each spec into a scratch folder and estimate the run.
 
+Rows are judged as a render into the same ``--out`` judges them (``flows.open_run``): the rows it would reject
+and the rows already done there are counted in lines of their own, neither sampled nor estimated.
+
 Per spec, the sample is a warm-up batch (the pipeline build, first-call costs) and three more batches,
 each timed on its own; the estimate is the build plus the median seconds per row of the timed batches times the
 spec's valid rows, and its spread comes from the fastest and slowest timed batch. Each shard task also costs a
@@ -14,14 +17,10 @@ import gc
 import statistics
 import tempfile
 
-from ipaflow.core.storage import Storage
-from ipaflow.specs.census import take_census
+from ipaflow.flows.open_run import judge_rows, open_run, scan_records
 from ipaflow.specs.checks import as_job
-from ipaflow.specs.manifest import open_manifest
 from ipaflow.specs.options import RenderOptions
-from ipaflow.specs.registry import SpecRegistry
-from ipaflow.specs.stream import resolve_stream
-from ipaflow.tasks.keys import IdentityCache, identify_inputs, row_key
+from ipaflow.tasks.metadata import MetadataStore
 from ipaflow.tasks.shards import ShardPlan, auto_shard_size
 from ipaflow.tasks.worker import RunSettings, run_shard
 
@@ -39,73 +38,72 @@ def _sample(jobs: list, wanted: int) -> list:
     return sample
 
 
-def estimate_manifest(manifest: str, options: RenderOptions) -> list[dict]:
-    storage = Storage(options=options.storage_options_dict())
-    registry = SpecRegistry(options.specs, storage=storage)
-    opened = open_manifest(manifest, storage=storage)
-    census = take_census(opened, registry, options.limit)
-    batch_size = options.batch_size
-    wanted = batch_size * (1 + TIMED_BATCHES)
+def estimate_manifest(manifest: str, out: str, options: RenderOptions) -> list[dict]:
+    """Judge every row as a render into ``out`` would (``flows.open_run``: the same rules, the same done rows,
+    nothing written there), render a sample of each spec's rows to render into a scratch folder, and estimate.
+
+    Returns:
+        One dict per spec with rows to render (``spec``, ``rows``, ``sampled``, ``build_s``, ``s_per_row``,
+        ``estimate_s``, ``low_s``, ``high_s``, ``problem``), then one for the rows a render would reject and one
+        for the rows already done in ``out`` (estimated at 0 s).
+    """
+    run = open_run(manifest, options)
+    wanted = options.batch_size * (1 + TIMED_BATCHES)
     counts: dict[str, int] = {}
-    picked: dict[str, list] = {}
-    invalid = 0
-    for resolved in resolve_stream(opened, registry, census, limit=options.limit):
-        invalid += len(resolved.failed)
-        for job in resolved.jobs:
+    picked: dict[str, list[tuple]] = {}  # per spec, the first rows to render with their keys
+    invalid = skipped = 0
+    for judged in judge_rows(run, scan_records(run, MetadataStore(run.storage, out))):
+        invalid += len(judged.rejected)
+        skipped += len(judged.done)
+        for job, key in judged.to_render:
             counts[job.spec] = counts.get(job.spec, 0) + 1
             if len(picked.setdefault(job.spec, [])) < wanted:
-                picked[job.spec].append(as_job(job))
-    shard_size = options.shard_size or auto_shard_size(census.rows, batch_size)
-    cache = IdentityCache()
-    rows = []
+                picked[job.spec].append((as_job(job), key))
+    shard_size = options.shard_size or auto_shard_size(run.census.rows, options.batch_size)
     with tempfile.TemporaryDirectory(prefix="ipaflow-dry-run-") as scratch:
-        for name in sorted(counts):
-            spec = registry.get(name)
-            identities = identify_inputs(storage, picked[name], cache=cache)
-            keys, usable = {}, []
-            for job in picked[name]:
-                try:
-                    keys[job.id] = row_key(job, spec, identities)
-                    usable.append(job)
-                except Exception:  # noqa: BLE001 - a row with a missing input is not a good sample
-                    pass
-            row = {"spec": name, "rows": counts[name], "sampled": 0, "build_s": None, "s_per_row": None,
-                   "estimate_s": None, "low_s": None, "high_s": None, "problem": None}
-            rows.append(row)
-            sample = _sample(usable, wanted)
-            if not sample:
-                row["problem"] = "no row of this spec has all its inputs"
-                continue
-            keys = {job.id: keys[usable[i % len(usable)].id] for i, job in enumerate(sample)}  # a copy: its source's
-            settings = RunSettings(run_id="dry-run", out=scratch, options=options)
-            shard = ShardPlan(name=f"dry-run-{name}", spec=spec, jobs=sample, row_keys=keys)
-            gc.collect()
-            gc.freeze()  # as a run does (ipaflow.flows.cli): a full collection inside a timed batch skews it
-            try:
-                stats = run_shard(shard, settings)
-            finally:
-                gc.unfreeze()
-            row["sampled"], row["build_s"] = len(sample), round(stats.build_seconds, 2)
-            if stats.pipeline_problem is not None:
-                row["problem"] = str(stats.pipeline_problem)
-                continue
-            if stats.failed:
-                row["problem"] = f"{stats.failed} of {len(sample)} sample rows failed: {stats.failures[0].error}"
-                continue
-            ends, sizes = stats.batch_ends, stats.batch_rows
-            per_row = [(ends[i] - ends[i - 1]) / sizes[i] for i in range(1, len(ends))]
-            if len(per_row) < TIMED_BATCHES:
-                row["problem"] = f"only {len(per_row)} batch(es) could be timed after the warm-up"
-                continue
-            shards = -(-counts[name] // shard_size)
-            fixed = stats.build_seconds + shards * SHARD_OVERHEAD_S
-            middle = statistics.median(per_row)
-            row.update(s_per_row=round(middle, 4), estimate_s=round(fixed + middle * counts[name], 1),
-                       low_s=round(fixed + min(per_row) * counts[name], 1),
-                       high_s=round(fixed + max(per_row) * counts[name], 1))
-    rows.append({"spec": "(invalid rows)", "rows": invalid, "sampled": 0, "build_s": None, "s_per_row": None,
-                 "estimate_s": 0.0, "low_s": 0.0, "high_s": 0.0, "problem": None})
-    return rows
+        settings = RunSettings(run_id="dry-run", out=scratch, options=options)
+        rows = [_estimate_spec(run.registry.get(name), picked[name], counts[name], wanted, shard_size, settings)
+                for name in sorted(counts)]
+    return rows + [_line(label, count, estimate_s=0.0, low_s=0.0, high_s=0.0)
+                   for label, count in (("(invalid rows)", invalid), ("(already done)", skipped))]
+
+
+def _line(spec: str, rows: int, **values) -> dict:
+    return {"spec": spec, "rows": rows, "sampled": 0, "build_s": None, "s_per_row": None, "estimate_s": None,
+            "low_s": None, "high_s": None, "problem": None, **values}
+
+
+def _estimate_spec(spec, picked: list[tuple], count: int, wanted: int, shard_size: int, settings: RunSettings) -> dict:
+    """One spec's line: a sample of its rows rendered, timed per batch after the warm-up, scaled to ``count``."""
+    row = _line(spec.name, count)
+    keys = {job.id: key for job, key in picked}
+    usable = [job for job, _ in picked]
+    sample = _sample(usable, wanted)
+    sample_keys = {job.id: keys[usable[i % len(usable)].id] for i, job in enumerate(sample)}  # a copy: its source's
+    shard = ShardPlan(name=f"dry-run-{spec.name}", spec=spec, jobs=sample, row_keys=sample_keys)
+    gc.collect()
+    gc.freeze()  # as a run does (ipaflow.flows.cli): a full collection inside a timed batch skews it
+    try:
+        stats = run_shard(shard, settings)
+    finally:
+        gc.unfreeze()
+    row["sampled"], row["build_s"] = len(sample), round(stats.build_seconds, 2)
+    if stats.pipeline_problem is not None:
+        row["problem"] = str(stats.pipeline_problem)
+        return row
+    if stats.failed:
+        row["problem"] = f"{stats.failed} of {len(sample)} sample rows failed: {stats.failures[0].error}"
+        return row
+    ends, sizes = stats.batch_ends, stats.batch_rows
+    per_row = [(ends[i] - ends[i - 1]) / sizes[i] for i in range(1, len(ends))]
+    if len(per_row) < TIMED_BATCHES:
+        row["problem"] = f"only {len(per_row)} batch(es) could be timed after the warm-up"
+        return row
+    fixed = stats.build_seconds + -(-count // shard_size) * SHARD_OVERHEAD_S
+    middle = statistics.median(per_row)
+    row.update(s_per_row=round(middle, 4), estimate_s=round(fixed + middle * count, 1),
+               low_s=round(fixed + min(per_row) * count, 1), high_s=round(fixed + max(per_row) * count, 1))
+    return row
 
 
 def print_estimate(rows: list[dict]) -> int:

@@ -1,9 +1,10 @@
-"""What an operator sees of a run, while it runs and at the end.
+"""What an operator sees of a run in Prefect, while it runs and at the end: the counts of ``flows.run_counter``
+published as artifacts, log lines, tags and the final state.
 
 While it runs (every few seconds, not once per shard): the progress artifact (rows done / total, ok, failed,
 skipped, rows/s, ETA), the failed-rows artifact (failed rows grouped by reason, counted, with sample ids, as
 img2dataset counts a shard's errors by message), a WARNING line in the run's log per failed row (at most
-FAILURE_LOG_LIMIT per shard, then one line counting the rest), and snapshots for the command line's bar
+``run_counter.FAILURE_LOG_LIMIT`` per shard, then one line counting the rest), and snapshots for the command line's bar
 (``ipaflow.flows.progress``). At the end: the summary artifact with per-spec previews, the final state
 ("Completed", "Completed with failures", or "Failed" past ``--max-failures``, with counts as its message).
 
@@ -24,28 +25,21 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from ipaflow.core.problems import FailedRow
-from ipaflow.flows import progress
-from ipaflow.flows.progress import RateMeter, Snapshot, format_duration, format_rate, status_line
+from ipaflow.flows.progress import Snapshot, format_duration, format_rate, status_line
+from ipaflow.flows.run_counter import FailureGroups, RunCounter, artifact_key
 from ipaflow.flows.runners import is_dask
-from ipaflow.tasks.worker import ShardProgress, ShardStats
+from ipaflow.flows.summary import RunSummary, ShardLine, TooManyFailures
+from ipaflow.tasks.counts import RowCounts
 
-UNKNOWN_SPEC = "(unknown spec)"  # a failed row whose spec cell names no known spec
 LIVE_UPDATES_ENV = "IPAFLOW_LIVE_UPDATES"  # seconds between live writes to the Prefect API; 0: start and end only
 DEFAULT_LIVE_INTERVAL = 5.0
 TICK_SECONDS = 1.0  # how often the flow's thread looks at the reports (the terminal bar moves this often)
-FAILURE_LOG_LIMIT = 10  # WARNING lines per shard (and for the rows that fail before rendering)
-FAILURES_KEPT = 1000  # failed rows kept whole for the summary (every one is counted, grouped and journaled)
-SAMPLE_IDS = 5  # per reason in the failed-rows artifact
 MAX_REASONS = 50  # rows of the failed-rows artifact; the rest are summed in one
-PLANNING, RENDERING, FINISHING = "planning rows", "rendering", "writing the metadata, gallery and previews"
 
 
 def live_interval() -> float:
@@ -75,72 +69,20 @@ def markdown_text(value: Any) -> str:
     return "\\" + text if text[:1] in ("-", "+", "=") else text
 
 
-# -- failed rows ----------------------------------------------------------------------------------------------
+def failure_table(groups: FailureGroups) -> list[dict]:
+    """The failed-rows artifact's rows, most frequent reason first, every text cell escaped."""
+    ranked = sorted(groups.groups.values(), key=lambda g: (-g.rows, g.column, g.example))
+    table = [{"rows": g.rows, "column": markdown_text(g.column), "reason (first row's)": markdown_text(g.example),
+              "specs": markdown_text(", ".join(sorted(g.specs))), "sample ids": markdown_text(", ".join(g.sample))}
+             for g in ranked[:MAX_REASONS]]
+    if rest := ranked[MAX_REASONS:]:
+        table.append({"rows": sum(g.rows for g in rest), "column": "",
+                      "reason (first row's)": f"{len(rest)} other reasons", "specs": "", "sample ids": ""})
+    return table
 
-# what varies from row to row within one reason: quoted values, paths and URIs, numbers
-_VARYING = re.compile(r"""'[^']*'|"[^"]*"|(?:[A-Za-z][\w+.-]*://|~?/|\.{1,2}/|[A-Za-z]:\\)\S*|\d+""")
-
-
-@dataclass
-class ReasonGroup:
-    column: str
-    example: str  # the reason of the group's first row, as it was
-    rows: int = 0
-    specs: set[str] = field(default_factory=set)
-    sample: list[str] = field(default_factory=list)
-
-
-class FailureGroups:
-    """Failed rows grouped by problem: the same column and the same reason but for quoted values, paths, URIs
-    and numbers ("ip_image: not found: <path>" is one group, whatever the path). Each group shows its first
-    row's reason as it was. A row with two problems counts under both."""
-
-    def __init__(self) -> None:
-        self.groups: dict[tuple[str, str], ReasonGroup] = {}
-
-    def add(self, failed: FailedRow, redact: Callable[[str], str]) -> None:
-        for problem in failed.problems:
-            key = (problem.column, _VARYING.sub("…", problem.reason))
-            group = self.groups.setdefault(key, ReasonGroup(problem.column, redact(problem.reason)))
-            group.rows += 1
-            group.specs.add(failed.spec or UNKNOWN_SPEC)
-            if len(group.sample) < SAMPLE_IDS:
-                group.sample.append(failed.row)
-
-    def table(self) -> list[dict]:
-        """The artifact's rows, most frequent reason first, every text cell escaped."""
-        ranked = sorted(self.groups.values(), key=lambda g: (-g.rows, g.column, g.example))
-        table = [{"rows": g.rows, "column": markdown_text(g.column), "reason (first row's)": markdown_text(g.example),
-                  "specs": markdown_text(", ".join(sorted(g.specs))), "sample ids": markdown_text(", ".join(g.sample))}
-                 for g in ranked[:MAX_REASONS]]
-        if rest := ranked[MAX_REASONS:]:
-            table.append({"rows": sum(g.rows for g in rest), "column": "",
-                          "reason (first row's)": f"{len(rest)} other reasons", "specs": "", "sample ids": ""})
-        return table
 
 
 # -- the run ----------------------------------------------------------------------------------------------------
-
-@dataclass
-class SpecTally:
-    rows: int = 0
-    ok: int = 0
-    failed: int = 0
-    images: int = 0
-    seconds: float = 0.0
-
-
-class TooManyFailures(RuntimeError):
-    """The run stopped at ``--max-failures``: the data of its Failed state (``render_manifest(...)`` raises it;
-    ``.summary`` is the run summary)."""
-
-    def __init__(self, message: str, summary: dict):
-        super().__init__(message)
-        self.summary = summary
-
-    def __reduce__(self):
-        return type(self), (self.args[0], self.summary)
-
 
 def _run_logger() -> logging.Logger | logging.LoggerAdapter:
     try:
@@ -151,44 +93,19 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("ipaflow.flow")
 
 
-def _artifact_key(text: str) -> str:
-    """Prefect artifact keys: lowercase letters, digits and dashes."""
-    cleaned = "".join(c if c.isalnum() else "-" for c in text.lower())
-    return "-".join(part for part in cleaned.split("-") if part)[:100] or "ipaflow"
+class RunMonitor(RunCounter):
+    """The run's counts (``RunCounter``) shown as they change: the Prefect artifacts and the flow run's tags and
+    final state, written from the flow's thread at most every ``interval`` seconds.
 
-
-class RunMonitor:
-    """Counts the rows of a run as they finish and shows the count: the Prefect artifacts and run log, and the
-    snapshots of ``ipaflow.flows.progress``. Every method but ``report`` runs in the flow's thread."""
+    Args:
+        name: the run's name (the manifest's): the artifacts' keys.
+        redact: the run's storage redactor: artifacts and logs carry no credentials.
+        interval: seconds between live writes (default: ``$IPAFLOW_LIVE_UPDATES``, else 5; 0: start and end only).
+    """
 
     def __init__(self, name: str, redact: Callable[[str], str] = str, interval: float | None = None):
-        self.name = name
-        self.redact = redact  # the run's storage redactor: artifacts and logs carry no credentials
+        super().__init__(name, redact, _run_logger())
         self.interval = live_interval() if interval is None else interval
-        self.log = _run_logger()
-        self.started = self._phase_start = time.monotonic()
-        self.phase = PLANNING
-        self.total: int | None = None
-        self.skipped = 0  # already done before this run
-        self.ok = self.failed = self.images = 0  # finished shards and rows failed outside shards
-        self.failures: list[FailedRow] = []  # the first FAILURES_KEPT failed rows, in the order seen
-        self.recorded = 0  # every failed row, counted once
-        self.groups = FailureGroups()
-        self.per_spec: dict[str, SpecTally] = {}
-        self.shards: list[dict] = []  # per finished shard: where, when, how many rows
-        self.times: dict[str, float] = {}  # the run's stages, seconds
-        self.api_writes = 0  # live-update rounds written, and the flow-thread seconds they took
-        self.api_seconds = 0.0
-        self.reports = 0  # reports received from running shards
-        self._lock = threading.Lock()
-        self._inbox: list[ShardProgress] = []
-        self._live: dict[str, ShardProgress] = {}  # running shards' latest reports
-        self._finished: set[str] = set()
-        self._seen: set[tuple[str, int | None]] = set()
-        self._logged: dict[str, int] = {}  # WARNING lines per shard
-        self._unlogged: dict[str, int] = {}
-        self._meter = RateMeter()
-        self._worker_rows = 0  # rows rendered or failed by shards (the rate's count)
         self._progress_id = None
         self._failed_id = None
         self._written: tuple = ()
@@ -203,7 +120,7 @@ class RunMonitor:
         from prefect.artifacts import create_progress_artifact
 
         snapshot = self.snapshot()
-        self._progress_id = create_progress_artifact(progress=0.0, key=_artifact_key(f"{self.name}-progress"),
+        self._progress_id = create_progress_artifact(progress=0.0, key=artifact_key(f"{self.name}-progress"),
                                                      description=markdown_text(status_line(snapshot)))
         self._written = (snapshot.phase, snapshot.done, snapshot.failed, snapshot.total)  # no update of the same
         self.tick()
@@ -224,144 +141,12 @@ class RunMonitor:
             current = client.read_flow_run(flow_run.id).tags
             client.update_flow_run(flow_run.id, tags=sorted(set(current) | set(tags)))
 
-    def planned(self, total: int, skipped: int) -> None:
-        self.total, self.skipped = total, skipped
-        self.set_phase(RENDERING)
-
-    def set_phase(self, phase: str) -> None:
-        now = time.monotonic()
-        self.times[self.phase] = self.times.get(self.phase, 0.0) + now - self._phase_start
-        self.phase, self._phase_start = phase, now
-        self.tick()
-
-    def stage_times(self) -> dict[str, float]:
-        """Seconds: ``startup`` (from the command's start to the flow's, when a command runs the flow),
-        ``planning``, ``rendering``, ``finishing`` (so far), and ``seconds`` in all (start-up included)."""
-        now = time.monotonic()
-        times = {**self.times, self.phase: self.times.get(self.phase, 0.0) + now - self._phase_start}
-        command = progress.command_started()
-        startup = self.started - command if command is not None and command <= self.started else 0.0
-        return {"startup": round(startup, 3), "planning": round(times.get(PLANNING, 0.0), 3),
-                "rendering": round(times.get(RENDERING, 0.0), 3), "finishing": round(times.get(FINISHING, 0.0), 3),
-                "seconds": round(progress.elapsed_since_start(now, fallback=self.started), 3)}
-
-    @property
-    def failed_so_far(self) -> int:
-        """Failed rows, running shards' included (what ``--max-failures`` counts)."""
-        return self.failed + sum(p.failed for p in self._live.values())
-
-    def row_failed(self, failed: FailedRow) -> None:
-        """A row that failed outside a finished shard: before reaching a worker (validation, missing input),
-        or in a shard task that failed after its retries or never started."""
-        self.failed += 1
-        tally = self.per_spec.setdefault(failed.spec or UNKNOWN_SPEC, SpecTally())
-        tally.rows += 1
-        tally.failed += 1
-        self._record_failure(failed, "planning")
-
-    def report(self, report: ShardProgress | dict) -> None:
-        """A running shard's report (any thread: a task's thread, or the Dask client's)."""
-        with self._lock:
-            self._inbox.append(report)
-
-    def shard_finished(self, stats: ShardStats) -> None:
-        self._drain()
-        self._finished.add(stats.name)
-        self._live.pop(stats.name, None)
-        tally = self.per_spec.setdefault(stats.spec, SpecTally())
-        tally.rows += stats.rows
-        tally.ok += stats.ok + stats.skipped
-        tally.failed += stats.failed
-        tally.images += stats.images
-        tally.seconds += stats.seconds
-        self.ok += stats.ok + stats.skipped
-        self.failed += stats.failed
-        self.images += stats.images
-        self._worker_rows += stats.ok + stats.failed
-        for failed in stats.failures:
-            self._record_failure(failed, stats.name)
-        self.shards.append(stats.model_dump(include={"name", "spec", "worker", "rows", "ok", "failed", "seconds",
-                                                     "started_at", "finished_at"}))
-        self.log.info("%s on %s: %d ok, %d failed in %.1fs", stats.name, stats.worker, stats.ok, stats.failed,
-                      stats.seconds)
-        self.close_log(stats.name)
-        self.tick()
-
-    def shard_lost(self, name: str) -> None:
-        """A shard task that failed after its retries: its last report's counts stand (its journaled rows
-        are done; the flow fails the others, ``row_failed``)."""
-        self._drain()
-        self._finished.add(name)
-        if last := self._live.pop(name, None):
-            self.ok += last.ok + last.skipped
-            self.failed += last.failed
-            self.images += last.images
-            self._worker_rows += last.ok + last.failed
-
-    def close_log(self, where: str) -> None:
-        """One line for the failed rows of ``where`` that were not logged one by one."""
-        if count := self._unlogged.pop(where, 0):
-            self.log.warning("%s: %d more failed rows (the %s artifact groups them by reason)", where, count,
-                             _artifact_key(f"{self.name}-failed-rows"))
-
-    # -- counting -------------------------------------------------------------------------------------------
-
-    def _record_failure(self, failed: FailedRow, where: str) -> None:
-        if where != "planning":  # a retried shard reports its failed rows again (planning reports each row once)
-            key = (failed.row, failed.index)
-            if key in self._seen:
-                return
-            self._seen.add(key)
-        self.recorded += 1
-        if len(self.failures) < FAILURES_KEPT:  # all are counted and grouped; the first ones are kept whole
-            self.failures.append(failed)
-        self.groups.add(failed, self.redact)
-        logged = self._logged.get(where, 0)
-        if logged < FAILURE_LOG_LIMIT:
-            self._logged[where] = logged + 1
-            spec = f" [spec {failed.spec}]" if failed.spec else ""
-            self.log.warning("row %s failed: %s%s", failed.row, self.redact(failed.error), spec)
-        else:
-            self._unlogged[where] = self._unlogged.get(where, 0) + 1
-
-    def _drain(self) -> None:
-        with self._lock:
-            reports, self._inbox = self._inbox, []
-        self.reports += len(reports)
-        for report in reports:
-            if isinstance(report, dict):
-                report = ShardProgress.model_validate(report)
-            if report.shard in self._finished:  # a late report; the shard's stats count
-                continue
-            self._live[report.shard] = report
-            for failed in report.new_failures:
-                self._record_failure(failed, report.shard)
-
-    def snapshot(self) -> Snapshot:
-        live = list(self._live.values())
-        ok = self.ok + sum(p.ok + p.skipped for p in live)
-        failed = self.failed + sum(p.failed for p in live)
-        done = self.skipped + ok + failed
-        phase = self.phase
-        if phase == RENDERING and live and all(p.phase == "loading pipeline" for p in live):
-            phase = f"loading pipeline {live[0].spec}"
-        remaining = self.total - done if self.total is not None else 0
-        now = time.monotonic()
-        return Snapshot(phase=phase, total=self.total, done=done, ok=ok, failed=failed, skipped=self.skipped,
-                        rate=self._meter.rate(), eta=self._meter.eta(remaining) if self.total is not None else None,
-                        elapsed=progress.elapsed_since_start(now, fallback=self.started))
-
     # -- showing --------------------------------------------------------------------------------------------
 
     def tick(self, force: bool = False) -> None:
-        """Apply the shards' reports, tell the listeners, and write to the API when due (every ``interval``
-        seconds, when something changed) or when ``force``d."""
-        self._drain()
-        if self.total is not None:
-            live_rows = sum(p.ok + p.failed for p in self._live.values())
-            self._meter.add(self._worker_rows + live_rows)
-        snapshot = self.snapshot()
-        progress.publish(snapshot)
+        """``update``, then write to the API when due (every ``interval`` seconds, when something changed) or
+        when ``force``d."""
+        snapshot = self.update()
         changed = (snapshot.phase, snapshot.done, snapshot.failed, snapshot.total) != self._written
         due = self.interval > 0 and time.monotonic() - self._last_write >= self.interval
         if force or (changed and due):
@@ -401,9 +186,9 @@ class RunMonitor:
         when = "" if final else f" so far (at {datetime.now(timezone.utc):%H:%M:%S} UTC)"
         description = (f"{count} failed row{'s' if count != 1 else ''}{when}, {reasons} "
                        f"reason{'s' if reasons != 1 else ''}; every row's reason is in the metadata and the gallery")
-        table = self.groups.table()
+        table = failure_table(self.groups)
         if self._failed_id is None:
-            self._failed_id = create_table_artifact(table=table, key=_artifact_key(f"{self.name}-failed-rows"),
+            self._failed_id = create_table_artifact(table=table, key=artifact_key(f"{self.name}-failed-rows"),
                                                     description=description)
         else:
             client.update_artifact(self._failed_id, ArtifactUpdate(data=json.dumps(table), description=description))
@@ -432,7 +217,7 @@ class RunMonitor:
 
     # -- the end ----------------------------------------------------------------------------------------------
 
-    def finish(self, summary: dict, previews: dict[str, str], max_failures: int | None):
+    def finish(self, summary: RunSummary, previews: dict[str, str], max_failures: int | None):
         """The final artifacts (progress at 100, failed rows, the summary with its previews, the contact sheet
         when the UI can load it) and the run's final state, whose data is ``summary``."""
         from prefect.artifacts import create_image_artifact, create_markdown_artifact
@@ -445,32 +230,22 @@ class RunMonitor:
         with get_client(sync_client=True) as client:
             if self.failures:
                 self._write_failed_rows(client, final=True)
-        sheet = summary["contact_sheet"]
+        sheet = summary.contact_sheet
         if sheet and shown_in_ui(sheet):
-            create_image_artifact(image_url=sheet, key=_artifact_key(f"{self.name}-contact-sheet"),
+            create_image_artifact(image_url=sheet, key=artifact_key(f"{self.name}-contact-sheet"),
                                   description="the first outputs by row id")
-        message = f"{summary['rendered']} ok, {summary['failed']} failed, {summary['skipped']} skipped"
-        stopped = max_failures is not None and summary["failed"] >= max_failures
+        message = f"{summary.rendered} ok, {summary.failed} failed, {summary.skipped} skipped"
+        stopped = max_failures is not None and summary.failed >= max_failures
         if stopped:
             state = Failed(message=f"{message} (stopped at --max-failures {max_failures})")
-        elif summary["failed"]:
+        elif summary.failed:
             state = Completed(name="Completed with failures", message=message)
         else:
             state = Completed(message=message)
         create_markdown_artifact(markdown=summary_markdown(summary, self.per_spec, previews, state.name, self.redact),
-                                 key=_artifact_key(f"{self.name}-summary"), description="ipaflow run summary")
+                                 key=artifact_key(f"{self.name}-summary"), description="ipaflow run summary")
         state.data = TooManyFailures(state.message, summary) if stopped else summary
         return state
-
-
-def summary_of(state) -> dict:
-    """The run summary a finished render flow's state holds (its Failed state's too)."""
-    result = state.result(raise_on_failure=False)
-    if isinstance(result, TooManyFailures):
-        return result.summary
-    if isinstance(result, BaseException):  # the flow itself failed: its exception, as a plain call raises it
-        raise result
-    return result
 
 
 def shown_in_ui(uri: str) -> bool:
@@ -478,32 +253,32 @@ def shown_in_ui(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-def summary_markdown(summary: dict, per_spec: dict[str, SpecTally], previews: dict[str, str], state_name: str,
+def summary_markdown(summary: RunSummary, per_spec: dict[str, RowCounts], previews: dict[str, str], state_name: str,
                      redact: Callable[[str], str] = str) -> str:
     md = markdown_text
-    times = summary["times"]
-    sheet = summary["contact_sheet"]
+    times = summary.times
+    sheet = summary.contact_sheet
     if not sheet:
         sheet_line = "- contact sheet: none (no image rendered yet)"
     elif shown_in_ui(sheet):
         sheet_line = f"- contact sheet: ![contact sheet]({sheet})"
     else:
         sheet_line = f"- contact sheet: {md(redact(sheet))}"
-    rate = times.get("render_rate")
+    rate = times.render_rate
     lines = [
-        f"# ipaflow run {md(summary['run_id'])}: {md(state_name)}",
+        f"# ipaflow run {md(summary.run_id)}: {md(state_name)}",
         "",
-        f"- manifest: {md(redact(summary['manifest']))}",
-        f"- outputs: {md(redact(summary['out']))}; gallery {md(redact(summary['gallery'] or '(none)'))}",
-        f"- rows: {summary['rows']} = {summary['rendered']} rendered + {summary['skipped']} skipped (already done"
-        + (f"; {summary['updated']} records updated" if summary.get("updated") else "")
-        + f") + {summary['failed']} failed" + (" (the failed-rows artifact groups them by reason)" if summary["failed"]
-                                            else ""),
-        f"- time: {format_duration(summary['seconds'])} in all = {format_duration(times['startup'])} start-up"
-        f" (before the flow: Prefect's API, imports, the first pipeline) + {format_duration(times['planning'])}"
-        f" planning + {format_duration(times['rendering'])} rendering + {format_duration(times['finishing'])}"
+        f"- manifest: {md(redact(summary.manifest))}",
+        f"- outputs: {md(redact(summary.out))}; gallery {md(redact(summary.gallery or '(none)'))}",
+        f"- rows: {summary.rows} = {summary.rendered} rendered + {summary.skipped} skipped (already done"
+        + (f"; {summary.updated} records updated" if summary.updated else "")
+        + f") + {summary.failed} failed" + (" (the failed-rows artifact groups them by reason)" if summary.failed
+                                          else ""),
+        f"- time: {format_duration(summary.seconds)} in all = {format_duration(times.startup)} start-up"
+        f" (before the flow: Prefect's API, imports, the first pipeline) + {format_duration(times.planning)}"
+        f" planning + {format_duration(times.rendering)} rendering + {format_duration(times.finishing)}"
         " metadata, gallery and previews",
-        f"- images: {summary['images']}" + (f", {md(format_rate(rate))} while rendering" if rate else ""),
+        f"- images: {summary.images}" + (f", {md(format_rate(rate))} while rendering" if rate else ""),
         sheet_line,
         "",
         "| spec | rows | ok | failed | images | worker seconds |",
@@ -513,9 +288,9 @@ def summary_markdown(summary: dict, per_spec: dict[str, SpecTally], previews: di
         t = per_spec[spec]
         lines.append(f"| {md(spec)} | {t.rows} | {t.ok} | {t.failed} | {t.images} | {t.seconds:.1f} |")
     lines += ["", "| worker | shards | rows | busy seconds |", "| --- | ---: | ---: | ---: |"]
-    for worker, done in sorted(_by_worker(summary["shards"]).items()):
-        lines.append(f"| {md(worker)} | {len(done)} | {sum(s['rows'] for s in done)} | "
-                     f"{sum(s['seconds'] for s in done):.1f} |")
+    for worker, done in sorted(_by_worker(summary.shards).items()):
+        lines.append(f"| {md(worker)} | {len(done)} | {sum(s.rows for s in done)} | "
+                     f"{sum(s.seconds for s in done):.1f} |")
     if previews:
         lines += ["", "## Previews", "", "The first outputs of each spec, by row id (the gallery has them all).", ""]
         for spec, uri in previews.items():
@@ -523,8 +298,8 @@ def summary_markdown(summary: dict, per_spec: dict[str, SpecTally], previews: di
     return "\n".join(lines)
 
 
-def _by_worker(shards: list[dict]) -> dict[str, list[dict]]:
-    grouped: dict[str, list[dict]] = {}
+def _by_worker(shards: list[ShardLine]) -> dict[str, list[ShardLine]]:
+    grouped: dict[str, list[ShardLine]] = {}
     for shard in shards:
-        grouped.setdefault(shard["worker"], []).append(shard)
+        grouped.setdefault(shard.worker, []).append(shard)
     return grouped

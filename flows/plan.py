@@ -3,7 +3,7 @@
 ``RowPlanner.shards()`` yields each shard as soon as it is full (and ``None`` after each batch, so the flow can
 look after running shards while a long stretch of done rows streams by). It holds a batch of rows, the shards
 being filled, a bounded cache of input identities and, to decide what is done, one uint64 per current ``ok``
-record whose outputs are present (``tasks.metadata.done_hashes``) and two per output those records own
+record whose outputs are present (``tasks.metadata_scans.done_hashes``) and two per output those records own
 (``tasks.owners``: a row may not overwrite another id's output): never all rows, jobs, keys or records.
 
 Rows that fail before rendering (checks, missing inputs, a spec whose pipeline cannot be built) are journaled
@@ -11,7 +11,7 @@ as ``failed`` records in batches, with their passthrough columns, and reported t
 
 A done row whose passthrough values differ from its record's is not rendered again: its new values are
 journaled as an update (``MetadataStore.journal_updates``), which the run's fold applies to the record. Deciding
-that costs one more uint64 per current ``ok`` record (``tasks.metadata.passthrough_hashes``, over the manifest's
+that costs one more uint64 per current ``ok`` record (``tasks.metadata_scans.passthrough_hashes``, over the manifest's
 passthrough columns), compared with the done rows' as they stream.
 """
 
@@ -20,52 +20,42 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 
-import numpy as np
-import pyarrow as pa
-
-from ipaflow.core.hashing import hash_joined, members
-from ipaflow.core.problems import FailedRow, Problem, RowFailed
-from ipaflow.core.storage import Storage
-from ipaflow.specs.census import Census
+from ipaflow.core.hashing import members
+from ipaflow.core.problems import FailedRow, Problem
+from ipaflow.flows.open_run import OpenedRun, OutputRecords, judge_rows
 from ipaflow.specs.checks import as_job
-from ipaflow.specs.manifest import Manifest
-from ipaflow.specs.options import RenderOptions
 from ipaflow.specs.outputs import layout_of
-from ipaflow.specs.registry import SpecRegistry
 from ipaflow.specs.rows import Job
-from ipaflow.specs.stream import resolve_stream
-from ipaflow.tasks.call_defaults import denoising_failures
-from ipaflow.tasks.keys import IdentityCache, identify_inputs, row_key
-from ipaflow.tasks.metadata import MetadataStore, make_record, passthrough_names, record_column, row_passthrough_hashes
-from ipaflow.tasks.owners import OwnedOutputs
+from ipaflow.tasks.keys import IdentityCache
+from ipaflow.tasks.metadata import MetadataStore
+from ipaflow.tasks.metadata_scans import row_passthrough_hashes
+from ipaflow.tasks.metadata_schema import make_record, record_column
 from ipaflow.tasks.shards import ShardCutter, ShardPlan, auto_shard_size
 
 JOURNAL_EVERY = 4096  # failed records journaled per file
 
 
 class RowPlanner:
-    def __init__(self, manifest: Manifest, registry: SpecRegistry, storage: Storage, metadata: MetadataStore,
-                 census: Census, options: RenderOptions, run_id: str, monitor, done: np.ndarray,
-                 current: np.ndarray | None = None, owned: OwnedOutputs | None = None):
-        self.manifest, self.registry, self.storage, self.metadata = manifest, registry, storage, metadata
-        self.census, self.options, self.run_id, self.monitor = census, options, run_id, monitor
-        self.done = done  # sorted hash(id, key, layout) of the current ok records with outputs present
-        self.current = current  # sorted passthrough_hashes of the current ok records (None: not compared)
-        self.owned = owned if owned is not None else OwnedOutputs()  # outputs earlier runs' records own
-        self.passthrough = passthrough_names(manifest.columns)  # manifest column -> record column
-        self.updated = 0
+    """Plans a run as its manifest streams: the rows ``judge_rows`` rejects are journaled as failed, done rows
+    whose passthrough values changed as updates, and the rows to render cut into shards."""
+
+    def __init__(self, run: OpenedRun, records: OutputRecords, metadata: MetadataStore, run_id: str, monitor):
+        self.run, self.records, self.metadata = run, records, metadata
+        self.storage, self.options, self.census = run.storage, run.options, run.census
+        self.run_id, self.monitor = run_id, monitor
+        self.passthrough = run.passthrough  # manifest column -> record column
         self._updates: list[dict] = []
         self._update_files = 0
         self.cache = IdentityCache()
-        self.specs = {name: registry.get(name) for name in census.specs}
-        self.size = options.shard_size or auto_shard_size(census.rows, options.batch_size)
-        self.cutter = ShardCutter(self.specs, self.size, options.layout)
+        self.specs = run.specs
+        self.size = self.options.shard_size or auto_shard_size(self.census.rows, self.options.batch_size)
+        self.cutter = ShardCutter(self.specs, self.size, self.options.layout)
         self.broken: dict[str, Problem] = {}  # spec -> why its pipeline cannot be built (fail fast)
-        self.skipped = self.rejected = self.rows = 0
+        self.rejected = self.rows = 0  # rows judged, and of those failed before rendering
         self.first_shard_s: float | None = None
         self._records: list[dict] = []
         self._files = 0
-        self._redact = functools.lru_cache(maxsize=4096)(storage.redact)  # fail-fast rows share one reason
+        self._redact = functools.lru_cache(maxsize=4096)(self.storage.redact)  # fail-fast rows share one reason
 
     def layout(self, spec_name: str) -> str:
         return layout_of(self.specs[spec_name], self.options.layout)
@@ -112,62 +102,30 @@ class RowPlanner:
         """Done rows whose passthrough values differ from their records': journal the new values."""
         extras = [{record_column(name): value for name, value in job.extra.items()} for job in jobs]
         names = sorted(self.passthrough.values())
-        stale = ~members(row_passthrough_hashes([job.id for job in jobs], extras, names), self.current)
+        stale = ~members(row_passthrough_hashes([job.id for job in jobs], extras, names), self.records.ok_passthrough)
         for job, values, changed in zip(jobs, extras, stale):
             if changed:
                 self._updates.append({"id": job.id, **values})  # absent columns are nulls (journal_updates)
-        self.updated += int(stale.sum())
+        self.monitor.counts.updated += int(stale.sum())
         if len(self._updates) >= JOURNAL_EVERY:
             self.flush()
 
     # -- the stream -----------------------------------------------------------------------------------------
     def shards(self) -> Iterator[ShardPlan | None]:
-        for resolved in resolve_stream(self.manifest, self.registry, self.census, limit=self.options.limit):
-            self.rows += resolved.num_rows
-            for failed in resolved.failed:
-                self.fail(failed, extra=resolved.extras.get(failed.index))
-            yield from self._plan(resolved.jobs)
+        for judged in judge_rows(self.run, self.records, self.cache):
+            self.rows += judged.rows
+            for rejected in judged.rejected:
+                self.fail(rejected.failed, rejected.job, rejected.key, rejected.extra)
+            skipped = len(judged.done)
+            self.monitor.counts.skipped += skipped
+            if skipped and self.records.ok_passthrough is not None:
+                self._update_stale(judged.done)
+            for job, key in judged.to_render:
+                if job.spec in self.broken:
+                    self.fail(FailedRow(row=job.id, problems=(self.broken[job.spec],), index=job.index,
+                                        spec=job.spec), job, key)
+                else:
+                    yield from self.cutter.add(as_job(job), key)
             yield None
         yield from self.cutter.flush()
         self.flush()
-
-    def _plan(self, jobs: list[Job]) -> Iterator[ShardPlan]:
-        if not jobs:
-            return
-        if broken := denoising_failures(jobs, self.specs, self.options.models):
-            for job in jobs:
-                if job.index in broken:
-                    self.fail(FailedRow(row=job.id, problems=(broken[job.index],), index=job.index, spec=job.spec), job)
-            jobs = [job for job in jobs if job.index not in broken]
-        # out: a style folder inside the output folder leaves ipaflow's own files out
-        identities = identify_inputs(self.storage, jobs, cache=self.cache, out=self.metadata.out)
-        keyed: list[tuple[Job, str]] = []
-        for job in jobs:
-            try:
-                keyed.append((job, row_key(job, self.specs[job.spec], identities)))
-            except RowFailed as exc:  # a missing or unreadable input
-                self.fail(FailedRow(row=job.id, problems=exc.problems, index=job.index, spec=job.spec), job)
-        if not keyed:
-            return
-        done = np.zeros(len(keyed), dtype=bool)
-        if len(self.done) and not self.options.overwrite:
-            hashes = hash_joined(pa.array([job.id for job, _ in keyed]), pa.array([key for _, key in keyed]),
-                                 pa.array([self.layout(job.spec) for job, _ in keyed]))
-            done = members(hashes, self.done)
-        skipped = int(done.sum())
-        self.skipped += skipped
-        self.monitor.skipped += skipped
-        if skipped and self.current is not None:
-            self._update_stale([job for (job, _), finished in zip(keyed, done) if finished])
-        taken = self.owned.problems([job for (job, _), finished in zip(keyed, done) if not finished], self.specs)
-        for (job, key), finished in zip(keyed, done):
-            if finished:
-                continue
-            if job.index in taken:  # it would overwrite an output of another id's record
-                self.fail(FailedRow(row=job.id, problems=taken[job.index], index=job.index, spec=job.spec), job, key)
-                continue
-            if job.spec in self.broken:
-                self.fail(FailedRow(row=job.id, problems=(self.broken[job.spec],), index=job.index, spec=job.spec),
-                          job, key)
-                continue
-            yield from self.cutter.add(as_job(job), key)

@@ -17,15 +17,17 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from ipaflow.core.errors import UserError
 from ipaflow.core.storage import Storage
-from ipaflow.tasks.metadata import MetadataStore, conform, is_json_text
+from ipaflow.tasks.metadata import MetadataStore
+from ipaflow.tasks.metadata_schema import canonical_schema, conform, is_json_text
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
 def _schema(store: MetadataStore, tables: list[pa.Table]) -> pa.Schema:
-    schema = store._read_schema()
-    return schema if schema is not None else store._canonical(t.schema for t in tables)
+    schema = store.read_schema()
+    return schema if schema is not None else canonical_schema(t.schema for t in tables)
 
 
 def _text_lists(table: pa.Table) -> pa.Table:
@@ -63,7 +65,7 @@ def export_records(out: str, destination: str | None = None, storage: Storage | 
     if destination:
         suffix = "." + destination.rsplit(".", 1)[-1].lower() if "." in destination else ""
         if suffix not in FORMATS:
-            raise ValueError(f"{destination}: use .parquet, .csv or .jsonl")
+            raise UserError(f"{destination}: use .parquet, .csv or .jsonl")
         fmt = FORMATS[suffix]
     buffer = io.BytesIO()
     writer = pq.ParquetWriter(buffer, schema, compression="zstd") if fmt == "parquet" else None

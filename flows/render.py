@@ -23,38 +23,27 @@ from collections import deque
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
-import numpy as np
-import pyarrow.compute as pc
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from prefect.states import State
 from pydantic import Field
 
-from ipaflow.core.hashing import hash_strings, members
 from ipaflow.core.lease import OutputLease
 from ipaflow.core.outages import StorageUnreachable
 from ipaflow.core.problems import Problem
 from ipaflow.core.storage import Storage, is_local
 from ipaflow.flows import thread_logs
-from ipaflow.flows.monitoring import FINISHING, TICK_SECONDS, RunMonitor
+from ipaflow.flows.monitoring import TICK_SECONDS, RunMonitor
+from ipaflow.flows.open_run import OpenedRun, OutputRecords, open_run, scan_records
 from ipaflow.flows.plan import RowPlanner
 from ipaflow.flows.previews import preview_uris, read_thumbnails, write_contact_sheet
+from ipaflow.flows.run_counter import FINISHING
 from ipaflow.flows.runners import gpu_routing, make_task_runner
-from ipaflow.specs.census import take_census
-from ipaflow.specs.manifest import open_manifest
 from ipaflow.specs.options import RenderOptions
-from ipaflow.specs.registry import SpecRegistry
 from ipaflow.tasks.containers import containers_of, drop_members, drop_orphans
 from ipaflow.tasks.gallery import GallerySample, write_gallery
-from ipaflow.tasks.metadata import (
-    MetadataStore,
-    done_hashes,
-    listing_hashes,
-    passthrough_hashes,
-    passthrough_names,
-    renamed_columns,
-)
-from ipaflow.tasks.owners import OwnedOutputs
+from ipaflow.tasks.metadata import MetadataStore
+from ipaflow.tasks.metadata_schema import renamed_columns
 from ipaflow.tasks.prefect_tasks import render_shard
 from ipaflow.tasks.shards import ShardPlan
 from ipaflow.tasks.worker import RunSettings, ShardStats
@@ -97,7 +86,7 @@ def _run_name() -> str:
     return f"{manifest_name(flow_run.parameters.get('manifest', 'manifest'))}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
 
-def _holding_out(body):
+def _holding_output_lease(body):
     """The flow body runs holding the lease on its ``--out`` (ipaflow.core.lease), taken before anything is
     written there: a second run into the same folder is refused (OutputInUse), an unusable folder said in one
     line (OutputUnusable). The body gets ``out`` already resolved."""
@@ -107,6 +96,7 @@ def _holding_out(body):
         from prefect.runtime import flow_run
 
         out = absolute_uri(fill_template(out, _run_time()))
+        options = options.resolved()  # the environment's models folder and storage options, for every worker
         storage = Storage(options=options.storage_options_dict())
         try:
             with thread_logs.for_run(flow_run.id), OutputLease(storage, out, run=flow_run.name or ""):
@@ -118,19 +108,29 @@ def _holding_out(body):
 
 
 @flow(name="ipaflow-render", flow_run_name=_run_name, log_prints=False, validate_parameters=True)
-@_holding_out
+@_holding_output_lease
 def render_manifest(
     manifest: Annotated[str, Field(min_length=1, description="manifest URI or path (.parquet, .csv, .jsonl)")],
     out: Annotated[str, Field(min_length=1, description="output URI or path; {date} and {datetime} are filled in")],
     options: RenderOptions = RenderOptions(),
 ) -> State:
-    """Render every row of ``manifest`` into ``out``; returns the run summary (a dict).
+    """Render every row of ``manifest`` into ``out``.
 
-    ``options`` (``ipaflow.specs.options.RenderOptions``, or a dict of its fields) are the command line's
-    render options; ``storage_options`` in it is kept secret (the Prefect API stores it masked). The flow run
-    ends "Completed", "Completed with failures" (rows failed; the state's message counts them), or "Failed"
-    once ``max_failures`` rows failed (calling the flow then raises ``TooManyFailures``, which carries the
-    summary).
+    Args:
+        manifest: the manifest's URI or path (Parquet, CSV, JSON Lines; a folder, prefix or glob of them).
+        out: the output folder's URI or path; ``{date}`` and ``{datetime}`` are filled from the run's
+            scheduled (or start) time.
+        options: the command line's render options (``ipaflow.specs.options.RenderOptions``, or a dict of its
+            fields); ``storage_options`` in it is kept secret (the Prefect API stores it masked).
+
+    Returns:
+        The run summary (``ipaflow.flows.summary.RunSummary``). The flow run ends "Completed", "Completed with
+        failures" (rows failed; the state's message counts them), or "Failed" once ``max_failures`` rows
+        failed: calling the flow then raises ``TooManyFailures``, which carries the summary.
+
+    Raises:
+        OutputInUse: another run holds ``out``.
+        ManifestError, SpecError: the manifest or a spec folder is unusable.
     """
     logger = get_run_logger()
     started = time.perf_counter()
@@ -141,96 +141,48 @@ def render_manifest(
     monitor = RunMonitor(name=name, redact=storage.redact)
     monitor.start()
     storage.clean_staging()  # partial files of a run that was killed mid-write
-    registry = SpecRegistry(options.specs, storage=storage)
-    opened = open_manifest(manifest, storage=storage)
-    passthrough = passthrough_names(opened.columns)
-    for line in renamed_columns(passthrough):
+    run = open_run(manifest, options, storage=storage)
+    for line in renamed_columns(run.passthrough):
         logger.warning("manifest: %s", line)
     metadata = MetadataStore(storage, out)
-    owned = OwnedOutputs()
-    index, done, current = _records_state(metadata, storage, out, options.overwrite, run_id, logger,
-                                          sorted(passthrough.values()), owned)
-    owned.seal(metadata, index)
-
-    census = take_census(opened, registry, options.limit)
-    monitor.planned(census.rows, 0)  # rows already done are counted as the manifest streams
+    records = _records_state(run, metadata, run_id, logger)
+    census = run.census
+    monitor.planned(census.rows)
     monitor.tag_flow_run(["ipaflow", f"manifest:{name}", *sorted({f"spec:{spec}" for spec in census.specs})])
-    planner = RowPlanner(opened, registry, storage, metadata, census, options, run_id, monitor, done, current, owned)
-    del done, current, owned
+    planner = RowPlanner(run, records, metadata, run_id, monitor)
+    del records
     stats = _run_shards(planner, settings, monitor, started)
     planner.flush()
     monitor.close_log("planning")
+    counts = monitor.counts
     logger.info("%d rows: %d rendered or tried, %d already done (%d records updated), %d failed before rendering",
-                planner.rows, sum(s.rows for s in stats), planner.skipped, planner.updated, planner.rejected)
+                planner.rows, sum(s.rows for s in stats), counts.skipped, counts.updated, planner.rejected)
 
     monitor.set_phase(FINISHING)
-    folded = metadata.fold(run_id, index, drop_outputs=lambda uris: drop_members(storage, uris))
+    folded = metadata.fold(run_id, planner.records.index, drop_outputs=lambda uris: drop_members(storage, uris))
     gallery, contact_sheet, previews = _gallery(storage, out, metadata, logger)
-    times = monitor.stage_times()
-    summary = {
-        "run_id": run_id,
-        "manifest": storage.redact(manifest),
-        "out": storage.redact(out),
-        "gallery": storage.redact(gallery),
-        "contact_sheet": contact_sheet and storage.redact(contact_sheet),
-        "rows": planner.rows,
-        "rendered": folded.ok,
-        "skipped": planner.skipped,
-        "updated": folded.updated,  # done rows whose records took new passthrough values (not rendered)
-        "failed": monitor.failed,
-        "images": folded.images,
-        "seconds": times.pop("seconds"),  # from the command's start when a command runs the flow
-        "times": {**times, "render_rate": round(folded.ok / times["rendering"], 4) if times["rendering"] else None},
-        "failures": [{"id": f.row, "spec": f.spec, "error": f.error} for f in monitor.failures],
-        "shards": monitor.shards,
-        "metadata_bytes_written": folded.bytes_written,
-        "first_shard_s": planner.first_shard_s,
-        "live_updates": {"shard_reports": monitor.reports, "api_writes": monitor.api_writes,
-                         "api_seconds": round(monitor.api_seconds, 3)},
-    }
-    logger.info("done: %d rendered, %d skipped, %d failed in %.1fs; gallery %s", summary["rendered"],
-                summary["skipped"], summary["failed"], summary["seconds"], summary["gallery"])
+    summary = monitor.summary(run_id=run_id, manifest=storage.redact(manifest), out=storage.redact(out),
+                              gallery=storage.redact(gallery),
+                              contact_sheet=contact_sheet and storage.redact(contact_sheet),
+                              metadata_bytes_written=folded.bytes_written, first_shard_s=planner.first_shard_s)
+    logger.info("done: %d rendered, %d skipped, %d failed in %.1fs; gallery %s", summary.rendered,
+                summary.skipped, summary.failed, summary.seconds, summary.gallery)
     return monitor.finish(summary, previews, options.max_failures)
 
 
-def _records_state(metadata: MetadataStore, storage: Storage, out: str, overwrite: bool, run_id: str, logger,
-                   passthrough: list[str], owned: OwnedOutputs):
-    """Fold what killed runs left, then scan the records once: where each id's record lives (for this run's
-    fold), which (id, key, layout) are done (an ``ok`` record whose outputs are all present), which outputs
-    each id owns (into ``owned``) and, where the manifest has ``passthrough`` columns (record names), the
-    ``passthrough_hashes`` of the ok records."""
-    state = {"present": None if overwrite else listing_hashes(storage, out)}
-    done_chunks: list[np.ndarray] = []
-    current_chunks: list[np.ndarray] = []
-
-    def collect(_: str, table) -> None:
-        owned.add(table)
-        present = state["present"]
-        if present is not None and len(present):
-            done_chunks.append(done_hashes(table, out, lambda paths: members(hash_strings(paths), present)))
-            if passthrough:
-                ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False)
-                current_chunks.append(passthrough_hashes(table.filter(ok), passthrough))
-
-    def scan():
-        done_chunks.clear()
-        owned.clear()
-        current_chunks.clear()
-        return metadata.index(collect, ["status", "key", "outputs", "layout", *passthrough])
-
-    index = scan()
-    if metadata.repair(index):
+def _records_state(run: OpenedRun, metadata: MetadataStore, run_id: str, logger) -> OutputRecords:
+    """The ``--out``'s records as this run plans against them (``flows.open_run.scan_records``), after folding
+    in what killed runs left: superseded copies of an interrupted fold dropped, journals and updates folded."""
+    records = scan_records(run, metadata)
+    if metadata.repair(records.index):
         logger.warning("metadata: dropped superseded copies of records left by an interrupted fold")
-        index = scan()
+        records = scan_records(run, metadata)
     if metadata.journal_files() or metadata.update_files():
-        folded = metadata.fold(f"{run_id}-recovered", index, drop_outputs=lambda uris: drop_members(storage, uris))
+        folded = metadata.fold(f"{run_id}-recovered", records.index,
+                               drop_outputs=lambda uris: drop_members(run.storage, uris))
         logger.info("folded %d journal file(s) left by an earlier run", folded.files)
-        state["present"] = None if overwrite else listing_hashes(storage, out)
-        index = scan()
-    done = np.unique(np.concatenate(done_chunks)) if done_chunks else np.zeros(0, np.uint64)
-    current = None if not passthrough else \
-        np.unique(np.concatenate(current_chunks)) if current_chunks else np.zeros(0, np.uint64)
-    return index, done, current
+        records = scan_records(run, metadata)
+    return records
 
 
 def _gallery(storage: Storage, out: str, metadata: MetadataStore, logger) -> tuple[str, str | None, dict[str, str]]:
@@ -318,8 +270,8 @@ def _run_shards(planner: RowPlanner, settings: RunSettings, monitor: RunMonitor,
                 pass
             monitor.tick()
             _unless_unreachable(settings, monitor)
-    if max_failures is not None and monitor.failed >= max_failures:
-        logger.warning("stopped after %d failed rows (--max-failures)", monitor.failed)
+    if max_failures is not None and monitor.counts.failed >= max_failures:
+        logger.warning("stopped after %d failed rows (--max-failures)", monitor.counts.failed)
     return results
 
 
@@ -330,7 +282,7 @@ def _unless_unreachable(settings: RunSettings, monitor: RunMonitor) -> None:
     running one's rows may not be yet, and are not counted)."""
     storage = settings.storage()
     if (outage := storage.gave_up(settings.out)) is not None:
-        raise outage.at(storage.redact(settings.out), monitor.ok + monitor.skipped)
+        raise outage.at(storage.redact(settings.out), monitor.counts.ok + monitor.counts.skipped)
 
 
 def _finished(future, shard: ShardPlan, planner: RowPlanner, monitor: RunMonitor, logger) -> ShardStats:

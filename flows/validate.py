@@ -12,15 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from ipaflow.core.problems import FailedRow, RowFailed
-from ipaflow.core.storage import Storage
-from ipaflow.specs.census import take_census
-from ipaflow.specs.manifest import open_manifest
+from ipaflow.flows.open_run import OpenedRun, judge_rows, open_run
 from ipaflow.specs.options import RenderOptions
-from ipaflow.specs.registry import SpecRegistry
-from ipaflow.specs.stream import resolve_stream
-from ipaflow.tasks.call_defaults import denoising_failures
 from ipaflow.tasks.inputs import InputFetcher
-from ipaflow.tasks.metadata import passthrough_names, renamed_columns
+from ipaflow.tasks.metadata_schema import renamed_columns
 
 WINDOW = 64
 
@@ -30,30 +25,26 @@ def iter_validation(manifest: str, options: RenderOptions = RenderOptions(), che
                     warn: Callable[[str], None] | None = None) -> Iterator[FailedRow]:
     """The failed rows, in manifest order, as the manifest streams; ``counted`` is told the number of rows,
     ``warn`` what the metadata will keep differently from the manifest (a passthrough column renamed)."""
-    storage = Storage(options=options.storage_options_dict())
-    registry = SpecRegistry(options.specs, storage=storage)
-    opened = open_manifest(manifest, storage=storage)
-    for line in renamed_columns(passthrough_names(opened.columns)):
+    run = open_run(manifest, options)
+    for line in renamed_columns(run.passthrough):
         if warn is not None:
             warn(line)
-    census = take_census(opened, registry)
-    for resolved in resolve_stream(opened, registry, census, build=check_inputs):
-        failed = list(resolved.failed)
-        if check_inputs and resolved.jobs:
-            failed.extend(_input_problems(storage, registry, resolved.jobs, options.models))
+    for judged in judge_rows(run):
+        failed = [rejected.failed for rejected in judged.rejected]
+        jobs = [job for job, _ in judged.to_render]
+        if check_inputs and jobs:
+            failed.extend(_input_problems(run, jobs))
             failed.sort(key=lambda row: row.index)
         yield from failed
     if counted is not None:
-        counted(census.rows)
+        counted(run.census.rows)
 
 
-def _input_problems(storage: Storage, registry: SpecRegistry, jobs, models_dir: str | None) -> list[FailedRow]:
-    """The rows that fail once their inputs are read and decoded, or with their pipeline's defaults."""
-    specs = {job.spec: registry.get(job.spec) for job in jobs}
-    broken = denoising_failures(jobs, specs, models_dir)
-    failed = [FailedRow(row=job.id, problems=(broken[job.index],), index=job.index, spec=job.spec)
-              for job in jobs if job.index in broken]
-    jobs = [job for job in jobs if job.index not in broken]
+def _input_problems(run: OpenedRun, jobs: list) -> list[FailedRow]:
+    """The rows that fail once their inputs are read and decoded."""
+    failed: list[FailedRow] = []
+    specs = {job.spec: run.specs[job.spec] for job in jobs}
+    storage = run.storage
     fetcher = InputFetcher(storage, jobs, specs)
     try:
         for start in range(0, len(jobs), WINDOW):

@@ -18,17 +18,17 @@ import numpy as np
 
 from ipaflow.core.hashing import hash_strings, members, repeated
 from ipaflow.core.problems import Problem, RowFailed
-from ipaflow.specs import rows as R
 from ipaflow.specs.checks import ids_ok, spec_numbers
 from ipaflow.specs.manifest import Manifest, RowBatch
 from ipaflow.specs.outputs import collision_key, output_stems
 from ipaflow.specs.registry import SpecRegistry
+from ipaflow.specs.rows import check_id, colliding_outputs, duplicate_problem, integral, resolve_row, row_label
 
 CENSUS_COLUMNS = ("id", "spec", "num_images")
 
 
 @dataclass
-class Offence:
+class ManifestWideProblems:
     """What the whole-manifest rules add to one row: a duplicate id (prepended to its problems), or colliding
     outputs (the row is otherwise valid: these are its problems)."""
 
@@ -39,7 +39,7 @@ class Offence:
 @dataclass
 class Census:
     rows: int
-    offenders: dict[int, Offence]
+    offenders: dict[int, ManifestWideProblems]
     specs: Counter  # rows per spec cell naming a known spec
 
 
@@ -55,7 +55,7 @@ def _canonical_ids(batch: RowBatch) -> tuple[list[str | None], np.ndarray]:
             ids[offset] = str(values[offset])
         elif values[offset] is not None:
             try:
-                ids[offset] = R.check_id(values[offset])
+                ids[offset] = check_id(values[offset])
                 ok[offset] = True
             except RowFailed:
                 pass
@@ -84,7 +84,7 @@ def _output_counts(batch: RowBatch, registry: SpecRegistry, names: list[str], nu
                 counts[offset] = default
                 continue
             try:
-                count = R._integral("num_images", value)
+                count = integral("num_images", value)
             except RowFailed:
                 continue
             counts[offset] = count if 1 <= count <= 64 else 1
@@ -131,7 +131,7 @@ def take_census(manifest: Manifest, registry: SpecRegistry, limit: int | None = 
     return Census(rows=rows if limit is None else min(rows, limit), offenders=offenders, specs=spec_counts)
 
 
-def _judge(manifest: Manifest, registry: SpecRegistry, candidates: set[int]) -> dict[int, Offence]:
+def _judge(manifest: Manifest, registry: SpecRegistry, candidates: set[int]) -> dict[int, ManifestWideProblems]:
     """The exact rules of ``specs.rows.resolve_rows`` over the candidate rows (every row that can share an id
     or a stem with another is among them)."""
     picked: dict[int, dict] = {}
@@ -145,23 +145,23 @@ def _judge(manifest: Manifest, registry: SpecRegistry, candidates: set[int]) -> 
     groups: dict[str, list[int]] = {}
     labels: dict[int, str] = {}
     for index in sorted(picked):
-        label = R.row_label(picked[index], index)
+        label = row_label(picked[index], index)
         if not label.startswith("#"):
             groups.setdefault(collision_key(label), []).append(index)
             labels[index] = label
-    offenders: dict[int, Offence] = {}
+    offenders: dict[int, ManifestWideProblems] = {}
     for where in groups.values():
         if len(where) > 1:
             for index in where:
-                offenders[index] = Offence(duplicate=R.duplicate_problem(where, [labels[i] for i in where]))
+                offenders[index] = ManifestWideProblems(duplicate=duplicate_problem(where, [labels[i] for i in where]))
     jobs = []
     for index in sorted(picked):
         if index in offenders:
             continue
         try:
-            jobs.append(R.resolve_row(picked[index], index, registry, manifest.base))
+            jobs.append(resolve_row(picked[index], index, registry, manifest.base))
         except RowFailed:
             continue
-    for index, problems in R.colliding_outputs(jobs, registry).items():
-        offenders[index] = Offence(collisions=problems)
+    for index, problems in colliding_outputs(jobs, registry).items():
+        offenders[index] = ManifestWideProblems(collisions=problems)
     return offenders

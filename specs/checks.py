@@ -21,9 +21,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ipaflow.specs import rows as R
 from ipaflow.specs.manifest import FLOAT_COLUMNS, INPUT_COLUMNS, INT_COLUMNS, KNOWN_COLUMNS, RowBatch, Undecodable
 from ipaflow.specs.registry import SpecRegistry
+from ipaflow.specs.rows import (
+    MAX_INPUTS_PER_CELL,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    RESERVED_IDS,
+    ROW_ID_PATTERN,
+    URI_SCHEME,
+    Job,
+    default_seed,
+    storable,
+)
 from ipaflow.specs.spec import Params, Spec
 
 TEXT_PARAMS = ("prompt", "negative_prompt")
@@ -112,7 +122,7 @@ def _text_ok(column) -> np.ndarray:
     if not _is_text(column):
         return np.zeros(len(column), dtype=bool)
     lengths = pc.fill_null(pc.utf8_length(column), 0).to_numpy(zero_copy_only=False)
-    return lengths <= R.MAX_PROMPT_CHARS
+    return lengths <= MAX_PROMPT_CHARS
 
 
 def _uris_ok(column, allow_list: bool) -> np.ndarray:
@@ -126,7 +136,7 @@ def _uris_ok(column, allow_list: bool) -> np.ndarray:
         return pc.fill_null(ok, False).to_numpy(zero_copy_only=False)
     if allow_list and isinstance(column, pa.Array) and pa.types.is_list(column.type) and _is_text(column.values):
         lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
-        ok = (lengths >= 1) & (lengths <= R.MAX_INPUTS_PER_CELL)
+        ok = (lengths >= 1) & (lengths <= MAX_INPUTS_PER_CELL)
         flat = pc.list_flatten(column)
         parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
         items = _uris_ok(flat, allow_list=False) & flat.is_valid().to_numpy(zero_copy_only=False)
@@ -158,9 +168,9 @@ def ids_ok(column: pa.Array | list | None, n: int) -> np.ndarray:
         return column.is_valid().to_numpy(zero_copy_only=False)
     if not _is_text(column):
         return np.zeros(n, dtype=bool)
-    ok = pc.fill_null(pc.match_substring_regex(column, f"^{R.ROW_ID_PATTERN}$"), False)
+    ok = pc.fill_null(pc.match_substring_regex(column, f"^{ROW_ID_PATTERN}$"), False)
     stems = pc.utf8_lower(pc.list_element(pc.split_pattern(pc.fill_null(column, ""), ".", max_splits=1), 0))
-    reserved = pc.is_in(stems, value_set=pa.array(sorted(R.RESERVED_IDS)))
+    reserved = pc.is_in(stems, value_set=pa.array(sorted(RESERVED_IDS)))
     return pc.and_(ok, pc.invert(reserved)).to_numpy(zero_copy_only=False)
 
 
@@ -199,7 +209,7 @@ def _spec_ok(batch: RowBatch, spec: Spec) -> np.ndarray:
     seed = batch.columns.get("seed")
     present = _present(seed, n)
     if present.any():
-        ok &= ~present | _integral_ok(seed, {"ge": 0, "le": R.MAX_SEED})
+        ok &= ~present | _integral_ok(seed, {"ge": 0, "le": MAX_SEED})
     scale = batch.columns.get("ip_scale")
     present = _present(scale, n)
     if present.any():
@@ -263,7 +273,7 @@ class _SpecPlan:
         self.scales = [adapter.scale for adapter in spec.ip_adapters]
 
 
-class Draft:
+class VouchedRow:
     """A vouched row resolved but for its passthrough columns: enough to key it (``id``, ``spec``, ``seed``,
     ``params``, ``inputs``); ``job()`` makes the ``Job``, only for rows that will render (a re-run of a million
     done rows builds none)."""
@@ -277,15 +287,15 @@ class Draft:
     @property
     def extra(self) -> dict:
         """The row's passthrough cells, as ``Job.extra`` holds them."""
-        return {name: R._storable(self._builder.values(name)[self._offset]) for name in self._builder.extra_columns}
+        return {name: storable(self._builder.values(name)[self._offset]) for name in self._builder.extra_columns}
 
-    def job(self) -> R.Job:
-        return R.Job.model_construct(id=self.id, spec=self.spec, index=self.index, seed=self.seed, params=self.params,
+    def job(self) -> Job:
+        return Job.model_construct(id=self.id, spec=self.spec, index=self.index, seed=self.seed, params=self.params,
                                      inputs=self.inputs, extra=self.extra)
 
 
-def as_job(item: R.Job | Draft) -> R.Job:
-    return item.job() if isinstance(item, Draft) else item
+def as_job(item: Job | VouchedRow) -> Job:
+    return item.job() if isinstance(item, VouchedRow) else item
 
 
 class JobBuilder:
@@ -309,7 +319,7 @@ class JobBuilder:
             plan = self._plans[name] = _SpecPlan(self.registry.get(name), self.batch.columns)
         return plan
 
-    def draft(self, offset: int) -> Draft:
+    def draft(self, offset: int) -> VouchedRow:
         row_id = str(self.values("id")[offset])
         plan = self._plan(self.values("spec")[offset])
         params = dict(plan.defaults)
@@ -327,7 +337,7 @@ class JobBuilder:
             scales = [float(scale)] * len(plan.scales)
         params["ip_adapter_scale"] = scales
         seed = self.values("seed")[offset] if "seed" in self.batch.columns else None
-        seed = R.default_seed(row_id) if seed is None else int(seed)
+        seed = default_seed(row_id) if seed is None else int(seed)
         inputs: dict[str, Any] = {}
         for column in plan.inputs:
             value = self.values(column)[offset]
@@ -335,9 +345,9 @@ class JobBuilder:
                 inputs[column] = [self._uri(item) for item in (value if isinstance(value, list) else [value])]
             else:
                 inputs[column] = self._uri(value)
-        return Draft(row_id, plan.spec.name, self.batch.start + offset, seed, params, inputs, self, offset)
+        return VouchedRow(row_id, plan.spec.name, self.batch.start + offset, seed, params, inputs, self, offset)
 
     def _uri(self, value: str) -> str:
-        if value.startswith("/") or not self.base or R.URI_SCHEME.match(value):
+        if value.startswith("/") or not self.base or URI_SCHEME.match(value):
             return value
         return posixpath.join(self.base, value)

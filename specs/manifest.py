@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from ipaflow.core.errors import UserError
 from ipaflow.core.storage import Storage
 
 # Columns with a meaning (README, "Manifest reference"); every other column passes through to the metadata.
@@ -38,8 +39,9 @@ CSV_NULLS = ["", "NA", "N/A", "n/a", "NULL", "null"]
 BATCH_ROWS = 32_768  # rows per batch: large enough for the vectorised checks, small enough to stream
 
 
-class ManifestError(ValueError):
-    """The manifest as a whole cannot be read (missing file, unknown format, missing or repeated column)."""
+class ManifestError(UserError, ValueError):
+    """The manifest as a whole cannot be read (missing file, unknown format, missing or repeated column).
+    Nothing ran: exit 2."""
 
 
 class Undecodable:
@@ -129,10 +131,6 @@ class Manifest:
         """The folder that relative input paths in the manifest are resolved against."""
         return posixpath.dirname(self.uri.rstrip("/"))
 
-    @property
-    def passthrough_columns(self) -> tuple[str, ...]:
-        return tuple(c for c in self.columns if c not in KNOWN_COLUMNS)
-
     def iter_batches(self, batch_rows: int | None = None, columns: tuple[str, ...] | None = None) -> Iterator[RowBatch]:
         """The manifest as consecutive batches, read as they stream (never the whole file at once); ``columns``
         limits what is read where the format allows (Parquet reads only those; absent ones are left out)."""
@@ -149,11 +147,6 @@ class Manifest:
             raise
         except (OSError, pa.ArrowException, ValueError) as exc:
             raise _unreadable(self.uri, exc, self.storage.redact) from None
-
-    def iter_rows(self, batch_rows: int | None = None, columns: tuple[str, ...] | None = None) -> Iterator[dict[str, Any]]:
-        """Rows in manifest order as plain Python values (None for nulls), read batch by batch."""
-        for batch in self.iter_batches(batch_rows, columns):
-            yield from batch.rows()
 
 
 def _plain(value: Any) -> Any:

@@ -9,14 +9,24 @@ carries the model). tests/test_options.py fails when one of them lacks a field.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 DEFAULT_BATCH_SIZE = 8  # rows per pipeline call: 2-4x the throughput of single rows on a CPU and on an H200
 STORAGE_OPTIONS_ENV = "IPAFLOW_STORAGE_OPTIONS"  # JSON, used when --storage-options is not given
+MODELS_ENV = "IPAFLOW_MODELS"  # the models folder, used when --models is not given
+
+
+def default_models_folder() -> str | None:
+    """``$IPAFLOW_MODELS`` as an absolute path, or None: the one place ipaflow reads it."""
+    folder = os.environ.get(MODELS_ENV)
+    return str(Path(folder).expanduser().resolve()) if folder else None
 
 
 def _cli(metavar: str | None = None, secret: bool = False) -> dict[str, Any]:
@@ -31,7 +41,9 @@ def _cli(metavar: str | None = None, secret: bool = False) -> dict[str, Any]:
 
 
 class RenderOptions(BaseModel):
-    """How a manifest is rendered (everything but the manifest and the output URI)."""
+    """How a manifest is rendered (everything but the manifest and the output URI). Each field's description is
+    its documentation and the ``--help`` of its flag (``flows.cli_parser``); a run makes what the environment
+    supplies explicit once (``resolved``), and reads every value from here."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -78,15 +90,41 @@ class RenderOptions(BaseModel):
             raise ValueError("give dask_address or workers, not both")
         return self
 
+    def resolved(self) -> RenderOptions:
+        """These options with what the environment supplies made explicit, once per run, so that every part of
+        the run (workers in other processes included) reads the same values from the options alone:
+        ``models`` (else ``$IPAFLOW_MODELS``) as an absolute path, ``storage_options`` (else
+        ``$IPAFLOW_STORAGE_OPTIONS``, validated here).
+
+        Returns:
+            A copy; these options when nothing changes.
+        """
+        models = str(Path(self.models).expanduser().resolve()) if self.models else default_models_folder()
+        storage = self.storage_options
+        if storage is None and (text := os.environ.get(STORAGE_OPTIONS_ENV)):
+            parse_storage_options(text)
+            storage = SecretStr(text)
+        if (models, storage) == (self.models, self.storage_options):
+            return self
+        return self.model_copy(update={"models": models, "storage_options": storage})
+
     def storage_options_dict(self) -> dict:
-        """The fsspec options: ``storage_options``, else ``$IPAFLOW_STORAGE_OPTIONS``, else none."""
+        """The fsspec options: ``storage_options``, else ``$IPAFLOW_STORAGE_OPTIONS``, else none (a fresh dict;
+        the JSON is parsed once per distinct text)."""
         if self.storage_options is not None:
-            return parse_storage_options(self.storage_options.get_secret_value())
-        return parse_storage_options(os.environ.get(STORAGE_OPTIONS_ENV) or "{}")
+            text = self.storage_options.get_secret_value()
+        else:
+            text = os.environ.get(STORAGE_OPTIONS_ENV) or "{}"
+        return copy.deepcopy(_parsed_storage_options(text))
 
     @classmethod
     def secret_fields(cls) -> list[str]:
         return [name for name, info in cls.model_fields.items() if (info.json_schema_extra or {}).get("secret")]
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed_storage_options(text: str) -> dict:
+    return parse_storage_options(text)
 
 
 def parse_storage_options(text: str) -> dict:

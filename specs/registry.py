@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from ipaflow.core.errors import UserError
 from ipaflow.core.input_reads import InputRefused
 from ipaflow.core.storage import Storage, describe_error
 from ipaflow.specs.spec import Spec
@@ -26,8 +27,8 @@ MAX_SPEC_NODES = 10_000  # mappings, lists and scalars, aliases at their expande
 MAX_SPEC_DEPTH = 16  # levels of nesting (a per-block adapter scale is 6 deep)
 
 
-class SpecError(ValueError):
-    """A spec file that cannot be used; the message names the file and the field."""
+class SpecError(UserError, ValueError):
+    """A spec file or folder that cannot be used; the message names the file and the field. Nothing ran: exit 2."""
 
 
 def format_validation_error(error: ValidationError) -> str:

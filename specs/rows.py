@@ -111,7 +111,8 @@ def _from_text(value: Any) -> Any:
     return value
 
 
-def _integral(column: str, value: Any) -> int:
+def integral(column: str, value: Any) -> int:
+    """A cell as an int (a whole float, or text of one, too), else RowFailed naming ``column``."""
     value = _from_text(value)
     if isinstance(value, bool):
         raise RowFailed.at(column, "must be an integer, not a boolean")
@@ -192,7 +193,7 @@ def _not_unicode(text: str) -> bool:
 def _param(column: str, value: Any) -> Any:
     if column in ("prompt", "negative_prompt"):
         return _text(column, value)
-    return _integral(column, value) if column in INT_COLUMNS else _number(column, value)
+    return integral(column, value) if column in INT_COLUMNS else _number(column, value)
 
 
 def _params(row: dict, spec: Spec) -> dict[str, Any]:
@@ -324,7 +325,7 @@ def resolve_row(row: dict, index: int, registry: SpecRegistry, base: str = "") -
 
 def passthrough_of(row: dict) -> dict[str, Any]:
     """A row's passthrough cells (the columns ipaflow gives no meaning), as the metadata keeps them."""
-    return {k: _storable(v) for k, v in row.items() if k not in KNOWN_COLUMNS}
+    return {k: storable(v) for k, v in row.items() if k not in KNOWN_COLUMNS}
 
 
 def _spec_of(row: dict, registry: SpecRegistry) -> Spec:
@@ -340,23 +341,23 @@ def _seed_of(row: dict, row_id: str | None) -> int:
     seed = row.get("seed")
     if seed is None:
         return default_seed(row_id or "")
-    seed = _integral("seed", seed)
+    seed = integral("seed", seed)
     if not 0 <= seed <= MAX_SEED:
         raise RowFailed.at("seed", f"must lie in [0, 2**63 - 1], got {seed}")
     return seed
 
 
-def _storable(value: Any) -> Any:
+def storable(value: Any) -> Any:
     """A passthrough cell as the metadata can keep it: unchanged when it is a plain scalar or list (finite
     numbers, 64-bit integers, valid Unicode), mappings and lists with their items made so, anything else as
     text. A NaN, a huge integer or half a surrogate pair must not fail the run; mappings stay mappings here
-    (the metadata stores them as JSON text once: ``ipaflow.tasks.metadata.passthrough_column``)."""
+    (the metadata stores them as JSON text once: ``ipaflow.tasks.metadata_schema.passthrough_column``)."""
     if _plain(value):
         return value
     if isinstance(value, dict):
-        return {_storable(str(k)): _storable(v) for k, v in value.items()}
+        return {storable(str(k)): storable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_storable(v) for v in value]
+        return [storable(v) for v in value]
     return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
@@ -403,8 +404,8 @@ def duplicate_problem(indexes: list[int], ids: list[str] | None = None) -> Probl
     rows = f"(manifest rows {', '.join(str(i) for i in indexes)})"
     spelled = list(dict.fromkeys(ids or []))
     if len(spelled) > 1:
-        return Problem("id", f"duplicate id: {', '.join(map(repr, spelled))} differ only in case {rows}")
-    return Problem("id", f"duplicate id {rows}")
+        return Problem("id", f"duplicate id: {', '.join(map(repr, spelled))} differ only in case {rows}", shared=True)
+    return Problem("id", f"duplicate id {rows}", shared=True)
 
 
 def resolve_rows(rows: Iterable[dict], registry: SpecRegistry, base: str = "") -> tuple[list[Job], list[FailedRow]]:

@@ -11,44 +11,42 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from ipaflow.core.problems import FailedRow, RowFailed
-from ipaflow.specs import rows as R
-from ipaflow.specs.census import Census, Offence, take_census
-from ipaflow.specs.checks import Draft, JobBuilder, vouch
+from ipaflow.specs.census import Census, ManifestWideProblems, take_census
+from ipaflow.specs.checks import JobBuilder, VouchedRow, vouch
 from ipaflow.specs.manifest import Manifest, RowBatch
 from ipaflow.specs.registry import SpecRegistry
+from ipaflow.specs.rows import Job, passthrough_of, resolve_row, row_label, spec_name_of
 
 
 @dataclass
 class Resolved:
-    """One batch, resolved: its jobs and its failed rows, each in manifest order. A job may be a ``Draft``
+    """One batch, resolved: its jobs and its failed rows, each in manifest order. A job may be a ``VouchedRow``
     (``specs.checks``: a vouched row not yet made a ``Job``; ``as_job`` makes it one)."""
 
     start: int
     num_rows: int
-    jobs: list[R.Job | Draft] = field(default_factory=list)
+    jobs: list[Job | VouchedRow] = field(default_factory=list)
     failed: list[FailedRow] = field(default_factory=list)
     extras: dict[int, dict] = field(default_factory=dict)  # failed rows' passthrough cells, by manifest index
 
 
-def _with_offence(index: int, row: dict, outcome: R.Job | RowFailed, offence: Offence | None,
-                  registry: SpecRegistry) -> R.Job | FailedRow:
+def _with_manifest_wide(index: int, row: dict, outcome: Job | RowFailed, manifest_wide: ManifestWideProblems | None,
+                  registry: SpecRegistry) -> Job | FailedRow:
     """The row's final outcome: its own, plus what the whole-manifest rules say (as resolve_rows does)."""
-    if isinstance(outcome, R.Job):
-        if offence is None:
+    if isinstance(outcome, Job):
+        if manifest_wide is None:
             return outcome
-        problems = [offence.duplicate] if offence.duplicate else offence.collisions
+        problems = [manifest_wide.duplicate] if manifest_wide.duplicate else manifest_wide.collisions
         return FailedRow(row=outcome.id, problems=tuple(problems), index=index, spec=outcome.spec)
     problems = list(outcome.problems)
-    if offence is not None and offence.duplicate:
-        problems.insert(0, offence.duplicate)
-    return FailedRow(row=R.row_label(row, index), problems=tuple(problems), index=index,
-                     spec=R.spec_name_of(row, registry))
+    if manifest_wide is not None and manifest_wide.duplicate:
+        problems.insert(0, manifest_wide.duplicate)
+    return FailedRow(row=row_label(row, index), problems=tuple(problems), index=index,
+                     spec=spec_name_of(row, registry))
 
 
-def resolve_batch(batch: RowBatch, registry: SpecRegistry, base: str, offenders: dict[int, Offence],
+def resolve_batch(batch: RowBatch, registry: SpecRegistry, base: str, offenders: dict[int, ManifestWideProblems],
                   build: bool = True, limit: int | None = None) -> Resolved:
     """Resolve one batch; ``build=False`` only judges (``validate`` needs no jobs for good rows)."""
     n = batch.num_rows if limit is None else max(0, min(batch.num_rows, limit - batch.start))
@@ -57,20 +55,20 @@ def resolve_batch(batch: RowBatch, registry: SpecRegistry, base: str, offenders:
     builder = JobBuilder(batch, registry, base)
     for offset in range(n):
         index = batch.start + offset
-        offence = offenders.get(index)
-        if vouched[offset] and offence is None:
+        manifest_wide = offenders.get(index)
+        if vouched[offset] and manifest_wide is None:
             if build:
                 out.jobs.append(builder.draft(offset))
             continue
         row = batch.row(offset)
         try:
-            outcome: R.Job | RowFailed = R.resolve_row(row, index, registry, base)
+            outcome: Job | RowFailed = resolve_row(row, index, registry, base)
         except RowFailed as exc:
             outcome = exc
-        final = _with_offence(index, row, outcome, offence, registry)
+        final = _with_manifest_wide(index, row, outcome, manifest_wide, registry)
         if isinstance(final, FailedRow):
             out.failed.append(final)
-            out.extras[index] = R.passthrough_of(row)
+            out.extras[index] = passthrough_of(row)
         elif build:
             out.jobs.append(final)
     return out
@@ -92,7 +90,3 @@ def resolve_stream(manifest: Manifest, registry: SpecRegistry, census: Census | 
                 break
             yield resolve_batch(part, registry, manifest.base, census.offenders, build, limit)
 
-
-def vouched_share(batch: RowBatch, registry: SpecRegistry) -> float:
-    """How much of a batch the vectorised checks vouched for (a test ties it to the rows' own checks)."""
-    return float(np.mean(vouch(batch, registry))) if batch.num_rows else 0.0

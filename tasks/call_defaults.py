@@ -62,9 +62,11 @@ def _defaults(pipeline: str, model: str, models_dir: str | None) -> tuple[tuple[
 def call_defaults(spec: Spec, models_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """The defaults of the ``__call__`` of the pipeline class ``spec`` renders with; empty when the model's
     ``model_index.json`` is not at hand."""
-    root = str(models_dir) if models_dir else os.environ.get("IPAFLOW_MODELS")
+    from ipaflow.tasks.models import models_root
+
+    root = models_root(models_dir)
     try:
-        return dict(_defaults(spec.profile.pipeline, spec.model, root))
+        return dict(_defaults(spec.profile.pipeline, spec.model, str(root) if root else None))
     except Exception as exc:  # noqa: BLE001 - a rule that cannot be judged here is judged by the call itself
         log.warning("cannot read the call defaults of spec %s: %s", spec.name, describe_error(exc))
         return {}

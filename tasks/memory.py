@@ -39,7 +39,8 @@ PROMPT_TOKENS = 77
 
 
 # -------------------------------------------------------------------------------------------- decisions
-def auto(setting: bool | str) -> bool:
+def decided_by_memory(setting: bool | str) -> bool:
+    """Whether a memory saver's setting leaves it to the free memory ("auto") rather than on or off."""
     return setting == "auto"
 
 
@@ -54,12 +55,12 @@ def decide_offload(setting: bool | str, weights: int, one_row: int, free: int | 
     bytes of GPU memory. ``free`` is None without a GPU: nothing to offload to."""
     if free is None:
         return Decision(False, "no GPU")
-    if not auto(setting):
+    if not decided_by_memory(setting):
         return Decision(bool(setting), f"the spec sets cpu_offload: {str(bool(setting)).lower()}")
     need = weights + SAFETY * one_row + RESERVE
     verdict = "does not fit" if need > free else "fits"
-    return Decision(need > free, f"weights {gb(weights)} + one row {gb(SAFETY * one_row)} + reserve {gb(RESERVE)} "
-                                 f"{verdict} in {gb(free)} free")
+    return Decision(need > free, f"weights {in_gib(weights)} + one row {in_gib(SAFETY * one_row)} + reserve {in_gib(RESERVE)} "
+                                 f"{verdict} in {in_gib(free)} free")
 
 
 def fit_rows(cap: int, need: Callable[[int], float], available: int | None) -> int:
@@ -82,13 +83,14 @@ def decide_vae(slicing: bool | str, tiling: bool | str, decode_batch: float, dec
     if available is None:
         return (slicing is True, tiling is True)
     room = available - RESERVE
-    slice_on = SAFETY * decode_batch > room if auto(slicing) else bool(slicing)
+    slice_on = SAFETY * decode_batch > room if decided_by_memory(slicing) else bool(slicing)
     single = decode_one if slice_on else decode_batch
-    tile_on = (SAFETY * single > room and decode_tile < single) if auto(tiling) else bool(tiling)
+    tile_on = (SAFETY * single > room and decode_tile < single) if decided_by_memory(tiling) else bool(tiling)
     return slice_on, tile_on
 
 
-def gb(n: float) -> str:
+def in_gib(n: float) -> str:
+    """Bytes as GiB, one decimal, for a decision's reason."""
     return f"{n / GiB:.1f} GiB"
 
 
@@ -306,12 +308,12 @@ class MemoryPlan:
             self._logged.add((shape, rows))
             log.info("batches of %sx%s%s start at %d rows (cap %d): %s of activations, %s available", shape.width,
                      shape.height, f"x{shape.frames}" if shape.frames else "", rows, cap,
-                     gb(SAFETY * self.need(shape, rows, slicing)), gb(available or 0))
+                     in_gib(SAFETY * self.need(shape, rows, slicing)), in_gib(available or 0))
         return rows
 
     def vae_savers(self, shape: RowShape, rows: int) -> tuple[bool, bool]:
         """(slicing, tiling) for a batch of ``rows`` rows of ``shape``."""
-        if not self.on_gpu or (not auto(self.slicing) and not auto(self.tiling)):
+        if not self.on_gpu or (not decided_by_memory(self.slicing) and not decided_by_memory(self.tiling)):
             return (self.slicing is True, self.tiling is True)
         tile = getattr(self.pipe.vae, "tile_sample_min_size", None) or max(shape.width, shape.height)
         tile_h, tile_w = min(shape.height, tile), min(shape.width, tile)

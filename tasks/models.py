@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-MODELS_ENV = "IPAFLOW_MODELS"
+from ipaflow.specs.options import default_models_folder
+
 # Held while diffusers / transformers load their lazily imported parts (a pipeline build, reading a pipeline's
 # call defaults): two threads doing that at once can find a half-imported module ("cannot import name
 # 'AutoModel' from 'transformers'"), as the command line's preload and the planner would.
@@ -23,7 +24,8 @@ MOVED = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusi
 
 
 def models_root(models_dir: str | os.PathLike | None = None) -> Path | None:
-    root = models_dir or os.environ.get(MODELS_ENV)
+    """The models folder: ``models_dir`` (a run's ``RenderOptions.models``), else ``$IPAFLOW_MODELS``."""
+    root = models_dir or default_models_folder()
     return Path(root).expanduser() if root else None
 
 

@@ -66,7 +66,7 @@ def owned_stem_hashes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _counts(jobs: Sequence, specs: dict[str, Spec]) -> np.ndarray:
-    """How many outputs each job (a ``Job`` or a ``specs.checks.Draft``) writes: ``specs.outputs.job_stems``'s
+    """How many outputs each job (a ``Job`` or a ``specs.checks.VouchedRow``) writes: ``specs.outputs.job_stems``'s
     rule (a video task's rows write one)."""
     video = {name: spec.profile.output == "video" for name, spec in specs.items()}
     return np.array([1 if video[job.spec] else int(job.params.get("num_images") or 1) for job in jobs], dtype=np.int64)

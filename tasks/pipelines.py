@@ -26,7 +26,7 @@ from ipaflow.specs.spec import Spec
 from ipaflow.tasks.compile import Compiler
 from ipaflow.tasks.embeddings import EmbeddingCache
 from ipaflow.tasks.memory import MemoryPlan, RowShape, available_bytes, decide_offload, pipeline_bytes
-from ipaflow.tasks.models import LIBRARY_IMPORTS, pick_device, pick_dtype, resolve_model
+from ipaflow.tasks.models import LIBRARY_IMPORTS, models_root, pick_device, pick_dtype, resolve_model
 from ipaflow.tasks.stages import StageClock
 
 log = logging.getLogger("ipaflow.pipelines")
@@ -233,7 +233,7 @@ class PipelineCache:
     def _key(spec: Spec, models_dir: str | None, device: torch.device | None) -> tuple:
         # the runtime fields too: a spec that only differs in its memory savers is built differently
         runtime = spec.model_dump_json(include={"memory"})
-        return (spec.fingerprint(), runtime, str(models_dir or os.environ.get("IPAFLOW_MODELS", "")),
+        return (spec.fingerprint(), runtime, str(models_root(models_dir) or ""),
                 str(device or pick_device()))
 
     def get(self, spec: Spec, models_dir: str | None = None, device: torch.device | None = None) -> LoadedPipeline:

@@ -65,9 +65,3 @@ class ShardCutter:
         self._buffers.clear()
         return shards
 
-
-def plan_shards(jobs: list[Job], specs: dict[str, Spec], keys: dict[str, str], batch_size: int,
-                shard_size: int | None = None) -> list[ShardPlan]:
-    """All shards of a list of jobs at once (small manifests, tests), cut as a run cuts them."""
-    cutter = ShardCutter(specs, shard_size or auto_shard_size(len(jobs), batch_size))
-    return [shard for job in jobs for shard in cutter.add(job, keys[job.id])] + cutter.flush()

@@ -21,6 +21,7 @@ from ipaflow.core.storage import Storage, TransientStorageError, is_transient, j
 from ipaflow.specs.options import RenderOptions
 from ipaflow.specs.rows import Job
 from ipaflow.tasks.compile import resolve_setting
+from ipaflow.tasks.counts import RowCounts
 from ipaflow.tasks.inputs import InputFetcher, RowInputs
 from ipaflow.tasks.metadata import MetadataStore
 from ipaflow.tasks.pipelines import PIPELINES
@@ -43,17 +44,21 @@ class RunSettings(BaseModel):
         return Storage(options=self.options.storage_options_dict(), local_staging=join(self.out, "_ipaflow", "tmp"))
 
 
-class ShardStats(BaseModel):
-    """What a shard task did; ``problem`` is set when the task itself failed (after its retries)."""
+class ShardCounts(RowCounts):
+    """A shard's counts; its ``skipped`` rows are those an earlier attempt of the same shard journaled."""
+
+    def run_counts(self) -> RowCounts:
+        """The counts as the run sees them: rows an earlier attempt of this shard rendered are rendered."""
+        return RowCounts(rows=self.rows, ok=self.ok + self.skipped, failed=self.failed, images=self.images,
+                         seconds=self.seconds)
+
+
+class ShardStats(ShardCounts):
+    """What a shard task did (its counts, ``RowCounts``); ``problem`` is set when the task itself failed (after
+    its retries)."""
 
     name: str
     spec: str
-    rows: int
-    ok: int = 0
-    failed: int = 0
-    skipped: int = 0
-    images: int = 0
-    seconds: float = 0.0
     build_seconds: float = 0.0
     failures: list[FailedRow] = []
     worker: str = ""  # where it ran (host:pid, or a Dask worker's address)
@@ -65,19 +70,14 @@ class ShardStats(BaseModel):
     problem: Problem | None = None
 
 
-class ShardProgress(BaseModel):
+class ShardProgress(ShardCounts):
     """What a running shard reports after each batch and when it changes phase: its counts so far in this
     attempt, and the rows that failed since its previous report. Plain data, so that it can cross from a Dask
     worker's process to the flow's."""
 
     shard: str
     spec: str
-    rows: int
     phase: str  # "loading pipeline" | "rendering"
-    ok: int = 0
-    failed: int = 0
-    skipped: int = 0
-    images: int = 0
     new_failures: list[FailedRow] = []
 
 
@@ -97,8 +97,9 @@ class _Reporter:
         writer = self.writer
         new = writer.failures[self.sent_failures:]  # appended by writer threads; a slice is one atomic read
         self.sent_failures += len(new)
+        written = writer.counts
         report = ShardProgress(shard=self.stats.name, spec=self.stats.spec, rows=self.stats.rows, phase=phase,
-                               ok=writer.ok, failed=writer.failed, skipped=self.stats.skipped, images=writer.images,
+                               ok=written.ok, failed=written.failed, skipped=self.stats.skipped, images=written.images,
                                new_failures=new)
         try:
             self.callback(report)
@@ -140,8 +141,19 @@ def _build(shard: ShardPlan, settings: RunSettings, redact):
 
 
 def run_shard(shard: ShardPlan, settings: RunSettings, progress: ProgressCallback | None = None) -> ShardStats:
-    """Render one shard; every row ends journaled as ``ok`` or ``failed`` with a reason. ``progress``, when
-    given, receives a ShardProgress as the pipeline loads and after every batch (in this thread)."""
+    """Render one shard; every row ends journaled as ``ok`` or ``failed`` with a reason. Free of Prefect: the
+    Prefect task (``tasks.prefect_tasks.render_shard``) and ``--dry-run`` call it alike.
+
+    Args:
+        shard: the rows to render (one spec, sorted by call group) and their keys.
+        settings: the run's id, output folder and options.
+        progress: when given, receives a ``ShardProgress`` as the pipeline loads and after every batch (in this
+            thread); an exception it raises is logged, never fails the shard.
+
+    Returns:
+        What the shard did (``ShardStats``: its counts, failed rows, batch timings); rows an earlier attempt of
+        the same shard journaled ``ok`` are ``skipped``.
+    """
     started = time.perf_counter()
     storage = settings.storage()
     stats = ShardStats(name=shard.name, spec=shard.spec.name, rows=len(shard.jobs))
@@ -187,7 +199,7 @@ def run_shard(shard: ShardPlan, settings: RunSettings, progress: ProgressCallbac
     finally:
         fetcher.close()
         writer.close()
-        stats.ok, stats.failed, stats.images = writer.ok, writer.failed, writer.images
+        stats.ok, stats.failed, stats.images = writer.counts.ok, writer.counts.failed, writer.counts.images
         stats.failures = writer.failures
         stats.seconds = time.perf_counter() - started
     return stats

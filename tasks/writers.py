@@ -19,8 +19,10 @@ from ipaflow.specs.outputs import CONTAINERS, DEFAULT_LAYOUT, is_container, memb
 from ipaflow.specs.rows import Job
 from ipaflow.specs.spec import Spec
 from ipaflow.tasks.containers import ContainerBuilder
+from ipaflow.tasks.counts import RowCounts
 from ipaflow.tasks.media import encode_image
-from ipaflow.tasks.metadata import MetadataStore, make_record
+from ipaflow.tasks.metadata import MetadataStore
+from ipaflow.tasks.metadata_schema import make_record
 from ipaflow.tasks.render import Rendered
 from ipaflow.tasks.video import encode_video
 
@@ -50,7 +52,7 @@ class ShardWriter:
         self._slots = threading.BoundedSemaphore(max_pending)
         self._containers = 0
         self._container = self._new_container()
-        self.ok = self.failed = self.images = 0
+        self.counts = RowCounts()  # rows written ok, failed; images written
         self.failures: list[FailedRow] = []
 
     def _new_container(self) -> tuple[str, ContainerBuilder] | None:
@@ -96,8 +98,8 @@ class ShardWriter:
             return
         with self._lock:
             (self._held if self._container is not None else self._ready).append(record)
-            self.ok += 1
-            self.images += len(record["outputs"])
+            self.counts.ok += 1
+            self.counts.images += len(record["outputs"])
 
     def submit(self, rendered: Rendered) -> None:
         """Queue a rendered row (or a failed one) for writing; blocks when too many are in flight."""
@@ -114,7 +116,7 @@ class ShardWriter:
         record = self._record(job, "failed", error=failed.error)
         with self._lock:
             self._ready.append(record)
-            self.failed += 1
+            self.counts.failed += 1
             self.failures.append(failed)
 
     def _wait(self) -> None:
@@ -137,9 +139,9 @@ class ShardWriter:
             except Exception as exc:  # noqa: BLE001 - the container's rows fail, with the reason
                 problem = describe_exception("write", exc, self.storage.redact)
                 for record in held:
-                    self.ok -= 1
-                    self.images -= len(record["outputs"])
-                    self.failed += 1
+                    self.counts.ok -= 1
+                    self.counts.images -= len(record["outputs"])
+                    self.counts.failed += 1
                     self.failures.append(FailedRow(row=record["id"], problems=(problem,), spec=record["spec"]))
                     record.update(status="failed", error=str(problem), outputs=[])
         with self._lock:

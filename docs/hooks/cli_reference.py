@@ -3,9 +3,9 @@
 Two markers in cli.md are replaced:
 
 - ``<!-- cli:commands -->``: every ``ipaflow`` command, from the parser the command line itself uses
-  (``ipaflow.flows.cli._parser``): its help, its usage line and its own arguments with their defaults;
+  (``ipaflow.flows.cli_parser.command_parser``): its help, its usage line and its own arguments with their defaults;
 - ``<!-- cli:render-options -->``: every field of ``ipaflow.specs.options.RenderOptions``, the one definition of
-  the render flags, with the flag ``ipaflow.flows.cli.add_render_options`` makes of it, its type and bounds, its
+  the render flags, with the flag ``ipaflow.flows.cli_parser.add_render_options`` makes of it, its type and bounds, its
   default and its help.
 
 The hand-written rest of cli.md may name flags (``--batch-size``): each must be a flag of some ``ipaflow``
@@ -32,12 +32,12 @@ USAGE_COLUMNS = "100"  # argparse wraps usage lines at $COLUMNS
 def on_page_markdown(markdown: str, page, config, files, **kwargs) -> str:
     if page.file.src_uri != PAGE:
         return markdown
-    from ipaflow.flows.cli import _parser
+    from ipaflow.flows.cli_parser import command_parser
 
     for marker in (COMMANDS, OPTIONS):
         if markdown.count(marker) != 1:
             raise PluginError(f"{PAGE} must hold the marker {marker} once")
-    parser = _parser()
+    parser = command_parser()
     _check_flags(markdown, parser)
     markdown = markdown.replace(COMMANDS, _commands(parser))
     return markdown.replace(OPTIONS, _render_options())
@@ -86,7 +86,7 @@ def _subcommands(parser: argparse.ArgumentParser, prefix: str) -> list[tuple[str
 
 def _render_option_names() -> dict[str, str]:
     """dest -> flag of every render option, as the command line makes them."""
-    from ipaflow.flows.cli import add_render_options
+    from ipaflow.flows.cli_parser import add_render_options
 
     probe = argparse.ArgumentParser()
     add_render_options(probe)

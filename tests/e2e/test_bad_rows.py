@@ -92,7 +92,7 @@ BAD_ROWS = [
     ({**MULTI, "id": "style-missing", "style_folder": "inputs/no-such-folder"}, "style-missing",
      {"style_folder": "not found"}),
     ({**TEXT2IMG, "id": "inpaint-missing-mask", "spec": "sdxl-inpaint", "image": "inputs/bear.png",
-      "mask": "inputs/no-mask.png"}, "inpaint-missing-mask", {"mask": "not found"}),
+      "mask": "inputs/no-mask.png", "num_inference_steps": 2}, "inpaint-missing-mask", {"mask": "not found"}),
 ]
 READABLE = {">= 1": "greater than or equal to 1", ">= 8": "greater than or equal to 8", "> 0": "greater than 0",
             "<= 1": "less than or equal to 1"}
@@ -180,7 +180,7 @@ def test_render_renders_good_rows_and_records_bad_ones(mixed, models_env, prefec
     assert _snapshot(folder.parent, out) == parent_before  # nothing written outside --out
 
     rows = len(GOOD_ROWS) + len(BAD_ROWS)
-    assert (summary["rows"], summary["rendered"], summary["failed"]) == (rows, len(GOOD_IDS), len(BAD_ROWS))
+    assert (summary.rows, summary.rendered, summary.failed) == (rows, len(GOOD_IDS), len(BAD_ROWS))
     records = read_records(out).set_index("id")
     ok = records[records["status"] == "ok"]
     assert sorted(ok.index) == sorted(GOOD_IDS) and ok["error"].isna().all()
@@ -197,7 +197,7 @@ def test_render_renders_good_rows_and_records_bad_ones(mixed, models_env, prefec
 
     # Every bad row failed with the reasons validate gives, the column named; invalid ids have no record.
     failed, _ = validate_manifest(str(mixed))
-    failures = {f["id"]: f["error"] for f in summary["failures"]}
+    failures = {f.id: f.error for f in summary.failures}
     for row in failed:
         for problem in row.problems:
             reason = str(problem)

@@ -41,6 +41,39 @@ def test_dry_run_says_why_when_the_sample_fails(tmp_path, models_env, inputs_dir
     assert "estimated total" not in printed
 
 
+def _estimate_lines(printed: str) -> dict[str, list[str]]:
+    return {line.split()[0]: line.split()[1:] for line in printed.splitlines()
+            if line.startswith(("sdxl-", "(invalid", "(already"))}
+
+
+def test_dry_run_rejects_what_a_render_rejects(tmp_path, models_env, inputs_dir, capsys):
+    """sdxl-inpaint leaves strength to its pipeline (0.9999): one step runs none, so a render fails the row
+    while planning; the dry run rejects it too, and samples only the rows a render would render."""
+    ip = str(inputs_dir / "diner.png")
+    rows = [{"id": f"r{i}", "spec": "sdxl-text2img", "prompt": "p", "ip_image": ip, "num_inference_steps": 2}
+            for i in range(2)]
+    rows.append({"id": "inpaint-one-step", "spec": "sdxl-inpaint", "num_inference_steps": 1, "ip_image": ip,
+                 "image": str(inputs_dir / "diner.png"), "mask": str(inputs_dir / "mask.png")})
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    assert main(["render", str(manifest), "--out", str(tmp_path / "out"), "--dry-run", "--batch-size", "1"]) == 0
+    lines = _estimate_lines(capsys.readouterr().out)
+    assert "sdxl-inpaint" not in lines
+    assert lines["sdxl-text2img"][0] == "2" and lines["(invalid"][1] == "1"
+
+
+def test_dry_run_estimates_the_rows_left_in_out(tmp_path, models_env, inputs_dir, prefect_api, capsys):
+    """Rows already done in --out are counted as skipped, as a render would skip them."""
+    rows = [{"id": f"r{i}", "spec": "sdxl-text2img", "prompt": "p", "ip_image": str(inputs_dir / "diner.png"),
+             "num_inference_steps": 2} for i in range(5)]
+    out = str(tmp_path / "out")
+    assert main(["render", str(write_manifest(tmp_path / "first.parquet", rows[:3])), "--out", out]) == 0
+    capsys.readouterr()
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    assert main(["render", str(manifest), "--out", out, "--dry-run", "--batch-size", "1"]) == 0
+    lines = _estimate_lines(capsys.readouterr().out)
+    assert lines["sdxl-text2img"][0] == "2" and lines["(already"][1] == "3" and lines["(invalid"][1] == "0"
+
+
 def test_demo_renders_every_bundled_spec(tmp_path, models_env, prefect_api, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
     records = read_records(tmp_path / "demo")

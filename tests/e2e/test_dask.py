@@ -94,22 +94,22 @@ def test_renders_on_the_gpu_worker_only_one_at_a_time(cluster, tmp_path, inputs_
         summary = render_manifest(str(manifest), out=str(tmp_path / "out"), options=options)
     assert "GPU slot" not in caplog.text
 
-    assert (summary["rendered"], summary["failed"]) == (6, 0)
-    assert summary["live_updates"]["shard_reports"] >= 3  # from the workers' processes, as Dask events
+    assert (summary.rendered, summary.failed) == (6, 0)
+    assert summary.live_updates.shard_reports >= 3  # from the workers' processes, as Dask events
     records = read_records(tmp_path / "out")
     assert sorted(records["id"]) == [f"row-{i}" for i in range(6)] and set(records["status"]) == {"ok"}
     for i in range(6):
         assert PIL.Image.open(tmp_path / "out" / "images" / f"row-{i}.png").size == (64, 64)
 
-    shards = sorted(summary["shards"], key=lambda s: s["started_at"])
-    assert [s["worker"] for s in shards] == [cluster.gpu] * 3
+    shards = sorted(summary.shards, key=lambda s: s.started_at)
+    assert [s.worker for s in shards] == [cluster.gpu] * 3
     for earlier, later in zip(shards, shards[1:]):
-        assert later["started_at"] >= earlier["finished_at"], "two renders overlapped on one GPU"
+        assert later.started_at >= earlier.finished_at, "two renders overlapped on one GPU"
     executed = cluster.client.run(lambda dask_worker: dask_worker.state.executed_count)
     assert executed[cluster.cpu] == 0 and executed[cluster.gpu] >= 3  # the scheduler's own count
 
     again = render_manifest(str(manifest), out=str(tmp_path / "again"), options=options)
-    assert again["rendered"] == 6
+    assert again.rendered == 6
     builds = cluster.client.run(lambda: getattr(sys.modules.get("ipaflow.tasks.pipelines"), "PIPELINES", None)
                                 and sys.modules["ipaflow.tasks.pipelines"].PIPELINES.builds)
     assert builds == {cluster.gpu: 1, cluster.cpu: None}  # built once, kept across tasks and flow runs
@@ -122,8 +122,8 @@ def test_workers_option_starts_a_local_gpu_cluster(tmp_path, inputs_dir, models_
     summary = render_manifest(str(manifest), out=str(tmp_path / "out"),
                               options={"batch_size": 2, "shard_size": 2, "workers": 1})
 
-    assert (summary["rendered"], summary["failed"]) == (4, 0)
-    workers = {shard["worker"] for shard in summary["shards"]}
+    assert (summary.rendered, summary.failed) == (4, 0)
+    workers = {shard.worker for shard in summary.shards}
     assert len(workers) == 1 and workers.pop().startswith("tcp://127.0.0.1:")  # not this process's threads
     assert len(list((tmp_path / "out" / "images").iterdir())) == 4
 

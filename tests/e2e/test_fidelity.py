@@ -97,7 +97,7 @@ def _img(inputs_dir, name):
 def test_every_row_ok(rendered):
     out, summary = rendered
     records = read_records(out)
-    assert summary["failed"] == 0, summary["failures"]
+    assert summary.failed == 0, summary.failures
     assert sorted(records["id"]) == sorted(row["id"] for row in _rows())
     assert set(records["status"]) == {"ok"}
 

@@ -42,7 +42,7 @@ def test_renders_outputs_and_one_record_per_row(tmp_path, inputs_dir, render):
     rows[2]["num_images"] = 2
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     summary = render(manifest, tmp_path / "out", batch_size=4)
-    assert (summary["rendered"], summary["failed"], summary["skipped"]) == (6, 0, 0)
+    assert (summary.rendered, summary.failed, summary.skipped) == (6, 0, 0)
 
     records = read_records(tmp_path / "out").set_index("id")
     assert sorted(records.index) == [f"row-{i}" for i in range(6)]
@@ -88,18 +88,18 @@ def test_rerun_renders_only_what_changed(tmp_path, inputs_dir, render):
     rows = _rows(inputs_dir, 4)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     first = render(manifest, out)
-    assert first["rendered"] == 4
+    assert first.rendered == 4
     before = _mtimes(out)
 
     again = render(manifest, out)
-    assert (again["rendered"], again["skipped"]) == (0, 4)
+    assert (again.rendered, again.skipped) == (0, 4)
     assert _mtimes(out) == before
 
     rows[1]["prompt"] = "an edited prompt"
     rows.append({**rows[0], "id": "row-new", "prompt": "a new row"})
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     edited = render(manifest, out)
-    assert (edited["rendered"], edited["skipped"]) == (2, 3)
+    assert (edited.rendered, edited.skipped) == (2, 3)
     after = _mtimes(out)
     changed = {name for name in after if after[name] != before.get(name)}
     assert changed == {"row-1.png", "row-new.png"}
@@ -109,7 +109,7 @@ def test_rerun_renders_only_what_changed(tmp_path, inputs_dir, render):
     assert json.loads(records.set_index("id").loc["row-1", "params"])["prompt"] == "an edited prompt"
 
     everything = render(manifest, out, overwrite=True)
-    assert everything["rendered"] == 5
+    assert everything.rendered == 5
     assert len(read_records(out)) == 5
 
 
@@ -119,7 +119,7 @@ def test_deleted_output_renders_again(tmp_path, inputs_dir, render):
     render(manifest, out)
     (out / "images" / "row-0.png").unlink()
     again = render(manifest, out)
-    assert (again["rendered"], again["skipped"]) == (1, 1)
+    assert (again.rendered, again.skipped) == (1, 1)
     assert (out / "images" / "row-0.png").exists()
 
 
@@ -133,7 +133,7 @@ def test_changed_input_file_renders_again(tmp_path, inputs_dir, render):
     render(manifest, out)
     PIL.Image.open(inputs_dir / "bear.png").save(image)
     again = render(manifest, out)
-    assert (again["rendered"], again["skipped"]) == (1, 1)
+    assert (again.rendered, again.skipped) == (1, 1)
 
 
 def test_csv_and_jsonl_manifests(tmp_path, inputs_dir, render):
@@ -142,7 +142,7 @@ def test_csv_and_jsonl_manifests(tmp_path, inputs_dir, render):
     pd.DataFrame(rows).to_json(tmp_path / "m.jsonl", orient="records", lines=True)
     for name in ("m.csv", "m.jsonl"):
         summary = render(tmp_path / name, tmp_path / f"out-{name}")
-        assert summary["rendered"] == 2, summary
+        assert summary.rendered == 2, summary
 
 
 def test_a_spec_that_cannot_load_fails_its_rows_at_once(tmp_path, inputs_dir, render):
@@ -157,8 +157,8 @@ def test_a_spec_that_cannot_load_fails_its_rows_at_once(tmp_path, inputs_dir, re
     rows[-1]["id"] = "fine"
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     summary = render(manifest, tmp_path / "out", specs=[str(specs)], shard_size=2, batch_size=2)
-    assert (summary["failed"], summary["rendered"]) == (10, 1)
-    broken = [s for s in summary["shards"] if s["spec"] == "broken"]
+    assert (summary.failed, summary.rendered) == (10, 1)
+    broken = [s for s in summary.shards if s.spec == "broken"]
     assert 1 <= len(broken) <= 2 < 5  # 5 shards planned: at most the ones already in flight ran
     records = read_records(tmp_path / "out").set_index("id")
     reasons = set(records.loc[[f"row-{i}" for i in range(10)], "error"])

@@ -125,7 +125,7 @@ def test_an_alias_bomb_spec_is_refused_at_once(tmp_path):
     for command in (["specs", "list"], ["specs", "show", "bomb"]):
         done, peak, seconds = run_measured([ipaflow_command(), *command, "--specs", str(tmp_path / "specs")],
                                            _env(), 60, tmp_path)
-        assert done.returncode == 1 and done.stdout == ""
+        assert done.returncode == 2 and done.stdout == ""  # nothing ran
         assert done.stderr.count("\n") == 1 and "bomb.yaml: not valid YAML (too large: " in done.stderr
         assert peak < 300 * 2**20 and seconds < 30
 
@@ -145,6 +145,6 @@ def test_out_as_the_style_folder_never_feeds_back(tmp_path, inputs_dir, models_e
         {"id": "styled", "spec": "sdxl-multi-style-face", "prompt": "p", "num_inference_steps": 1,
          "style_folder": str(out), "ip_image": str(inputs_dir / "face.png")}])
     first = render_manifest(str(manifest), out=str(out))
-    assert (first["rendered"], (out / "contact-sheet.png").exists()) == (1, True)
+    assert (first.rendered, (out / "contact-sheet.png").exists()) == (1, True)
     second = render_manifest(str(manifest), out=str(out))
-    assert (second["rendered"], second["skipped"], second["failed"]) == (0, 1, 0)
+    assert (second.rendered, second.skipped, second.failed) == (0, 1, 0)

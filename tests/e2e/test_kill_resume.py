@@ -67,7 +67,7 @@ def test_killed_render_resumes_without_loss_or_repeats(tmp_path, inputs_dir, mod
     before = {p.name: p.stat().st_mtime_ns for p in _images(out)}
 
     summary = render_manifest(str(manifest), out=str(out), options={"batch_size": 2, "shard_size": 4})
-    assert (summary["failed"], summary["skipped"], summary["rendered"]) == (0, len(finished), ROWS - len(finished))
+    assert (summary.failed, summary.skipped, summary.rendered) == (0, len(finished), ROWS - len(finished))
     for row_id in finished:  # rows recorded before the kill were not rendered again
         assert (out / "images" / f"{row_id}.png").stat().st_mtime_ns == before[f"{row_id}.png"]
 

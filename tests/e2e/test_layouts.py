@@ -28,7 +28,7 @@ def render(models_env, prefect_api):
 
     def run(manifest, out, **options):
         summary = render_manifest(str(manifest), out=str(out), options={"batch_size": 4, **options})
-        assert summary["failed"] == 0, summary["failures"]
+        assert summary.failed == 0, summary.failures
         return summary
 
     return run
@@ -52,7 +52,7 @@ def test_webdataset_resumes_and_keeps_one_sample_per_id(tmp_path, inputs_dir, re
     out = tmp_path / "out"
     rows = _rows(inputs_dir)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
-    assert render(manifest, out, layout="webdataset")["rendered"] == 4
+    assert render(manifest, out, layout="webdataset").rendered == 4
     assert _tar_keys(out) == ["row%2Edot-0", "row%2Edot-1", "row-0", "row-1", "row-2"]
     assert not (out / "images").exists()
     records = read_records(out).set_index("id")
@@ -67,10 +67,10 @@ def test_webdataset_resumes_and_keeps_one_sample_per_id(tmp_path, inputs_dir, re
     assert sample["json"]["id"] in {"row-0", "row-1", "row-2", "row.dot"} and "prompt" in sample["json"]
 
     again = render(manifest, out, layout="webdataset")
-    assert (again["rendered"], again["skipped"]) == (0, 4)
+    assert (again.rendered, again.skipped) == (0, 4)
     rows[1]["prompt"] = "edited"
     edited = render(write_manifest(tmp_path / "m.parquet", rows), out, layout="webdataset")
-    assert (edited["rendered"], edited["skipped"]) == (1, 3)
+    assert (edited.rendered, edited.skipped) == (1, 3)
     assert _tar_keys(out) == ["row%2Edot-0", "row%2Edot-1", "row-0", "row-1", "row-2"]  # the old row-1 is gone
     records = read_records(out).set_index("id")
     assert len(records) == 4 and json.loads(records.loc["row-1", "params"])["prompt"] == "edited"
@@ -91,7 +91,7 @@ def test_parquet_layout_loads_with_datasets_and_resumes(tmp_path, inputs_dir, re
 
     rows[3]["prompt"] = "edited"
     edited = render(write_manifest(tmp_path / "m.parquet", rows), out, layout="parquet")
-    assert (edited["rendered"], edited["skipped"]) == (1, 3)
+    assert (edited.rendered, edited.skipped) == (1, 3)
     shards = pd.concat([pd.read_parquet(p) for p in (out / "parquet").glob("*.parquet")])
     assert sorted(shards["id"]) == ["row-0", "row-1", "row-2", "row.dot", "row.dot"]  # the old pair is gone
     assert {json.loads(text)["prompt"] for text in shards[shards["id"] == "row.dot"]["json"]} == {"edited"}
@@ -110,9 +110,9 @@ def test_sharded_layout_and_records_command(tmp_path, inputs_dir, render, capsys
     dataset = _load("imagefolder", (out / "images").rglob("*.png"), tmp_path / "hf")
     assert len(dataset) == 5 and dataset[0]["image"].size == (64, 64)
     again = render(manifest, out, layout="sharded")
-    assert (again["rendered"], again["skipped"]) == (0, 4)
+    assert (again.rendered, again.skipped) == (0, 4)
     moved = render(manifest, out)  # the files layout: the outputs are elsewhere, so the rows render again
-    assert moved["rendered"] == 4 and (out / "images" / "row-0.png").exists()
+    assert moved.rendered == 4 and (out / "images" / "row-0.png").exists()
 
     capsys.readouterr()
     assert main(["records", str(out), "--output", str(tmp_path / "r.csv")]) == 0

@@ -123,7 +123,7 @@ def test_row_that_ooms_alone_fails_alone_with_a_reason(tmp_path, inputs_dir, tig
     rows[2]["prompt"] = "a huge picture"
     summary = render_manifest(str(write_manifest(tmp_path / "m.parquet", rows)), out=str(tmp_path / "out"),
                               options={"batch_size": 4})
-    assert (summary["rendered"], summary["failed"]) == (3, 1)
+    assert (summary.rendered, summary.failed) == (3, 1)
     records = read_records(tmp_path / "out").set_index("id")
     assert records.loc["row-2", "status"] == "failed"
     assert records.loc["row-2", "error"] == "render: out of GPU memory even as a batch of one"

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from util import read_records
 
 from ipaflow.flows.cli import main
-from ipaflow.tasks.metadata import is_json_text
+from ipaflow.tasks.metadata_schema import is_json_text
 
 TEXT2IMG = {"spec": "sdxl-text2img", "prompt": "p", "num_inference_steps": 1, "width": 64, "height": 64}
 

@@ -121,24 +121,24 @@ def test_final_state_names_the_failures(watched_run):
 
     state, _, _ = watched_run
     summary = state.result()
-    assert (summary["rendered"], summary["failed"], summary["skipped"]) == (7, 5, 0)
+    assert (summary.rendered, summary.failed, summary.skipped) == (7, 5, 0)
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(state.state_details.flow_run_id)
     assert run.state.is_completed() and run.state.name == "Completed with failures"
     assert run.state.message == "7 ok, 5 failed, 0 skipped"
     assert run.name.startswith("nightly-set-") and TAGS <= set(run.tags)
-    assert {shard["worker"] for shard in summary["shards"]} == {f"{socket.gethostname()}:{os.getpid()}"}
+    assert {shard.worker for shard in summary.shards} == {f"{socket.gethostname()}:{os.getpid()}"}
 
 
 def test_failed_rows_and_progress_are_live(watched_run):
     """The failed-rows artifact holds the worker's failure while that very shard still renders; the progress
     artifact moves within a shard (every batch), with rows/s and an ETA."""
     state, observer, _ = watched_run
-    shards = sorted(state.result()["shards"], key=lambda s: s["started_at"])
-    failing = next(s for s in shards if s["failed"])
-    assert failing["rows"] == 4 and len(shards) == 2
+    shards = sorted(state.result().shards, key=lambda s: s.started_at)
+    failing = next(s for s in shards if s.failed)
+    assert failing.rows == 4 and len(shards) == 2
 
-    early = [seen for at, seen in observer.readings if failing["started_at"] < at < failing["finished_at"]]
+    early = [seen for at, seen in observer.readings if failing.started_at < at < failing.finished_at]
     assert any("bad-decode" in json.dumps(seen.get("table")) for seen in early), "no live failed-rows artifact"
     descriptions = [seen["progress"][1] for _, seen in observer.readings if "progress" in seen]
     pattern = re.compile(r"rendering: (\d+)/12 rows, (\d+) ok, (\d+) failed, 0 skipped, ([\d.]+) rows/s, "
@@ -332,18 +332,19 @@ def test_a_contact_sheet_at_an_http_url_becomes_an_image_artifact(prefect_api):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from ipaflow.flows.monitoring import RunMonitor
+    from ipaflow.tasks.counts import RowCounts
 
     sheet = "https://renders.example.com/nightly/contact-sheet.png"
-    summary = {"run_id": "r", "manifest": "m.parquet", "out": "https://renders.example.com/nightly",
-               "gallery": "https://renders.example.com/nightly/index.html", "contact_sheet": sheet, "rows": 1,
-               "rendered": 1, "skipped": 0, "failed": 0, "images": 1, "seconds": 1.0, "shards": [],
-               "times": {"startup": 0.0, "planning": 0.1, "rendering": 0.8, "finishing": 0.1, "render_rate": 1.25}}
 
     @flow
     def finish_a_run():
         monitor = RunMonitor(name="web")
         monitor.start()
-        monitor.planned(1, 0)
+        monitor.planned(1)
+        monitor.counts.add(RowCounts(ok=1, images=1))
+        summary = monitor.summary(run_id="r", manifest="m.parquet", out="https://renders.example.com/nightly",
+                                  gallery="https://renders.example.com/nightly/index.html", contact_sheet=sheet,
+                                  metadata_bytes_written=0, first_shard_s=None)
         return monitor.finish(summary, {}, max_failures=None)
 
     state = finish_a_run(return_state=True)

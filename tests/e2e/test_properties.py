@@ -80,11 +80,11 @@ def test_random_manifests_through_the_flow(files_dir, models_env, prefect_api, m
     path = _write_jsonl(files_dir, manifest)
     out = files_dir / f"out-{path.stem}"
     summary = render_manifest(str(path), out=str(out), options={"batch_size": 4})
-    assert summary["rows"] == len(manifest)
-    assert summary["rendered"] + summary["failed"] == len(manifest) and summary["skipped"] == 0
-    assert all(f["error"] for f in summary["failures"])
+    assert summary.rows == len(manifest)
+    assert summary.rendered + summary.failed == len(manifest) and summary.skipped == 0
+    assert all(f.error for f in summary.failures)
     records = _records(out)
-    failed_labels = {f["id"] for f in summary["failures"]}
+    failed_labels = {f.id for f in summary.failures}
     for index, row in enumerate(json.loads(line) for line in path.read_text().splitlines()):
         label = row_label(row, index)
         if label.startswith("#"):  # no id to key a record by: reported in the summary

@@ -159,7 +159,7 @@ def test_renders_from_s3_and_http_to_s3(moto, proxy, aws_env, bucket, inputs_dir
         summary = render(manifest, f"s3://{bucket}/out/", batch_size=4)
     finally:
         http.close()
-    assert (summary["rendered"], summary["failed"], summary["skipped"]) == (6, 0, 0), summary["failures"]
+    assert (summary.rendered, summary.failed, summary.skipped) == (6, 0, 0), summary.failures
     assert proxy.count("GET", f"/{bucket}/in/diner.png") == 1
 
     records = s3_records(moto, bucket).set_index("id", drop=False)
@@ -187,7 +187,7 @@ def assert_previews_in_the_ui(moto, bucket, summary, specs, images):
 
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["m-summary"])))
-    [markdown] = [a.data for a in found if summary["run_id"] in a.data]
+    [markdown] = [a.data for a in found if summary.run_id in a.data]
     previews = re.findall(r"!\[([^]]*)\]\(data:image/jpeg;base64,([A-Za-z0-9+/=]+)\)", markdown)
     assert [alt.replace("\\", "") for alt, _ in previews] == list(specs)
     for _, data in previews:
@@ -204,27 +204,27 @@ def test_resume_on_s3_renders_only_what_changed(moto, proxy, aws_env, bucket, in
     out = f"s3://{bucket}/out"
     rows = text_rows(bucket, 3) + [style_row(bucket)]
     manifest = upload_manifest(moto, bucket, rows)
-    assert render(manifest, out, options)["rendered"] == 4
+    assert render(manifest, out, options).rendered == 4
     before = moto.objects(bucket, "out/images/")
 
     def run_and_puts(**kwargs):
         proxy.requests.clear()
         summary = render(upload_manifest(moto, bucket, rows), out, options, **kwargs)
-        assert summary["failed"] == 0, summary["failures"]
+        assert summary.failed == 0, summary.failures
         return summary, image_puts(proxy, bucket)
 
     again, puts = run_and_puts()
-    assert (again["rendered"], again["skipped"], puts) == (0, 4, [])
+    assert (again.rendered, again.skipped, puts) == (0, 4, [])
     assert moto.objects(bucket, "out/images/") == before  # ETag and LastModified untouched
 
     rows[1]["prompt"] = "an edited prompt"  # an edited row, a new row, and a style prefix that grew
     rows.append({**rows[0], "id": "r-new"})
     moto.put(bucket, "in/style/img3.png", (inputs_dir / "style" / "img3.png").read_bytes())
     changed, puts = run_and_puts()
-    assert (changed["rendered"], changed["skipped"], puts) == (3, 2, ["r-1.png", "r-new.png", "style-0.png"])
+    assert (changed.rendered, changed.skipped, puts) == (3, 2, ["r-1.png", "r-new.png", "style-0.png"])
 
     everything, puts = run_and_puts(overwrite=True)
-    assert everything["rendered"] == 5 and len(puts) == 5
+    assert everything.rendered == 5 and len(puts) == 5
 
     records = s3_records(moto, bucket)
     assert sorted(records["id"]) == sorted(row["id"] for row in rows)
@@ -252,7 +252,7 @@ def test_endpoint_faults_mid_run_are_retried_and_lose_nothing(moto, proxy, aws_e
     summary = render(manifest, f"s3://{bucket}/out", {"client_kwargs": {"endpoint_url": proxy.endpoint}})
 
     assert [f.failed for f in faults] == [f.times for f in faults]  # every fault was hit
-    assert (summary["rendered"], summary["failed"]) == (8, 0), summary["failures"]
+    assert (summary.rendered, summary.failed) == (8, 0), summary.failures
     records = s3_records(moto, bucket)
     assert sorted(records["id"]) == sorted(row["id"] for row in rows)  # each exactly once
     assert_whole_outputs(moto, bucket, records)
@@ -293,7 +293,7 @@ def test_run_killed_after_journaling_resumes_without_rendering_again(moto, proxy
     proxy.on_request = None
     proxy.requests.clear()
     resumed = render(manifest, out, {"client_kwargs": {"endpoint_url": proxy.endpoint}})
-    assert (resumed["skipped"], resumed["failed"]) == (len(journaled), 0)
+    assert (resumed.skipped, resumed.failed) == (len(journaled), 0)
     assert image_puts(proxy, bucket) == sorted(f"{row['id']}.png" for row in rows if row["id"] not in journaled)
     records = s3_records(moto, bucket)
     assert sorted(records["id"]) == sorted(row["id"] for row in rows)
@@ -460,7 +460,7 @@ def test_credentials_never_leak(moto, proxy, aws_env, bucket, inputs_dir, cli, c
 
 def test_records_keep_usable_output_uris_when_a_short_key_is_part_of_a_name(aws_env):
     """A credential that merely occurs in a bucket name must not turn outputs into URIs that do not exist."""
-    from ipaflow.tasks.metadata import make_record
+    from ipaflow.tasks.metadata_schema import make_record
 
     aws_env.setenv("AWS_ACCESS_KEY_ID", "renders")
     record = make_record(job_id="a", spec="s", status="ok", run_id="r", error="key renders rejected",
@@ -486,13 +486,13 @@ def test_container_layout_on_s3_resumes_and_keeps_one_sample_per_id(moto, proxy,
         return sorted(found)
 
     first = render(upload_manifest(moto, bucket, rows), out, options, layout="webdataset")
-    assert first["rendered"] == 3 and keys() == ["r-0.png", "r-1.png", "r-2.png"]
+    assert first.rendered == 3 and keys() == ["r-0.png", "r-1.png", "r-2.png"]
     assert not moto.objects(bucket, "out/images/")
     again = render(upload_manifest(moto, bucket, rows), out, options, layout="webdataset")
-    assert (again["rendered"], again["skipped"]) == (0, 3)
+    assert (again.rendered, again.skipped) == (0, 3)
     rows[2]["prompt"] = "an edited prompt"
     edited = render(upload_manifest(moto, bucket, rows), out, options, layout="webdataset")
-    assert (edited["rendered"], edited["skipped"]) == (1, 2)
+    assert (edited.rendered, edited.skipped) == (1, 2)
     assert keys() == ["r-0.png", "r-1.png", "r-2.png"]  # once each: the old r-2 left its tar
     records = s3_records(moto, bucket).set_index("id")
     assert len(records) == 3 and records.loc["r-2", "outputs"][0].startswith(f"s3://{bucket}/out/webdataset/")

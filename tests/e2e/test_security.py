@@ -105,10 +105,10 @@ def test_render_leaves_no_credentials_in_outputs_records_or_artifacts(tmp_path, 
     manifest = write_manifest(tmp_path / "m.parquet", _rows_with_credentials(inputs_dir))
     summary = render_manifest(str(manifest), out=str(tmp_path / "out"),
                               options={"storage_options": SecretStr(json.dumps(_storage_options()))})
-    assert (summary["rendered"], summary["failed"]) == (1, 3)
+    assert (summary.rendered, summary.failed) == (1, 3)
     assert set(read_records(tmp_path / "out").set_index("id")["error"].dropna().str.contains(r"\*\*\*")) == {True}
 
-    texts = [json.dumps(summary)]
+    texts = [summary.model_dump_json()]
     for path in (tmp_path / "out").rglob("*"):
         if path.is_file():
             texts.append(path.read_bytes().decode("latin-1"))  # metadata parquet, gallery, PNG chunks

@@ -16,10 +16,10 @@ CRON = "30 2 * * *"
 
 def _deployment(*flags: str):
     """The deployment `ipaflow serve <flags>` serves, built the way the command builds it."""
-    from ipaflow.flows.cli import _parser, options_from_args
+    from ipaflow.flows.cli_parser import command_parser, options_from_args
     from ipaflow.flows.serve import make_deployment
 
-    parser = _parser()
+    parser = command_parser()
     args = parser.parse_args(["serve", *flags])
     options = options_from_args(args.command_parser, args)
     args.flags = flags

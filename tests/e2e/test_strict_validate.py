@@ -60,7 +60,7 @@ def test_validate_and_render_fail_the_same_rows_before_rendering(strict, models_
     assert {row.row: row.error for row in failed} == expected
 
     summary = render_manifest(str(manifest), out=str(tmp_path / "out"), options=options)
-    assert (summary["rendered"], summary["failed"]) == (2, 3)
+    assert (summary.rendered, summary.failed) == (2, 3)
     records = read_records(tmp_path / "out").set_index("id")
     assert dict(records.loc[list(expected), "error"]) == expected
     long = records.loc["long-jpeg"]

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from ipaflow.flows import cli
-from ipaflow.flows.cli import _parser, main
+from ipaflow.flows.cli import main
+from ipaflow.flows.cli_parser import command_parser
 
 
 @pytest.fixture(autouse=True)
@@ -85,7 +86,7 @@ def _parsers(parser: argparse.ArgumentParser, path: str = "ipaflow"):
 
 
 def test_every_command_and_argument_has_help():
-    for path, parser in _parsers(_parser()):
+    for path, parser in _parsers(command_parser()):
         for action in parser._actions:
             if not isinstance(action, argparse._SubParsersAction):
                 assert action.help and action.help != argparse.SUPPRESS, (path, action.option_strings or action.dest)
@@ -115,3 +116,6 @@ def test_validate_names_a_duplicate_id_once_with_both_rows(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.splitlines() == ["dup, id, duplicate id (manifest rows 0, 2, 3)"]
     assert "4 rows checked: 1 ok, 3 with problems" in captured.err
+    from ipaflow.specs.rows import duplicate_problem
+
+    assert duplicate_problem([0, 2]).shared  # said once because of this field, whatever its wording

@@ -10,7 +10,8 @@ import time
 import pandas as pd
 
 from ipaflow.core.storage import Storage
-from ipaflow.tasks.metadata import JOURNAL_DIR, MetadataStore, make_record
+from ipaflow.tasks.metadata import JOURNAL_DIR, MetadataStore
+from ipaflow.tasks.metadata_schema import make_record
 
 
 def _record(row_id, status="ok", run="r1", **fields):
@@ -20,7 +21,7 @@ def _record(row_id, status="ok", run="r1", **fields):
 def test_the_latest_record_of_an_id_wins_across_journals_and_compactions(tmp_path):
     store = MetadataStore(Storage(), str(tmp_path))
     store.journal("r1", "shard-0", [_record("a"), _record("b", status="failed", error="ip_image: not found")])
-    store.compact()
+    store.fold()
     time.sleep(0.01)
     store.journal("r2", "shard-0", [_record("b", run="r2")])
     store.journal("r2", "shard-1", [_record("c", run="r2")])
@@ -28,7 +29,7 @@ def test_the_latest_record_of_an_id_wins_across_journals_and_compactions(tmp_pat
     assert sorted(loaded) == ["a", "b", "c"]
     assert (loaded["b"]["status"], loaded["b"]["run_id"], loaded["b"]["error"]) == ("ok", "r2", None)
 
-    assert store.compact() == 2
+    assert store.fold().files == 2
     assert not list((tmp_path / JOURNAL_DIR).rglob("*.parquet"))
     frame = pd.read_parquet(tmp_path / "metadata")
     assert sorted(frame["id"]) == ["a", "b", "c"] and frame.set_index("id").loc["b", "run_id"] == "r2"
@@ -58,7 +59,7 @@ def test_passthrough_columns_keep_their_values(tmp_path):
     store = MetadataStore(Storage(), str(tmp_path))
     store.journal("r1", "x", [_record("a", extra={"note": "n1", "status": "not mine"}),
                               _record("b", extra={"note": "n2"})])
-    store.compact()
+    store.fold()
     frame = pd.read_parquet(tmp_path / "metadata").set_index("id")
     assert list(frame["note"]) == ["n1", "n2"]
     assert frame.loc["a", "status"] == "ok"  # a passthrough column never overwrites a core one
@@ -70,10 +71,10 @@ def _parts(tmp_path):
 
 
 def test_new_ids_append_and_only_parts_holding_superseded_records_are_rewritten(tmp_path, monkeypatch):
-    import ipaflow.tasks.metadata as metadata
+    import ipaflow.tasks.metadata_fold as metadata_fold
 
-    monkeypatch.setattr(metadata, "PART_ROWS", 4)
-    monkeypatch.setattr(metadata, "SMALL_PART_ROWS", 1)
+    monkeypatch.setattr(metadata_fold, "PART_ROWS", 4)
+    monkeypatch.setattr(metadata_fold, "SMALL_PART_ROWS", 1)
     store = MetadataStore(Storage(), str(tmp_path))
     store.journal("r1", "x", [_record(f"a{i:02d}") for i in range(10)])
     assert store.fold("r1").parts_written == 3

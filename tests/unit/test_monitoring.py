@@ -15,9 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ipaflow.core.problems import FailedRow, Problem
-from ipaflow.flows.monitoring import MAX_REASONS, FailureGroups, RunMonitor, markdown_text
+from ipaflow.flows.monitoring import MAX_REASONS, RunMonitor, failure_table, markdown_text
 from ipaflow.flows.previews import PREVIEW_BUDGET, Thumb, labelled_grid, preview_jpeg, preview_uris
 from ipaflow.flows.progress import RateMeter, Snapshot, status_line
+from ipaflow.flows.run_counter import FailureGroups
+from ipaflow.tasks.counts import RowCounts
 from ipaflow.tasks.worker import ShardProgress, ShardStats
 
 
@@ -67,7 +69,7 @@ def test_failures_are_grouped_by_reason_with_counts_and_samples():
     for i in range(3):
         groups.add(_failed(f"w-{i}", "width", f"input should be a multiple of 8, got {100 + i}", spec=None), str)
     groups.add(_failed("u", "spec", "unknown spec '<b>x</b>'; `ipaflow specs list` shows the known ones", None), str)
-    table = groups.table()
+    table = failure_table(groups)
     assert [(row["rows"], row["column"]) for row in table] == [(7, "ip\\_image"), (3, "width"), (1, "spec")]
     assert table[0]["sample ids"] == "m-0, m-1, m-2, m-3, m-4"  # five samples
     assert table[0]["reason (first row's)"] == "not found: /data/in/0.png"
@@ -79,7 +81,7 @@ def test_the_reasons_table_is_capped():
     groups = FailureGroups()
     for i in range(MAX_REASONS + 5):
         groups.add(_failed(f"r{i}", f"col{chr(97 + i % 26)}{i // 26}", "bad"), str)
-    table = groups.table()
+    table = failure_table(groups)
     assert len(table) == MAX_REASONS + 1 and table[-1]["rows"] == 5 and table[-1]["reason (first row's)"] == (
         "5 other reasons")
 
@@ -120,7 +122,8 @@ def _monitor() -> RunMonitor:
 
 def test_live_reports_count_until_the_shard_finishes():
     monitor = _monitor()
-    monitor.planned(total=10, skipped=2)
+    monitor.planned(total=10)
+    monitor.counts.skipped = 2  # as the planner counts done rows
     monitor.report(_report("a", ok=1, failed=1, new=[_failed("x", "ip_image", "bad")]))
     monitor.report(_report("b", ok=2).model_dump(mode="json"))  # as a Dask event carries it
     monitor.tick()
@@ -141,15 +144,26 @@ def test_live_reports_count_until_the_shard_finishes():
     snapshot = monitor.snapshot()
     assert (snapshot.done, snapshot.ok, snapshot.failed) == (8, 5, 1) and len(monitor.failures) == 1
     assert monitor.reports == 4
+    # one count: the run's is the sum of its specs' (a lost shard's last report counts for the run only)
+    assert monitor.per_spec["s"].counts() == RowCounts(rows=4, ok=3, failed=1, images=2)
+    assert (monitor.counts.ok, monitor.counts.failed, monitor.counts.skipped, monitor.counts.rows) == (5, 1, 2, 10)
+
+
+def test_row_counts_add_up():
+    a = RowCounts(rows=2, ok=1, failed=1, images=1, seconds=0.5)
+    b = ShardStats(name="x", spec="s", rows=3, ok=2, skipped=1, images=4, seconds=1.0)
+    assert a + b == RowCounts(rows=5, ok=3, failed=1, skipped=1, images=5, seconds=1.5)
+    assert b.run_counts() == RowCounts(rows=3, ok=3, images=4, seconds=1.0)  # an earlier attempt's rows rendered
+    assert a.add(b) is a and a.rows == 5
 
 
 def test_failed_rows_are_logged_up_to_a_limit_per_shard(caplog):
     import logging
 
-    from ipaflow.flows.monitoring import FAILURE_LOG_LIMIT
+    from ipaflow.flows.run_counter import FAILURE_LOG_LIMIT
 
     monitor = _monitor()
-    monitor.planned(total=40, skipped=0)
+    monitor.planned(total=40)
     with caplog.at_level(logging.WARNING, logger="tests.monitor"):
         monitor.report(_report("a", ok=0, failed=15, new=[_failed(f"r{i}", "ip_image", "bad") for i in range(15)]))
         monitor.tick()

@@ -4,11 +4,12 @@ a deployment's stored parameters and the worker settings all carry exactly its f
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
 
-from ipaflow.flows.cli import _parser, options_from_args
+from ipaflow.flows.cli_parser import command_parser, options_from_args
 from ipaflow.specs.options import RenderOptions
 
 FIELDS = set(RenderOptions.model_fields)
@@ -30,7 +31,7 @@ SAMPLES = {
 
 
 def _subparser(command: str) -> argparse.ArgumentParser:
-    commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    commands = next(a for a in command_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return commands.choices[command]
 
 
@@ -52,7 +53,7 @@ def test_render_and_serve_flags_are_the_options():
 def test_each_flag_sets_its_option(command, field):
     flags, expected = SAMPLES[field]
     head = ["render", "m.parquet", "--out", "o"] if command == "render" else ["serve", "--manifest", "m", "--out", "o"]
-    args = _parser().parse_args(head + flags)
+    args = command_parser().parse_args(head + flags)
     options = options_from_args(args.command_parser, args)
     value = getattr(options, field)
     if isinstance(expected, SecretStr):
@@ -98,7 +99,7 @@ def test_the_worker_settings_carry_the_options():
 ])
 def test_bad_values_are_usage_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as caught:
-        args = _parser().parse_args(["render", "m.parquet", "--out", "o", *flags])
+        args = command_parser().parse_args(["render", "m.parquet", "--out", "o", *flags])
         options_from_args(args.command_parser, args)
     assert caught.value.code == 2
     err = capsys.readouterr().err
@@ -107,6 +108,21 @@ def test_bad_values_are_usage_errors(flags, message, capsys):
 
 def test_storage_options_errors_never_echo_the_text(capsys):
     with pytest.raises(SystemExit):
-        _parser().parse_args(["render", "m.parquet", "--out", "o", "--storage-options", '{"secret": "s3cr3t"'])
+        command_parser().parse_args(["render", "m.parquet", "--out", "o", "--storage-options", '{"secret": "s3cr3t"'])
     err = capsys.readouterr().err
     assert "not valid JSON" in err and "s3cr3t" not in err
+
+
+def test_a_run_resolves_what_the_environment_supplies_once(tmp_path, monkeypatch):
+    """The models folder and storage options the environment gives are made explicit in the options, so that
+    every part of a run (workers in other processes too) reads them from there."""
+    monkeypatch.setenv("IPAFLOW_MODELS", str(tmp_path / "zoo"))
+    monkeypatch.setenv("IPAFLOW_STORAGE_OPTIONS", '{"anon": true}')
+    resolved = RenderOptions(batch_size=2).resolved()
+    assert resolved.models == str((tmp_path / "zoo").resolve()) and resolved.batch_size == 2
+    assert resolved.storage_options.get_secret_value() == '{"anon": true}'
+    assert resolved.resolved() is resolved  # nothing left to resolve
+    given = RenderOptions(models="zoo", storage_options='{"anon": false}').resolved()
+    assert given.models == str(Path("zoo").resolve()) and given.storage_options_dict() == {"anon": False}
+    given.storage_options_dict()["anon"] = True  # a fresh dict each time
+    assert given.storage_options_dict() == {"anon": False}

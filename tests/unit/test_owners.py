@@ -16,7 +16,8 @@ from ipaflow.specs.checks import ids_ok
 from ipaflow.specs.outputs import collision_key, collision_keys, output_stems, shard_folder
 from ipaflow.specs.registry import SpecRegistry
 from ipaflow.specs.rows import Job, check_id
-from ipaflow.tasks.metadata import MetadataStore, make_record
+from ipaflow.tasks.metadata import MetadataStore
+from ipaflow.tasks.metadata_schema import make_record
 from ipaflow.tasks.owners import COLUMNS, OwnedOutputs, owned_stem_hashes
 
 REGISTRY = SpecRegistry()
@@ -46,10 +47,10 @@ def test_ids_with_a_newline_are_refused_by_both_checks(value):
 
 
 def _records(tmp_path, records: list[dict]) -> tuple[MetadataStore, OwnedOutputs]:
-    """Records folded into metadata/, then scanned the way a run starts (flows.render._records_state)."""
+    """Records folded into metadata/, then scanned the way a run starts (flows.open_run.scan_records)."""
     store = MetadataStore(Storage(), str(tmp_path))
     store.journal("r1", "x", records)
-    store.compact()
+    store.fold()
     owned = OwnedOutputs()
     index = store.index(lambda _, table: owned.add(table), ["status", "outputs"])
     return store, owned.seal(store, index)

@@ -16,17 +16,9 @@ import pytest
 from ipaflow.core.storage import Storage
 from ipaflow.specs.manifest import KNOWN_COLUMNS, ManifestError
 from ipaflow.specs.rows import passthrough_of
-from ipaflow.tasks.metadata import (
-    CORE_COLUMNS,
-    UPDATES_DIR,
-    MetadataStore,
-    is_json_text,
-    make_record,
-    passthrough_hashes,
-    passthrough_names,
-    renamed_columns,
-    row_passthrough_hashes,
-)
+from ipaflow.tasks.metadata import UPDATES_DIR, MetadataStore
+from ipaflow.tasks.metadata_scans import passthrough_hashes, row_passthrough_hashes
+from ipaflow.tasks.metadata_schema import CORE_COLUMNS, is_json_text, make_record, passthrough_names, renamed_columns
 
 
 def _record(row_id, run="r1", **extra):
@@ -135,11 +127,11 @@ def test_manifest_cells_hash_equal_to_the_same_values_read_back_from_the_records
 
 
 def test_an_update_gives_a_record_new_passthrough_values_and_keeps_its_outputs(tmp_path, monkeypatch):
-    import ipaflow.tasks.metadata as metadata
+    import ipaflow.tasks.metadata_fold as metadata_fold
 
-    monkeypatch.setattr(metadata, "PART_ROWS", 4)
-    monkeypatch.setattr(metadata, "SMALL_PART_ROWS", 1)
-    monkeypatch.setattr(metadata, "UPDATE_CHUNK", 3)  # several chunks, each reading only its parts
+    monkeypatch.setattr(metadata_fold, "PART_ROWS", 4)
+    monkeypatch.setattr(metadata_fold, "SMALL_PART_ROWS", 1)
+    monkeypatch.setattr(metadata_fold, "UPDATE_CHUNK", 3)  # several chunks, each reading only its parts
     store = MetadataStore(Storage(), str(tmp_path))
     store.journal("r1", "x", [_record(f"a{i:02d}", note=f"n{i}", old=i) for i in range(10)])
     store.fold("r1")

@@ -6,7 +6,13 @@ import math
 
 import pytest
 
-from ipaflow.tasks.shards import auto_shard_size, plan_shards
+from ipaflow.tasks.shards import ShardCutter, auto_shard_size
+
+
+def plan_shards(jobs, specs, keys, batch_size, shard_size=None):
+    """All shards of a list of jobs at once, cut as a run cuts them."""
+    cutter = ShardCutter(specs, shard_size or auto_shard_size(len(jobs), batch_size))
+    return [shard for job in jobs for shard in cutter.add(job, keys[job.id])] + cutter.flush()
 
 
 @pytest.mark.parametrize("batch_size", [1, 4, 16])

@@ -14,7 +14,7 @@ def test_specs_list_and_show(capsys):
     assert main(["specs", "show", "lcm-instant"]) == 0
     shown = capsys.readouterr().out
     assert "latent-consistency/lcm-lora-sdv1-5" in shown and "LCMScheduler" in shown
-    assert main(["specs", "show", "no-such-spec"]) == 1
+    assert main(["specs", "show", "no-such-spec"]) == 2  # nothing ran
 
 
 def test_user_spec_folder(tmp_path, capsys):
