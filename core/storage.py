@@ -126,6 +126,16 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and any(word in text for word in _TRANSIENT_WORDS)
 
 
+# OS errors that mean --out cannot take another byte now (disk full, over quota, read-only): every later write
+# fails the same way, so retrying a shard or starting the next one cannot help.
+_OUT_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def is_out_unwritable(exc: BaseException) -> bool:
+    """Whether an error means --out cannot be written at all now (disk full, over quota, read-only)."""
+    return isinstance(exc, OSError) and exc.errno in _OUT_FULL_ERRNOS
+
+
 
 FILESYSTEM_CACHE_SIZE = 16  # distinct (protocol, options, environment) a process keeps clients for
 _filesystems: OrderedDict[str, fsspec.AbstractFileSystem] = OrderedDict()
@@ -301,6 +311,11 @@ class Storage(InputReads):
     def read_bytes(self, uri: str) -> bytes:
         """A whole file ipaflow wrote itself (metadata, outputs); inputs go through ``read_input``."""
         return self._call("read", uri, "cat_file")
+
+    def read_tail(self, uri: str, size: int) -> bytes:
+        """The last ``size`` bytes of a file ipaflow wrote itself (a Parquet footer), each request bounded."""
+        length = self._call("stat", uri, "size")
+        return self._call("read", uri, "cat_file", start=max(0, length - size))
 
     def exists(self, uri: str) -> bool:
         return self._call("stat", uri, "exists")

@@ -28,11 +28,11 @@ from prefect.futures import as_completed
 from prefect.states import State
 from pydantic import Field
 
+from ipaflow.core import thread_logs
 from ipaflow.core.lease import OutputLease
 from ipaflow.core.outages import StorageUnreachable
 from ipaflow.core.problems import Problem
-from ipaflow.core.storage import Storage, is_local
-from ipaflow.flows import thread_logs
+from ipaflow.core.storage import Storage, is_local, is_out_unwritable
 from ipaflow.flows.monitoring import TICK_SECONDS, RunMonitor
 from ipaflow.flows.open_run import OpenedRun, OutputRecords, open_run, scan_records
 from ipaflow.flows.plan import RowPlanner
@@ -289,6 +289,8 @@ def _finished(future, shard: ShardPlan, planner: RowPlanner, monitor: RunMonitor
     try:
         stats = future.result().stats
     except Exception as exc:  # noqa: BLE001 - the task failed after its retries
+        if is_out_unwritable(exc):  # every later shard would fail the same way: end the run in one line
+            raise
         problem = Problem("worker", monitor.redact(f"{type(exc).__name__}: {exc}"))
         logger.error("%s failed: %s", shard.name, problem.reason)
         monitor.shard_lost(shard.name)

@@ -38,6 +38,7 @@ Which rows changed is decided by ``passthrough_hashes``, canonical so that a val
 
 from __future__ import annotations
 
+import io
 import logging
 import posixpath
 from collections.abc import Callable, Iterable, Iterator
@@ -64,6 +65,7 @@ log = logging.getLogger("ipaflow.metadata")
 JOURNAL_DIR = "_ipaflow/journal"
 UPDATES_DIR = "_ipaflow/updates"  # new passthrough values of done records, applied by the next fold
 READ_THREADS = 16
+FOOTER_BYTES = 64 * 1024  # the tail read for a part's schema: its Parquet footer (a few KiB) and then some
 
 
 class MetadataStore:
@@ -166,8 +168,11 @@ class MetadataStore:
         """Each file's schema, read in background threads; None for a file gone or unreadable."""
         def read(uri: str) -> pa.Schema | None:
             try:
-                with self.storage.fs(uri)[0].open(self.storage.fs(uri)[1], "rb") as handle:
-                    return pq.ParquetFile(handle).schema_arrow
+                tail = self.storage.read_tail(uri, FOOTER_BYTES)  # each request bounded ($IPAFLOW_CALL_TIMEOUT)
+                try:
+                    return pq.read_schema(io.BytesIO(tail))
+                except pa.ArrowException:  # a footer longer than the tail read
+                    return pq.read_schema(io.BytesIO(self.storage.read_bytes(uri)))
             except (OSError, pa.ArrowException):
                 return None
 

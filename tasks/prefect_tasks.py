@@ -22,8 +22,11 @@ from collections.abc import Iterator
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
 from pydantic import BaseModel
 
+from ipaflow.core import thread_logs
+from ipaflow.core.storage import is_out_unwritable
 from ipaflow.tasks.shards import ShardPlan
 from ipaflow.tasks.worker import ProgressCallback, RunSettings, ShardStats, run_shard
 
@@ -89,11 +92,30 @@ class ShardOutcome(BaseModel):
     stats: ShardStats
 
 
-@task(name="render-shard", task_run_name="{shard.name}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def thread_logs_of_this_run():
+    """``thread_logs.for_run`` for the flow run of the task running now (none outside a task run): in a Dask
+    worker's process, the threads a shard starts log to its flow run, as in the flow's own process."""
+    context = TaskRunContext.get()
+    return thread_logs.for_run(context.task_run.flow_run_id if context is not None else None)
+
+
+def worth_retrying(task, task_run, state) -> bool:
+    """The retry policy: a failed shard is tried again (twice, 5 s apart), unless --out cannot be written at all
+    now (disk full, over quota, read-only): every try would fail the same way, and the run ends instead."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - the task's own error, judged here
+        return not is_out_unwritable(exc)
+    return True
+
+
+@task(name="render-shard", task_run_name="{shard.name}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=worth_retrying)
 def render_shard(shard: ShardPlan, settings: RunSettings) -> ShardOutcome:
-    """Render one shard; a worker that dies mid-shard has the shard re-run (retries), which skips the rows
-    its earlier attempt already journaled."""
+    """Render one shard; a shard that failed is re-run (retries, ``worth_retrying``), skipping the rows its
+    earlier attempt already journaled. Logs from the threads it starts name the flow run (``thread_logs``)."""
     started = time.time()
-    stats = run_shard(shard, settings, progress=progress_sender(settings.run_id))
+    with thread_logs_of_this_run():
+        stats = run_shard(shard, settings, progress=progress_sender(settings.run_id))
     return ShardOutcome(stats=stats.model_copy(
         update={"worker": worker_name(), "started_at": started, "finished_at": time.time()}))

@@ -316,3 +316,104 @@ def test_a_local_out_that_fills_up_mid_run_is_one_line_and_a_rerun_completes(tmp
     assert sorted(records["id"]) == sorted(row["id"] for row in rows) and set(records["status"]) == {"ok"}
     named = {os.path.basename(uri) for outputs in records["outputs"] for uri in outputs}
     assert set(os.listdir(out / "images")) == named
+
+
+def _worker_processes(parent_pid: int) -> list:
+    """The Dask worker processes a `--workers N` render started (its Nannies spawn them: multiprocessing)."""
+    import psutil
+
+    return [child for child in psutil.Process(parent_pid).children(recursive=True)
+            if any("spawn_main" in part for part in child.cmdline())]
+
+
+def test_a_dask_worker_killed_mid_shard_loses_nothing(tmp_path, inputs_dir, models_env, prefect_api):
+    """A Dask worker killed (SIGKILL) while it renders a shard, on a local cluster of two (`--workers 2`): the
+    scheduler runs the shard again on a live worker (which skips the rows the dead one journaled), the run ends
+    with an honest exit status and no traceback, and after a re-run every row is ``ok`` exactly once and the
+    folder holds exactly the outputs the records name."""
+    from prefect.settings import PREFECT_API_URL
+    from util import read_records
+
+    rows = [{"id": f"r{i:02d}", "spec": "sdxl-text2img", "prompt": f"p{i}", "ip_image": str(inputs_dir / "bear.png"),
+             "num_inference_steps": 2} for i in range(12)]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    command = [ipaflow_command(), "render", str(manifest), "--out", str(out), "--batch-size", "1", "--shard-size",
+               "3", "--workers", "2"]
+    render = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "images").is_dir() or not any((out / "images").iterdir()):
+            assert render.poll() is None and time.monotonic() < deadline, render.communicate()
+            time.sleep(0.1)
+        workers = _worker_processes(render.pid)
+        assert len(workers) == 2, workers
+        workers[0].kill()
+        _, stderr = render.communicate(timeout=240)
+    finally:
+        render.kill()
+        render.wait()
+    assert render.returncode in (0, 1), stderr  # the shard ran again elsewhere, or its rows failed with a reason
+    assert "Traceback" not in stderr and "without a flow run id" not in stderr, stderr
+    if render.returncode == 1:
+        first = read_records(out)
+        assert first.loc[first["status"] == "failed", "error"].str.len().gt(0).all()
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    records = read_records(out)
+    assert sorted(records["id"]) == sorted(row["id"] for row in rows) and set(records["status"]) == {"ok"}
+    named = {os.path.basename(uri) for outputs in records["outputs"] for uri in outputs}
+    assert set(os.listdir(out / "images")) == named
+
+
+def test_the_manifests_store_gone_mid_run_fails_its_rows_with_the_reason_and_a_rerun_completes(
+        tmp_path, moto, inputs_dir, models_env, prefect_api):
+    """The manifest and the images it names (relative paths) live on one S3 endpoint, --out is local; the
+    endpoint goes down (connections refused) once the run is planned and rendering: each row whose input can no
+    longer be read fails with the reason, within $IPAFLOW_INPUT_TIMEOUT, the run ends with exit status 1 and
+    no traceback; with the endpoint back, a re-run renders the failed rows, every row ``ok`` exactly once and
+    the folder equals the records."""
+    from prefect.settings import PREFECT_API_URL
+    from util import read_records
+
+    gate = TcpGate(("127.0.0.1", moto.port))
+    moto.client.create_bucket(Bucket="manifests")
+    moto.client.put_object(Bucket="manifests", Key="m/bear.png", Body=(inputs_dir / "bear.png").read_bytes())
+    rows = [{"id": f"r{i:02d}", "spec": "sdxl-text2img", "prompt": f"p{i}", "ip_image": "bear.png",
+             "num_inference_steps": 2} for i in range(6)]
+    buffer = io.BytesIO()
+    pd.DataFrame(rows).to_parquet(buffer, index=False)
+    moto.client.put_object(Bucket="manifests", Key="m/rows.parquet", Body=buffer.getvalue())
+    out = tmp_path / "out"
+    env = {**os.environ, **LIMITS, "PREFECT_API_URL": PREFECT_API_URL.value(), "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    command = [ipaflow_command(), "render", "s3://manifests/m/rows.parquet", "--out", str(out), "--batch-size", "1",
+               "--shard-size", "1", "--storage-options", json.dumps({"client_kwargs": {"endpoint_url": gate.endpoint}})]
+    render = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "images").is_dir() or not any((out / "images").iterdir()):
+            assert render.poll() is None and time.monotonic() < deadline, render.communicate()
+            time.sleep(0.1)
+        gate.down()
+        gone = time.monotonic()
+        _, stderr = render.communicate(timeout=120)
+        took = time.monotonic() - gone
+        gate.up()
+        first = read_records(out)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        render.kill()
+        render.wait()
+        gate.close()
+    assert render.returncode == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    failed = first[first["status"] == "failed"]
+    assert len(failed) and failed["error"].str.contains("bear.png").all(), failed["error"].tolist()
+    assert done.returncode == 0, done.stderr
+    records = read_records(out)
+    assert sorted(records["id"]) == sorted(row["id"] for row in rows) and set(records["status"]) == {"ok"}
+    named = {os.path.basename(uri) for outputs in records["outputs"] for uri in outputs}
+    assert set(os.listdir(out / "images")) == named
+    print(f"manifest store gone: the run ended {took:.1f}s later, {len(failed)} rows failed: {failed['error'].iloc[0]}")

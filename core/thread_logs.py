@@ -1,10 +1,12 @@
 """ipaflow's log lines from threads of its own (storage retries and outages, the lease's heartbeat, uploads) reach
-the flow run's log in the Prefect API.
+the flow run's log in the Prefect API, in the flow's process and in a Dask worker's alike.
 
 Prefect's API log handler finds the flow run from the calling thread's context; a thread ipaflow started has
 none, and Prefect then warns ("attempted to send logs to the API without a flow run id") instead of sending
 the line. While a run holds ``for_run``, every ipaflow logger stamps its records with the run's id, so they
-reach the run's log from any thread of the process.
+reach the run's log from any thread of the process. The flow holds it for the whole run; a shard task holds it
+too (``ipaflow.tasks.prefect_tasks``), for the threads it starts in a Dask worker's process, where the flow's
+filters are not.
 """
 
 from __future__ import annotations
