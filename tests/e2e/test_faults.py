@@ -303,11 +303,16 @@ def test_a_local_out_that_fills_up_mid_run_is_one_line_and_a_rerun_completes(tmp
                     handle.flush()
             except OSError:
                 pass
+        full = time.monotonic()
         _, stderr = render.communicate(timeout=240)
+        took = time.monotonic() - full
     finally:
         render.kill()
         render.wait()
     assert render.returncode == 1, stderr
+    assert took < 30, took  # the first shard that cannot write ends the run: no retries, no later shards
+    assert stderr.splitlines()[-1] == f"ipaflow: cannot write to --out {out}: No space left on device", stderr
+    print(f"disk full: the run ended {took:.1f}s later")
     assert "No space left on device" in stderr and "Traceback" not in stderr, stderr
     (small_disk / "filler").unlink()
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -416,4 +421,3 @@ def test_the_manifests_store_gone_mid_run_fails_its_rows_with_the_reason_and_a_r
     assert sorted(records["id"]) == sorted(row["id"] for row in rows) and set(records["status"]) == {"ok"}
     named = {os.path.basename(uri) for outputs in records["outputs"] for uri in outputs}
     assert set(os.listdir(out / "images")) == named
-    print(f"manifest store gone: the run ended {took:.1f}s later, {len(failed)} rows failed: {failed['error'].iloc[0]}")
