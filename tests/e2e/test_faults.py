@@ -22,7 +22,7 @@ import uuid
 import pandas as pd
 import pytest
 from s3 import MotoProcess, TcpGate, free_port
-from util import ipaflow_command, write_manifest
+from util import ipaflow_command, read_records, write_manifest
 
 pytestmark = pytest.mark.faults
 
@@ -67,6 +67,22 @@ def _wait_for_images(moto, job, process, count: int = 2) -> None:
     while len(moto.keys(job["bucket"], "r/images/")) < count:
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.2)
+
+
+def _wait_for_local_images(out, process, count: int) -> None:
+    deadline = time.monotonic() + 240
+    while not (out / "images").is_dir() or len(list((out / "images").iterdir())) < count:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+
+
+def _local_all_ok_once(out, rows) -> None:
+    """Every row ``ok`` exactly once in a local --out, and its images folder holds exactly what the records name."""
+
+    records = read_records(out)
+    assert sorted(records["id"]) == sorted(row["id"] for row in rows) and set(records["status"]) == {"ok"}
+    named = {os.path.basename(uri) for outputs in records["outputs"] for uri in outputs}
+    assert set(os.listdir(out / "images")) == named
 
 
 def _rerun_completes(moto, job) -> None:
@@ -236,10 +252,7 @@ def test_the_prefect_api_down_mid_run_is_one_line_and_the_run_completes(tmp_path
     render = subprocess.Popen([ipaflow_command(), "render", str(manifest), "--out", str(out), "--batch-size", "2"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while not (out / "images").is_dir() or len(list((out / "images").iterdir())) < 2:
-            assert render.poll() is None and time.monotonic() < deadline, render.communicate()
-            time.sleep(0.2)
+        _wait_for_local_images(out, render, 2)
         server.stop()
         time.sleep(8)
         server.start()
@@ -257,7 +270,6 @@ def test_the_prefect_api_down_mid_run_is_one_line_and_the_run_completes(tmp_path
         render.kill()
         render.wait()
         server.stop()
-    from util import read_records
 
     records = read_records(out)
     assert sorted(records["id"]) == sorted(row["id"] for row in rows) and set(records["status"]) == {"ok"}
@@ -282,7 +294,6 @@ def test_a_local_out_that_fills_up_mid_run_is_one_line_and_a_rerun_completes(tmp
     """The disk of a local --out fills up mid-run (another writer takes the rest of it): the run ends with one
     line naming the cause, and once space is freed a re-run completes every row exactly once."""
     from prefect.settings import PREFECT_API_URL
-    from util import read_records
 
     rows = [{"id": f"r{i:02d}", "spec": "sdxl-text2img", "prompt": f"p{i}", "ip_image": str(inputs_dir / "bear.png"),
              "num_inference_steps": 2} for i in range(16)]
@@ -292,10 +303,7 @@ def test_a_local_out_that_fills_up_mid_run_is_one_line_and_a_rerun_completes(tmp
     command = [ipaflow_command(), "render", str(manifest), "--out", str(out), "--batch-size", "2"]
     render = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while not (out / "images").is_dir() or len(list((out / "images").iterdir())) < 2:
-            assert render.poll() is None and time.monotonic() < deadline, render.communicate()
-            time.sleep(0.1)
+        _wait_for_local_images(out, render, 2)
         with open(small_disk / "filler", "wb") as handle:  # the rest of the disk
             try:
                 while True:
@@ -316,10 +324,7 @@ def test_a_local_out_that_fills_up_mid_run_is_one_line_and_a_rerun_completes(tmp
     (small_disk / "filler").unlink()
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    records = read_records(out)
-    assert sorted(records["id"]) == sorted(row["id"] for row in rows) and set(records["status"]) == {"ok"}
-    named = {os.path.basename(uri) for outputs in records["outputs"] for uri in outputs}
-    assert set(os.listdir(out / "images")) == named
+    _local_all_ok_once(out, rows)
 
 
 def _worker_processes(parent_pid: int) -> list:
@@ -336,7 +341,6 @@ def test_a_dask_worker_killed_mid_shard_loses_nothing(tmp_path, inputs_dir, mode
     with an honest exit status and no traceback, and after a re-run every row is ``ok`` exactly once and the
     folder holds exactly the outputs the records name."""
     from prefect.settings import PREFECT_API_URL
-    from util import read_records
 
     rows = [{"id": f"r{i:02d}", "spec": "sdxl-text2img", "prompt": f"p{i}", "ip_image": str(inputs_dir / "bear.png"),
              "num_inference_steps": 2} for i in range(12)]
@@ -347,10 +351,7 @@ def test_a_dask_worker_killed_mid_shard_loses_nothing(tmp_path, inputs_dir, mode
                "3", "--workers", "2"]
     render = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while not (out / "images").is_dir() or not any((out / "images").iterdir()):
-            assert render.poll() is None and time.monotonic() < deadline, render.communicate()
-            time.sleep(0.1)
+        _wait_for_local_images(out, render, 1)
         workers = _worker_processes(render.pid)
         assert len(workers) == 2, workers
         workers[0].kill()
@@ -365,10 +366,7 @@ def test_a_dask_worker_killed_mid_shard_loses_nothing(tmp_path, inputs_dir, mode
         assert first.loc[first["status"] == "failed", "error"].str.len().gt(0).all()
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
-    records = read_records(out)
-    assert sorted(records["id"]) == sorted(row["id"] for row in rows) and set(records["status"]) == {"ok"}
-    named = {os.path.basename(uri) for outputs in records["outputs"] for uri in outputs}
-    assert set(os.listdir(out / "images")) == named
+    _local_all_ok_once(out, rows)
 
 
 def test_the_manifests_store_gone_mid_run_fails_its_rows_with_the_reason_and_a_rerun_completes(
@@ -379,7 +377,6 @@ def test_the_manifests_store_gone_mid_run_fails_its_rows_with_the_reason_and_a_r
     no traceback; with the endpoint back, a re-run renders the failed rows, every row ``ok`` exactly once and
     the folder equals the records."""
     from prefect.settings import PREFECT_API_URL
-    from util import read_records
 
     gate = TcpGate(("127.0.0.1", moto.port))
     moto.client.create_bucket(Bucket="manifests")
@@ -396,10 +393,7 @@ def test_the_manifests_store_gone_mid_run_fails_its_rows_with_the_reason_and_a_r
                "--shard-size", "1", "--storage-options", json.dumps({"client_kwargs": {"endpoint_url": gate.endpoint}})]
     render = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while not (out / "images").is_dir() or not any((out / "images").iterdir()):
-            assert render.poll() is None and time.monotonic() < deadline, render.communicate()
-            time.sleep(0.1)
+        _wait_for_local_images(out, render, 1)
         gate.down()
         gone = time.monotonic()
         _, stderr = render.communicate(timeout=120)
@@ -417,7 +411,4 @@ def test_the_manifests_store_gone_mid_run_fails_its_rows_with_the_reason_and_a_r
     failed = first[first["status"] == "failed"]
     assert len(failed) and failed["error"].str.contains("bear.png").all(), failed["error"].tolist()
     assert done.returncode == 0, done.stderr
-    records = read_records(out)
-    assert sorted(records["id"]) == sorted(row["id"] for row in rows) and set(records["status"]) == {"ok"}
-    named = {os.path.basename(uri) for outputs in records["outputs"] for uri in outputs}
-    assert set(os.listdir(out / "images")) == named
+    _local_all_ok_once(out, rows)
