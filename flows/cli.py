@@ -157,6 +157,7 @@ class _Interrupt:
         self._begun = threading.Lock()
         self._said = threading.RLock()  # a second Ctrl-C may arrive while the first is being said
         self._saying = False
+        self._ending = threading.Lock()  # the run is closed once, by whichever thread ends the process first
 
     @property
     def code(self) -> int:
@@ -228,8 +229,13 @@ class _Interrupt:
                 print(self.message, file=sys.stderr, flush=True)
 
     def end(self) -> None:
-        """Leave now: the one line, the temporary server stopped, the terminal's cursor back, no thread joined."""
+        """Leave now: the one line, the run in flight marked Cancelled in Prefect with its task runs (at most a
+        few seconds), the temporary server stopped, the terminal's cursor back, no thread joined."""
         self.say()
+        monitoring = sys.modules.get("ipaflow.flows.monitoring")  # not imported: no run began
+        with self._ending:  # a second caller waits here, then ends the process itself
+            if monitoring is not None:
+                monitoring.close_interrupted(self.ENDINGS[self.signum][0])
         TemporaryAPIServer.stop_all()
         if sys.stderr.isatty():
             sys.stderr.write("\x1b[?25h")  # a progress bar interrupted mid-draw hides the cursor
