@@ -33,7 +33,7 @@ from ipaflow.core.outages import StorageUnreachable
 from ipaflow.core.problems import Problem
 from ipaflow.core.storage import Storage, is_local
 from ipaflow.flows import thread_logs
-from ipaflow.flows.monitoring import TICK_SECONDS, RunMonitor
+from ipaflow.flows.monitoring import TICK_SECONDS, RunMonitor, mark_crashed
 from ipaflow.flows.open_run import OpenedRun, OutputRecords, open_run, scan_records
 from ipaflow.flows.plan import RowPlanner
 from ipaflow.flows.previews import preview_uris, read_thumbnails, write_contact_sheet
@@ -89,7 +89,8 @@ def _run_name() -> str:
 def _holding_output_lease(body):
     """The flow body runs holding the lease on its ``--out`` (ipaflow.core.lease), taken before anything is
     written there: a second run into the same folder is refused (OutputInUse), an unusable folder said in one
-    line (OutputUnusable). The body gets ``out`` already resolved."""
+    line (OutputUnusable). A dead run's lease taken over: that run, still Running in Prefect, is marked Crashed
+    (``monitoring.mark_crashed``). The body gets ``out`` already resolved."""
 
     @functools.wraps(body)
     def run(manifest: str, out: str, options: RenderOptions = RenderOptions()) -> State:
@@ -99,7 +100,11 @@ def _holding_output_lease(body):
         options = options.resolved()  # the environment's models folder and storage options, for every worker
         storage = Storage(options=options.storage_options_dict())
         try:
-            with thread_logs.for_run(flow_run.id), OutputLease(storage, out, run=flow_run.name or ""):
+            with thread_logs.for_run(flow_run.id), OutputLease(storage, out, run=flow_run.name or "",
+                                                               flow_run=flow_run.id or "") as lease:
+                if lease.taken_over is not None and lease.taken_over.flow_run:
+                    mark_crashed(lease.taken_over.flow_run, f"{lease.taken_over.run or 'the run'} died without "
+                                 f"a word; run {flow_run.name} took over its --out")
                 return body(manifest, out, options)
         except StorageUnreachable as exc:  # said of --out (the flow run's state and the command's one line)
             raise exc.at(storage.redact(out)) from exc

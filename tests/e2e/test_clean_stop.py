@@ -1,5 +1,6 @@
 """Stopping and refusing cleanly: Ctrl-C ends a render within seconds with exit status 130 and one line (the
-temporary Prefect server, in a process group of its own, records the run as crashed and then goes); a second
+temporary Prefect server, in a process group of its own, records the run and its task runs as cancelled and then
+goes); a second
 run into an --out in use is refused in one line; an --out that is a file, read-only or full is said in one
 line, never a traceback."""
 
@@ -63,8 +64,10 @@ def test_ctrl_c_stops_a_render_within_seconds(tmp_path, models_env, inputs_dir, 
         assert time.monotonic() < deadline, "the temporary server outlived the interrupted command"
         time.sleep(0.1)
     with sqlite3.connect(home / "prefect.db") as database:  # the server heard of the interrupt before it went
-        states = database.execute("select state_type from flow_run").fetchall()
-    assert states == [("CRASHED",)]
+        states = database.execute("select state_type, state_name from flow_run").fetchall()
+        tasks = database.execute("select state_type from task_run").fetchall()
+    assert states == [("CANCELLED", "Cancelled")]  # nothing left Running (tests/e2e/test_no_orphaned_runs.py)
+    assert tasks and ("RUNNING",) not in tasks and ("PENDING",) not in tasks, tasks
 
     from ipaflow.flows.render import render_manifest
 
