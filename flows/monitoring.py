@@ -257,6 +257,7 @@ class RunMonitor(RunCounter):
         create_markdown_artifact(markdown=summary_markdown(summary, self.per_spec, previews, state.name, self.redact),
                                  key=artifact_key(f"{self.name}-summary"), description="ipaflow run summary")
         state.data = TooManyFailures(state.message, summary) if stopped else summary
+        emit_run_events(summary, state.name, self.flow_run_id)
         return state
 
     def cancel(self, how: str) -> str:
@@ -281,6 +282,43 @@ class RunMonitor(RunCounter):
                 return message
             close_flow_run(client, self.flow_run_id, lambda: Cancelled(message=message))
         return message
+
+
+# -- events an automation can trigger on --------------------------------------------------------------------
+
+FINISHED_EVENT = "ipaflow.run.finished"
+FAILED_ROWS_EVENT = "ipaflow.run.failed-rows"
+
+
+def run_event_resources(flow_run_id, out: str) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """An event's resource (the flow run) and related resources (its deployment, if any, and the ``--out``,
+    already redacted)."""
+    from prefect.runtime import deployment, flow_run
+
+    resource = {"prefect.resource.id": f"prefect.flow-run.{flow_run_id}",
+                "prefect.resource.name": flow_run.name or ""}
+    related = [{"prefect.resource.id": f"ipaflow.out.{out}", "prefect.resource.role": "out",
+                "prefect.resource.name": out}]
+    if deployment.id:
+        related.insert(0, {"prefect.resource.id": f"prefect.deployment.{deployment.id}",
+                           "prefect.resource.role": "deployment", "prefect.resource.name": deployment.name or ""})
+    return resource, related
+
+
+def emit_run_events(summary: RunSummary, state_name: str, flow_run_id) -> None:
+    """At a run's end: ``ipaflow.run.finished`` with its counts, and ``ipaflow.run.failed-rows`` when any row
+    failed (a "Completed with failures" run is Completed: an automation on Failed never sees it)."""
+    from prefect.events import emit_event
+
+    if flow_run_id is None:
+        return
+    resource, related = run_event_resources(flow_run_id, summary.out)
+    payload = {"state": state_name, "rows": summary.rows, "rendered": summary.rendered, "skipped": summary.skipped,
+               "updated": summary.updated, "failed": summary.failed, "manifest": summary.manifest,
+               "out": summary.out, "gallery": summary.gallery}
+    emit_event(FINISHED_EVENT, resource=resource, related=related, payload=payload)
+    if summary.failed:
+        emit_event(FAILED_ROWS_EVENT, resource=resource, related=related, payload=payload)
 
 
 def close_flow_run(client, flow_run_id, state_of) -> None:
