@@ -328,7 +328,7 @@ def _render(manifest: str, out: str, options: RenderOptions, api_server=None) ->
         if not (options.dask_address or options.workers):
             _start_loading_first_pipeline(manifest, options)
 
-        from ipaflow.flows.render import render_manifest
+        from ipaflow.flows.render import absolute_uri, render_manifest
         from ipaflow.flows.summary import summary_of
 
         if api_server is not None:
@@ -340,7 +340,9 @@ def _render(manifest: str, out: str, options: RenderOptions, api_server=None) ->
         # full passes (0.3-0.5 s each, several per run on a CPU box).
         gc.freeze()
         try:
-            state = render_manifest(manifest=manifest, out=out, options=options, return_state=True)
+            # recorded absolute in the run's parameters: days later, which file ran is plain
+            state = render_manifest(manifest=absolute_uri(manifest), out=absolute_uri(out), options=options,
+                                    return_state=True)
         finally:
             gc.unfreeze()
     return summary_of(state)

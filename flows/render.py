@@ -78,11 +78,12 @@ def _run_time() -> datetime:
 
 
 def _run_name() -> str:
-    """``<deployment>-<date>`` for a deployment's runs, else ``<manifest>-<time>``."""
+    """``<deployment>-<scheduled time>`` (to the minute: one name per scheduled run) for a deployment's runs,
+    else ``<manifest>-<time>``."""
     from prefect.runtime import deployment, flow_run
 
     if deployment.name:
-        return f"{deployment.name}-{_run_time():%Y-%m-%d}"
+        return f"{deployment.name}-{_run_time():%Y-%m-%d-%H%M}"
     return f"{manifest_name(flow_run.parameters.get('manifest', 'manifest'))}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
 
@@ -166,7 +167,7 @@ def render_manifest(
     monitor.set_phase(FINISHING)
     folded = metadata.fold(run_id, planner.records.index, drop_outputs=lambda uris: drop_members(storage, uris))
     gallery, contact_sheet, previews = _gallery(storage, out, metadata, logger)
-    summary = monitor.summary(run_id=run_id, manifest=storage.redact(manifest), out=storage.redact(out),
+    summary = monitor.summary(run_id=run_id, manifest=storage.redact(absolute_uri(manifest)), out=storage.redact(out),
                               gallery=storage.redact(gallery),
                               contact_sheet=contact_sheet and storage.redact(contact_sheet),
                               metadata_bytes_written=folded.bytes_written, first_shard_s=planner.first_shard_s)

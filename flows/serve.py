@@ -10,7 +10,7 @@ the flow's parameter schema when a run is created, so a bad parameter is rejecte
 ``$IPAFLOW_STORAGE_OPTIONS`` in its own environment. The same flow deploys to a work pool with
 ``prefect deploy`` (see prefect.yaml).
 
-Each run is the render flow itself, so its name (``<deployment>-<date>``), tags (``manifest:<name>``),
+Each run is the render flow itself, so its name (``<deployment>-<scheduled time>``), tags (``manifest:<name>``),
 artifacts and final state ("Completed with failures", ...) are those of any render. ``serve`` logs each run
 of its deployment at INFO as it starts and as it ends (``RunWatcher``), so its terminal or service log tells
 what ran when and how it ended.
@@ -25,7 +25,7 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from ipaflow.flows.render import render_manifest
+from ipaflow.flows.render import absolute_uri, fill_template, render_manifest
 from ipaflow.specs.options import STORAGE_OPTIONS_ENV, RenderOptions
 
 log = logging.getLogger("ipaflow.serve")
@@ -33,8 +33,9 @@ WATCH_EVERY_S = 5.0
 
 
 def deployment_parameters(manifest: str, out: str, options: RenderOptions) -> dict:
-    """The deployment's stored parameters: everything but the secret options (see the module docstring)."""
-    return {"manifest": manifest, "out": out,
+    """The deployment's stored parameters: everything but the secret options (see the module docstring); a
+    local manifest and --out made absolute (a run does not start in serve's folder)."""
+    return {"manifest": absolute_uri(manifest), "out": absolute_uri(out),
             "options": options.model_dump(mode="json", exclude=set(RenderOptions.secret_fields()))}
 
 
@@ -83,12 +84,19 @@ def _log_to_stderr() -> None:
     log.propagate = False  # not to Prefect's API handler: these lines belong to no flow run
 
 
+def resolved_out(run) -> str:
+    """The --out a run of the deployment writes to: its template filled from the run's scheduled time, as the
+    run fills it (``render._holding_output_lease``)."""
+    when = run.expected_start_time or run.start_time or datetime.now(timezone.utc)
+    return absolute_uri(fill_template(str(run.parameters.get("out", "")), when))
+
+
 class RunWatcher:
     """Reads the deployment's runs from the Prefect API and logs each one once as it starts and once as it
     ends: its name, and at the end its final state's name and message ("Completed with failures: 28 ok, 5
     failed, 0 skipped"). Only runs that start after the watcher was made; one query per ``every`` seconds. A
     start is logged one poll after it is seen (or with the end), once the flow has given the run its name
-    (``<deployment>-<date>``; it starts with a random one)."""
+    (``<deployment>-<scheduled time>``; it starts with a random one)."""
 
     def __init__(self, flow_name: str, deployment_name: str, since: datetime | None = None,
                  every: float = WATCH_EVERY_S):
@@ -124,7 +132,7 @@ class RunWatcher:
                 self.started.add(run.id)
                 if not quiet:
                     log.info("run %s started (manifest %s, out %s)", run.name, run.parameters.get("manifest"),
-                             run.parameters.get("out"))
+                             resolved_out(run))
             self.seen.add(run.id)
             if ended and run.id not in self.ended:
                 self.ended.add(run.id)

@@ -70,12 +70,14 @@ def test_deployment_has_the_cron_schedule_and_a_triggered_run_completes(served, 
     assert run.state.is_completed(), run.state
     assert (run.state.name, run.state.message) == ("Completed with failures", "2 ok, 1 failed, 0 skipped")
     day = run.expected_start_time.strftime("%Y-%m-%d")
-    assert run.name == f"nightly-test-{day}" and "manifest:nightly" in run.tags
+    name = f"nightly-test-{run.expected_start_time:%Y-%m-%d-%H%M}"  # one name per scheduled run
+    assert run.name == name and "manifest:nightly" in run.tags
     assert sorted(p.name for p in (folder / "runs" / day / "images").iterdir()) == ["row-0.png", "row-1.png"]
     assert [r.getMessage().split(" (")[0].split(":")[0] for r in caplog.records] == [
-        f"run nightly-test-{day} started", f"run nightly-test-{day} ended Completed with failures"]
+        f"run {name} started", f"run {name} ended Completed with failures"]
+    assert caplog.records[0].getMessage().endswith(f", out {folder / 'runs' / day})")  # --out resolved
     assert caplog.records[1].getMessage().startswith(
-        f"run nightly-test-{day} ended Completed with failures: 2 ok, 1 failed, 0 skipped after ")
+        f"run {name} ended Completed with failures: 2 ok, 1 failed, 0 skipped after ")
 
     _assert_the_run_events(run, deployment_id, folder / "runs" / day)
 
