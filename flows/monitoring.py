@@ -275,12 +275,14 @@ class RunMonitor(RunCounter):
         message = f"{how}{where}: {counts}; re-run the same command to resume"
         # a client of its own (other httpx settings than the flow's, which may be closed by now)
         with get_client(sync_client=True, httpx_settings={"timeout": CLOSE_TIMEOUT_S}) as client:
+            state = client.read_flow_run(self.flow_run_id).state if self.flow_run_id is not None else None
+            if state is not None and state.is_final() and not state.is_crashed():
+                return message  # it ended on its own (Completed, Failed) before the signal
             if self._progress_id is not None:
                 client.update_artifact(self._progress_id, ArtifactUpdate(
                     data=snapshot.percent, description=markdown_text(message)))
-            if self.flow_run_id is None:
-                return message
-            close_flow_run(client, self.flow_run_id, lambda: Cancelled(message=message))
+            if self.flow_run_id is not None:
+                close_flow_run(client, self.flow_run_id, lambda: Cancelled(message=message))
         return message
 
 

@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
-from util import ipaflow_command, read_records, write_manifest
+from util import read_records, slow_manifest, start_until_first_image, write_manifest
 
 INTERRUPTED = "ipaflow: interrupted; re-run the same command to resume\n"
-PROGRESS = re.compile(r"ipaflow: [^;]*: \d+/\d+ rows, ")  # the progress line off a terminal
+# the progress line off a terminal, every 30 s: rows done, or (a slow start) the start-up phase
+PROGRESS = re.compile(r"ipaflow: [^;]*(: \d+/\d+ rows, |, elapsed \d)")
 
 
 def _processes_with(marker: str) -> list[int]:
@@ -35,20 +36,12 @@ def test_ctrl_c_stops_a_render_within_seconds(tmp_path, models_env, inputs_dir, 
     """A new user's run (no PREFECT_API_URL: ipaflow starts the temporary server) interrupted from its terminal:
     the test starts it in a session of its own and sends SIGINT to that whole process group, as a terminal
     does on Ctrl-C."""
-    rows = [{"id": f"r{i:02d}", "spec": "sdxl-text2img", "prompt": f"p{i}", "ip_image": str(inputs_dir / "diner.png"),
-             "num_inference_steps": 8} for i in range(40)]
-    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    manifest = slow_manifest(tmp_path / "m.parquet", inputs_dir)
     home = tmp_path / "prefect-home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env["PREFECT_HOME"] = str(home)
     out = tmp_path / "out"
-    render = subprocess.Popen([ipaflow_command(), "render", str(manifest), "--out", str(out), "--batch-size", "2"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
-    deadline = time.monotonic() + 240
-    while not (out / "images").is_dir() or not any((out / "images").iterdir()):
-        assert render.poll() is None and time.monotonic() < deadline, render.communicate()
-        time.sleep(0.05)
+    render = start_until_first_image(["render", str(manifest), "--out", str(out), "--batch-size", "2"], env, out)
     servers = [pid for pid in _processes_with(f"PREFECT_HOME={home}") if pid != render.pid]
     assert servers, "no temporary server"
 

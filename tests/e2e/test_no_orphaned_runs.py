@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
+import threading
 import time
 
-from util import ipaflow_command, write_manifest
+from util import slow_manifest, start_until_first_image
 
 
 def _render_until_the_first_image(tmp_path, inputs_dir, name: str):
@@ -18,19 +18,27 @@ def _render_until_the_first_image(tmp_path, inputs_dir, name: str):
     its first image is written: (manifest, out, process)."""
     from prefect.settings import PREFECT_API_URL
 
-    rows = [{"id": f"r{i:02d}", "spec": "sdxl-text2img", "prompt": f"p{i}", "ip_image": str(inputs_dir / "diner.png"),
-             "num_inference_steps": 8} for i in range(40)]
-    manifest = write_manifest(tmp_path / f"{name}.parquet", rows)
+    manifest = slow_manifest(tmp_path / f"{name}.parquet", inputs_dir)
     out = tmp_path / "out"
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "IPAFLOW_LIVE_UPDATES": "1"}
-    render = subprocess.Popen([ipaflow_command(), "render", str(manifest), "--out", str(out), "--batch-size", "2"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
-    deadline = time.monotonic() + 240
-    while not (out / "images").is_dir() or not any((out / "images").iterdir()):
-        assert render.poll() is None and time.monotonic() < deadline, render.communicate()
-        time.sleep(0.05)
+    render = start_until_first_image(["render", str(manifest), "--out", str(out), "--batch-size", "2"], env, out)
     return manifest, out, render
+
+
+def _run_when_deployed(name: str, ran: list, timeout: float = 240) -> None:
+    """Once the deployment ``name`` exists, one run of it (appended to ``ran``)."""
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            try:
+                deployment = client.read_deployment_by_name(name)
+            except Exception:  # noqa: BLE001 - not created yet
+                time.sleep(0.5)
+                continue
+            ran.append(client.create_flow_run_from_deployment(deployment.id))
+            return
 
 
 def _flow_run(client, manifest_name: str):
@@ -100,28 +108,14 @@ def test_ctrl_c_on_serve_leaves_its_run_cancelled(tmp_path, models_env, inputs_d
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
-    rows = [{"id": f"r{i:02d}", "spec": "sdxl-text2img", "prompt": f"p{i}", "ip_image": str(inputs_dir / "diner.png"),
-             "num_inference_steps": 8} for i in range(40)]
-    manifest = write_manifest(tmp_path / "served-check.parquet", rows)
+    manifest = slow_manifest(tmp_path / "served-check.parquet", inputs_dir)
     out = tmp_path / "out"
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "IPAFLOW_LIVE_UPDATES": "1"}
-    serve = subprocess.Popen([ipaflow_command(), "serve", "--manifest", str(manifest), "--out", str(out),
-                              "--cron", "0 3 1 1 *", "--name", "orphan-serve", "--batch-size", "2"],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
-    deadline = time.monotonic() + 240
-    with get_client(sync_client=True) as client:
-        while True:
-            assert serve.poll() is None and time.monotonic() < deadline, serve.communicate()
-            try:
-                deployment = client.read_deployment_by_name("ipaflow-render/orphan-serve")
-                break
-            except Exception:  # noqa: BLE001 - not created yet
-                time.sleep(0.5)
-        run = client.create_flow_run_from_deployment(deployment.id)
-    while not (out / "images").is_dir() or not any((out / "images").iterdir()):
-        assert serve.poll() is None and time.monotonic() < deadline, serve.communicate()
-        time.sleep(0.05)
+    started = threading.Thread(target=_run_when_deployed, args=("ipaflow-render/orphan-serve", ran := []), daemon=True)
+    started.start()
+    serve = start_until_first_image(["serve", "--manifest", str(manifest), "--out", str(out), "--cron", "0 3 1 1 *",
+                                     "--name", "orphan-serve", "--batch-size", "2"], env, out)
+    [run] = ran
 
     os.killpg(serve.pid, signal.SIGINT)
     interrupted = time.monotonic()
