@@ -18,7 +18,8 @@ import pytest
 from util import ipaflow_command, read_records, write_manifest
 
 INTERRUPTED = "ipaflow: interrupted; re-run the same command to resume\n"
-PROGRESS = re.compile(r"ipaflow: [^;]*: \d+/\d+ rows, ")  # the progress line off a terminal
+# the status line off a terminal, every 30 s: the rows, or the phase before the first row (a loaded machine)
+PROGRESS = re.compile(r"ipaflow: ([^;]*: \d+/\d+ rows, |[A-Za-z' ]+, elapsed \d)")
 
 
 def _processes_with(marker: str) -> list[int]:
