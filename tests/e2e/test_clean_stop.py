@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from util import ipaflow_command, read_records, write_manifest
+from util import ipaflow_command, mounted_tmpfs, read_records, write_manifest
 
 INTERRUPTED = "ipaflow: interrupted; re-run the same command to resume\n"
 # the status line off a terminal, every 30 s: the rows, or the phase before the first row (a loaded machine)
@@ -115,16 +115,9 @@ def test_an_out_that_is_a_file_is_said_in_one_line(tmp_path, inputs_dir, cli):
 
 @pytest.fixture
 def small_filesystem(tmp_path):
-    """A 256 KiB tmpfs (root may mount one; others skip): filled up, or remounted read-only."""
-    mount = tmp_path / "mnt"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()})")
-    try:
+    """A 256 KiB tmpfs: filled up, or remounted read-only."""
+    with mounted_tmpfs(tmp_path / "mnt", "256k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_full_or_read_only_out_is_said_in_one_line(tmp_path, inputs_dir, cli, small_filesystem):
