@@ -22,7 +22,7 @@ import uuid
 import pandas as pd
 import pytest
 from s3 import MotoProcess, TcpGate, free_port
-from util import ipaflow_command, write_manifest
+from util import ipaflow_command, mounted_tmpfs, write_manifest
 
 pytestmark = pytest.mark.faults
 
@@ -265,16 +265,9 @@ def test_the_prefect_api_down_mid_run_is_one_line_and_the_run_completes(tmp_path
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 2 MiB tmpfs (root may mount one; elsewhere the case is skipped)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()})")
-    try:
+    """A 2 MiB tmpfs to fill up mid-run."""
+    with mounted_tmpfs(tmp_path / "disk", "2m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_local_out_that_fills_up_mid_run_is_one_line_and_a_rerun_completes(tmp_path, inputs_dir, models_env,
