@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
 from pydantic import BaseModel
 
 from ipaflow.tasks.shards import ShardPlan
@@ -90,10 +91,12 @@ class ShardOutcome(BaseModel):
 
 
 @task(name="render-shard", task_run_name="{shard.name}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def render_shard(shard: ShardPlan, settings: RunSettings) -> ShardOutcome:
+def render_shard(shard: ShardPlan, settings: RunSettings) -> State:
     """Render one shard; a worker that dies mid-shard has the shard re-run (retries), which skips the rows
-    its earlier attempt already journaled."""
+    its earlier attempt already journaled. The task run ends Completed with the shard's counts as its message
+    ("29 ok, 2 failed"); its result is the ``ShardOutcome``."""
     started = time.time()
     stats = run_shard(shard, settings, progress=progress_sender(settings.run_id))
-    return ShardOutcome(stats=stats.model_copy(
-        update={"worker": worker_name(), "started_at": started, "finished_at": time.time()}))
+    counted = stats.run_counts()
+    return Completed(message=f"{counted.ok} ok, {counted.failed} failed", data=ShardOutcome(stats=stats.model_copy(
+        update={"worker": worker_name(), "started_at": started, "finished_at": time.time()})))

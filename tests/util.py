@@ -80,6 +80,28 @@ def ipaflow_command() -> str:
     return str(Path(sys.executable).with_name("ipaflow"))
 
 
+def slow_manifest(path: Path, inputs_dir: Path, rows: int = 40) -> Path:
+    """A manifest of ``rows`` rows of 8 steps each: a render of it is still going when a test stops it."""
+    return write_manifest(path, [{"id": f"r{i:02d}", "spec": "sdxl-text2img", "prompt": f"p{i}",
+                                  "ip_image": str(inputs_dir / "diner.png"), "num_inference_steps": 8}
+                                 for i in range(rows)])
+
+
+def start_until_first_image(args: list[str], env: dict, out: Path, timeout: float = 240):
+    """``ipaflow <args>`` started in a session of its own (a terminal's Ctrl-C reaches its whole process group),
+    returned once its first image is in ``out``: the process (``Popen``)."""
+    import subprocess
+    import time
+
+    process = subprocess.Popen([ipaflow_command(), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not (out / "images").is_dir() or not any((out / "images").iterdir()):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    return process
+
+
 SPEC_HEAD = "name: odd\ntask: text2img\nmodel: a/b\n"
 
 
