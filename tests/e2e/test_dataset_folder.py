@@ -32,3 +32,24 @@ def test_fewer_images_then_another_layout_leave_exactly_the_current_outputs(tmp_
     assert not list((out / "images").rglob("*.png"))
     tars = list((out / "webdataset").glob("*.tar"))
     assert len(tars) == 1 and tarfile.open(tars[0]).getnames() == ["a.png", "a.json"]
+
+
+def test_a_torn_part_is_set_aside_and_nothing_renders_again(tmp_path, inputs_dir, models_env, prefect_api, caplog):
+    import pandas as pd
+
+    from ipaflow.flows.render import render_manifest
+
+    out = tmp_path / "out"
+    rows = [{"id": f"r{i}", "spec": "sdxl-text2img", "prompt": "a bear", "num_inference_steps": 1,
+             "ip_image": str(inputs_dir / "bear.png"), "num_images": 1 + i % 2, "note": f"n{i}"} for i in range(3)]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    assert render_manifest(str(manifest), out=str(out), options={"batch_size": 2}).rendered == 3
+    before = read_records(out).set_index("id")[["key", "outputs", "params", "note"]]
+    (part,) = (out / "metadata").glob("part-*.parquet")
+    part.write_bytes(part.read_bytes()[:100])
+
+    again = render_manifest(str(manifest), out=str(out), options={"batch_size": 2})
+    assert (again.rendered, again.skipped, again.failed) == (0, 3, 0)
+    assert (out / "_ipaflow" / "unreadable" / f"metadata--{part.name}").exists()
+    after = read_records(out).set_index("id")[["key", "outputs", "params", "note"]]
+    pd.testing.assert_frame_equal(after.sort_index(), before.sort_index())
