@@ -98,7 +98,7 @@ def _outputs(store: MetadataStore, named: np.ndarray) -> Iterator[tuple[str, str
             if "/" in name or not name.endswith(suffix):
                 continue
             container = join(root, name)
-            for member, params in _samples(storage.read_bytes(container), layout):
+            for member, params, _ in container_samples(storage.read_bytes(container), layout):
                 uri = member_uri(container, member)
                 if not members(hash_strings([uri]), named)[0]:
                     yield uri, params.get("stem") or member.rsplit(".", 1)[0], params
@@ -106,34 +106,36 @@ def _outputs(store: MetadataStore, named: np.ndarray) -> Iterator[tuple[str, str
 
 def _parameters(storage, uri: str) -> dict[str, Any] | None:
     try:
-        data = storage.read_bytes(uri)
-        if is_film(uri):
-            import av
-
-            with av.open(io.BytesIO(data)) as container:
-                tags = {key.lower(): value for key, value in container.metadata.items()}
-            return json.loads(tags["comment"])
-        return read_parameters(data)
+        return embedded_parameters(storage.read_bytes(uri), uri)
     except Exception:  # noqa: BLE001 - not an output ipaflow wrote whole: nothing to rebuild from
         return None
 
 
-def _samples(data: bytes, layout: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(member, parameters) of each sample of a container."""
+def embedded_parameters(data: bytes, name: str) -> dict[str, Any]:
+    """The parameters an output (named ``name``: a file, URI or container member) embeds, in any format."""
+    if is_film(name):
+        import av
+
+        with av.open(io.BytesIO(data)) as container:
+            tags = {key.lower(): value for key, value in container.metadata.items()}
+        return json.loads(tags["comment"])
+    return read_parameters(data)
+
+
+def container_samples(data: bytes, layout: str) -> Iterator[tuple[str, dict[str, Any], bytes]]:
+    """(member, parameters, output bytes) of each sample of a container; nothing more once it is damaged."""
     try:
         if layout == "webdataset":
             with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
-                names = [info.name for info in tar if info.isfile()]
-                for name in names:
-                    if not name.endswith(".json"):
-                        info = json.loads(tar.extractfile(f"{name.split('.', 1)[0]}.json").read())
-                        yield name, info
+                for name in [info.name for info in tar if info.isfile() and not info.name.endswith(".json")]:
+                    info = json.loads(tar.extractfile(f"{name.split('.', 1)[0]}.json").read())
+                    yield name, info, tar.extractfile(name).read()
         else:
-            table = pq.read_table(io.BytesIO(data), columns=None)
-            media = "video" if "video" in table.column_names else "image"
-            for path, text in zip(table.column(media).combine_chunks().field("path").to_pylist(),
-                                  table.column("json").to_pylist()):
-                yield path, json.loads(text)
+            table = pq.read_table(io.BytesIO(data))
+            media = table.column("video" if "video" in table.column_names else "image").combine_chunks()
+            for path, blob, text in zip(media.field("path").to_pylist(), media.field("bytes").to_pylist(),
+                                        table.column("json").to_pylist()):
+                yield path, json.loads(text), blob
     except Exception:  # noqa: BLE001 - a damaged container: its samples render again
         return
 

@@ -6,35 +6,15 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pandas as pd
-import PIL.Image
 import pytest
+from util import write_folder
 
 from ipaflow.core.storage import Storage
-from ipaflow.specs.registry import SpecRegistry
-from ipaflow.specs.rows import Job
 from ipaflow.tasks.metadata import MetadataStore
 from ipaflow.tasks.metadata_rebuild import UNREADABLE_DIR
-from ipaflow.tasks.render import Rendered
-from ipaflow.tasks.writers import ShardWriter
 
-SPEC = SpecRegistry().get("sdxl-text2img")
 SAME = ["id", "spec", "status", "outputs", "seed", "params", "key", "layout", "note"]
-
-
-def _write(out, layout: str) -> MetadataStore:
-    """Rows a, b (two images) and c.d written as a shard writes them, then folded."""
-    writer = ShardWriter(Storage(), str(out), "r1", "s0", SPEC, {"a": "ka", "b": "kb", "c.d": "kc"}, layout=layout)
-    for number, (row_id, count) in enumerate((("a", 1), ("b", 2), ("c.d", 1))):
-        job = Job(id=row_id, spec=SPEC.name, index=number, seed=number, params={"prompt": f"p {row_id}",
-                  "num_images": count}, inputs={}, extra={"note": f"n-{row_id}"})
-        images = [PIL.Image.fromarray(np.full((8, 8, 3), 40 * number + k, np.uint8)) for k in range(count)]
-        writer.submit(Rendered(job=job, images=images))
-    writer.close()
-    store = MetadataStore(Storage(), str(out))
-    store.fold("r1")
-    return store
 
 
 def _records(store) -> list[dict]:
@@ -44,7 +24,7 @@ def _records(store) -> list[dict]:
 @pytest.mark.parametrize("layout", ["files", "sharded", "webdataset", "parquet"])
 def test_a_torn_part_is_set_aside_and_its_records_rebuilt_from_the_outputs(tmp_path, layout, caplog):
     out = tmp_path / "out"
-    store = _write(out, layout)
+    store = write_folder(out, layout)
     before = _records(store)
     assert [r["id"] for r in before] == ["a", "b", "c.d"]
     (part,) = (out / "metadata").glob("part-*.parquet")
@@ -63,7 +43,7 @@ def test_a_torn_part_is_set_aside_and_its_records_rebuilt_from_the_outputs(tmp_p
 
 def test_a_journal_with_a_garbled_tail_is_set_aside_and_rebuilt(tmp_path):
     out = tmp_path / "out"
-    store = _write(out, "files")
+    store = write_folder(out, "files")
     before = _records(store)
     (part,) = (out / "metadata").glob("part-*.parquet")
     journal = out / "_ipaflow" / "journal" / "r2" / "s0.parquet"
@@ -80,7 +60,7 @@ def test_a_journal_with_a_garbled_tail_is_set_aside_and_rebuilt(tmp_path):
 
 def test_a_row_missing_an_output_is_not_rebuilt(tmp_path):
     out = tmp_path / "out"
-    _write(out, "files")
+    write_folder(out, "files")
     (part,) = (out / "metadata").glob("part-*.parquet")
     part.write_bytes(b"PAR1 not a part")
     (out / "images" / "b-1.png").unlink()
