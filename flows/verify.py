@@ -15,8 +15,8 @@ each:
 ``--repair`` holds the output folder's lease (no render may run meanwhile) and applies what a render applies
 at its start (``MetadataStore.repair``: unreadable files set aside, their records rebuilt from the outputs;
 the journal folded, superseded outputs removed), marks records whose outputs are missing as failed (the next
-render renders them again), removes orphans, then checks again: what it printed as ``fixed:`` is gone, what
-is left is printed as a problem.
+render renders them again), removes orphans, rewrites the dataset card (``tasks.card``), then checks again:
+what it printed as ``fixed:`` is gone, what is left is printed as a problem.
 
 Streamed: records part by part, the listing in batches; what is held is 8 bytes per output (the hashes of the
 named outputs and of the listing), the records of one part and one container at a time.
@@ -37,6 +37,7 @@ from ipaflow.core.hashing import hash_strings, members
 from ipaflow.core.lease import OutputLease
 from ipaflow.core.storage import Storage, join
 from ipaflow.specs.outputs import CONTAINERS, member_uri, split_member
+from ipaflow.tasks.card import write_card
 from ipaflow.tasks.containers import drop_members
 from ipaflow.tasks.metadata import MetadataStore
 from ipaflow.tasks.metadata_rebuild import FILE_FOLDERS, container_samples, embedded_parameters
@@ -199,6 +200,7 @@ def _repair(storage: Storage, out: str, found: Findings) -> None:
         if split_member(uri)[1] is None and inside(uri, out.rstrip("/")):
             storage.delete(uri)
     drop_members(storage, samples)
+    write_card(storage, out)
 
 
 def verify_folder(out: str, storage: Storage | None = None, deep: bool = False, repair: bool = False,

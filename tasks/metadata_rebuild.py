@@ -36,6 +36,7 @@ from ipaflow.core.hashing import hash_strings, members
 from ipaflow.core.storage import join
 from ipaflow.specs.outputs import CONTAINERS, member_uri, output_stems, sample_key
 from ipaflow.tasks.media import TRUNCATED, read_parameters
+from ipaflow.tasks.metadata_scans import iter_listing
 from ipaflow.tasks.metadata_schema import make_record
 from ipaflow.tasks.owners import inside
 from ipaflow.tasks.video import is_film
@@ -84,10 +85,8 @@ def current_hashes(store: MetadataStore) -> tuple[np.ndarray, np.ndarray]:
 def _outputs(store: MetadataStore, named: np.ndarray) -> Iterator[tuple[str, str, dict[str, Any]]]:
     """(uri, stem, embedded parameters) of every output whose URI's hash is not in ``named``."""
     storage, out = store.storage, store.out
-    for folder in FILE_FOLDERS:
-        root = join(out, folder)
-        relatives = [name for name in storage.list_files(root) if not name.endswith(".partial")]
-        uris = [join(root, relative) for relative in relatives]
+    for relatives in iter_listing(storage, out, FILE_FOLDERS):
+        uris = [join(out, relative) for relative in relatives]
         for keep, uri, relative in zip(~members(hash_strings(uris), named), uris, relatives):
             params = _parameters(storage, uri) if keep else None
             if params is not None:

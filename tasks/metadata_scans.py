@@ -107,12 +107,14 @@ def done_hashes(table: pa.Table, out: str, present: Callable[[pa.Array], np.ndar
 
 
 OUTPUT_FOLDERS = ("images", "videos", *CONTAINERS)  # every layout's top folders (specs.outputs)
+FOLDER_METADATA = "metadata.parquet"  # the dataset card's file for the image/video folder builder (tasks.card)
 
 
 def iter_listing(storage: Storage, out: str, folders: Iterable[str] = OUTPUT_FOLDERS,
                  batch: int = 65536) -> Iterator[list[str]]:
-    """The paths (relative to ``out``) of every file under ``folders``, in batches, staging files left out:
-    streamed from one walk per folder on local disk, one listing per folder elsewhere."""
+    """The paths (relative to ``out``) of every output file under ``folders``, in batches (staging files and the
+    dataset card's ``FOLDER_METADATA`` left out): streamed from one walk per folder on local disk, one listing
+    per folder elsewhere."""
     import os
 
     for folder in folders:
@@ -125,14 +127,16 @@ def iter_listing(storage: Storage, out: str, folders: Iterable[str] = OUTPUT_FOL
             for directory, _, names in os.walk(path):
                 inner = os.path.relpath(directory, path)
                 relative = folder if inner == "." else f"{folder}/{inner.replace(os.sep, '/')}"
-                found.extend(f"{relative}/{name}" for name in names if not name.endswith(".partial"))
+                found.extend(f"{relative}/{name}" for name in names
+                             if not name.endswith(".partial") and (inner != "." or name != FOLDER_METADATA))
                 if len(found) >= batch:
                     yield found
                     found = []
             if found:
                 yield found
         else:
-            names = [name for name in storage.list_files(root) if not name.endswith(".partial")]
+            names = [name for name in storage.list_files(root)
+                     if not name.endswith(".partial") and name != FOLDER_METADATA]
             for start in range(0, len(names), batch):
                 yield [f"{folder}/{n}" for n in names[start:start + batch]]
 

@@ -73,7 +73,7 @@ def alias_bomb() -> str:
     return SPEC_HEAD + f"x-anchors:\n{bomb}\nip_adapters: [{{model: h94/IP-Adapter, weight_name: a.bin, scale: {{up: *a8}}}}]\n"
 
 
-def write_folder(out, layout: str, rows=(("a", 1), ("b", 2), ("c.d", 1))):
+def write_folder(out, layout: str, rows=(("a", 1), ("b", 2), ("c.d", 1)), run: str = "r1"):
     """An output folder as a run leaves it, without a model: rows (id, images) written by a shard writer in
     ``layout`` (8x8 images, passthrough column ``note``), then folded. Returns its ``MetadataStore``."""
     import numpy as np
@@ -87,7 +87,7 @@ def write_folder(out, layout: str, rows=(("a", 1), ("b", 2), ("c.d", 1))):
     from ipaflow.tasks.writers import ShardWriter
 
     spec = SpecRegistry().get("sdxl-text2img")
-    writer = ShardWriter(Storage(), str(out), "r1", "s0", spec, {row_id: f"k-{row_id}" for row_id, _ in rows},
+    writer = ShardWriter(Storage(), str(out), run, "s0", spec, {row_id: f"k-{row_id}" for row_id, _ in rows},
                          layout=layout)
     for number, (row_id, count) in enumerate(rows):
         job = Job(id=row_id, spec=spec.name, index=number, seed=number, params={"prompt": f"p {row_id}",
@@ -96,5 +96,5 @@ def write_folder(out, layout: str, rows=(("a", 1), ("b", 2), ("c.d", 1))):
         writer.submit(Rendered(job=job, images=images))
     writer.close()
     store = MetadataStore(Storage(), str(out))
-    store.fold("r1")
+    store.fold(run)
     return store

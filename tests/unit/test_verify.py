@@ -46,7 +46,8 @@ def test_problems_are_one_line_each_and_repair_fixes_them(tmp_path, capsys):
     records = pd.read_parquet(out / "metadata").set_index("id")
     # b and c.d rebuilt from their outputs; a had no output left, so it stays unrecorded and renders again
     assert sorted(records.index) == ["b", "c.d"] and set(records["status"]) == {"ok"}
-    assert sorted(p.name for p in (out / "images").iterdir()) == ["b-0.png", "b-1.png", "c.d.png"]
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["b-0.png", "b-1.png", "c.d.png", "metadata.parquet"]
+    assert (out / "README.md").exists()  # the dataset card, rewritten
 
 
 def test_repair_marks_a_record_missing_its_outputs_failed(tmp_path, capsys):
