@@ -124,14 +124,19 @@ def iter_listing(storage: Storage, out: str, folders: Iterable[str] = OUTPUT_FOL
             if not os.path.isdir(path):
                 continue
             found: list[str] = []
-            for directory, _, names in os.walk(path):
-                inner = os.path.relpath(directory, path)
-                relative = folder if inner == "." else f"{folder}/{inner.replace(os.sep, '/')}"
-                found.extend(f"{relative}/{name}" for name in names
-                             if not name.endswith(".partial") and (inner != "." or name != FOLDER_METADATA))
-                if len(found) >= batch:
-                    yield found
-                    found = []
+            pending = [(path, folder)]  # scandir, not os.walk: a folder of a million files is never one list
+            while pending:
+                directory, relative = pending.pop()
+                with os.scandir(directory) as entries:
+                    for entry in entries:
+                        if entry.is_dir(follow_symlinks=False):
+                            pending.append((entry.path, f"{relative}/{entry.name}"))
+                        elif not entry.name.endswith(".partial") and (relative != folder or
+                                                                      entry.name != FOLDER_METADATA):
+                            found.append(f"{relative}/{entry.name}")
+                            if len(found) >= batch:
+                                yield found
+                                found = []
             if found:
                 yield found
         else:
