@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         "specs": cmd_specs,
         "serve": cmd_serve,
         "records": cmd_records,
+        "verify": cmd_verify,
     }[args.command]
     try:
         return handler(args)
@@ -454,6 +455,16 @@ def cmd_records(args) -> int:
     count = export_records(args.out, args.output, storage)
     print(f"{count} records" + (f" written to {storage.redact(args.output)}" if args.output else ""), file=sys.stderr)
     return 0
+
+
+def cmd_verify(args) -> int:
+    """``ipaflow verify OUT [--deep] [--repair]``: see ipaflow.flows.verify; 0 when consistent, else 1."""
+    from ipaflow.core.storage import Storage
+    from ipaflow.flows.verify import verify_folder
+
+    problems = verify_folder(args.out, Storage(options=args.options.storage_options_dict()), args.deep, args.repair)
+    print(f"{problems} problem(s)" if problems else "consistent", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def cmd_serve(args) -> int:

@@ -40,6 +40,7 @@ from ipaflow.flows.previews import preview_uris, read_thumbnails, write_contact_
 from ipaflow.flows.run_counter import FINISHING
 from ipaflow.flows.runners import gpu_routing, make_task_runner
 from ipaflow.specs.options import RenderOptions
+from ipaflow.tasks.card import write_card
 from ipaflow.tasks.containers import containers_of, drop_members, drop_orphans
 from ipaflow.tasks.gallery import GallerySample, write_gallery
 from ipaflow.tasks.metadata import MetadataStore
@@ -167,6 +168,7 @@ def render_manifest(
     monitor.set_phase(FINISHING)
     folded = metadata.fold(run_id, planner.records.index, drop_outputs=lambda uris: drop_members(storage, uris))
     gallery, contact_sheet, previews = _gallery(storage, out, metadata, logger)
+    write_card(storage, out, metadata)
     summary = monitor.summary(run_id=run_id, manifest=storage.redact(absolute_uri(manifest)), out=storage.redact(out),
                               gallery=storage.redact(gallery),
                               contact_sheet=contact_sheet and storage.redact(contact_sheet),

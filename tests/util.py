@@ -112,3 +112,30 @@ def alias_bomb() -> str:
         lines.append(f"a{level}: &a{level} [" + ", ".join([f"*a{level - 1}"] * 9) + "]")
     bomb = "\n".join(f"  {line}" for line in lines)
     return SPEC_HEAD + f"x-anchors:\n{bomb}\nip_adapters: [{{model: h94/IP-Adapter, weight_name: a.bin, scale: {{up: *a8}}}}]\n"
+
+
+def write_folder(out, layout: str, rows=(("a", 1), ("b", 2), ("c.d", 1)), run: str = "r1"):
+    """An output folder as a run leaves it, without a model: rows (id, images) written by a shard writer in
+    ``layout`` (8x8 images, passthrough column ``note``), then folded. Returns its ``MetadataStore``."""
+    import numpy as np
+    import PIL.Image
+
+    from ipaflow.core.storage import Storage
+    from ipaflow.specs.registry import SpecRegistry
+    from ipaflow.specs.rows import Job
+    from ipaflow.tasks.metadata import MetadataStore
+    from ipaflow.tasks.render import Rendered
+    from ipaflow.tasks.writers import ShardWriter
+
+    spec = SpecRegistry().get("sdxl-text2img")
+    writer = ShardWriter(Storage(), str(out), run, "s0", spec, {row_id: f"k-{row_id}" for row_id, _ in rows},
+                         layout=layout)
+    for number, (row_id, count) in enumerate(rows):
+        job = Job(id=row_id, spec=spec.name, index=number, seed=number, params={"prompt": f"p {row_id}",
+                  "num_images": count}, inputs={}, extra={"note": f"n-{row_id}"})
+        images = [PIL.Image.fromarray(np.full((8, 8, 3), 40 * number + k, np.uint8)) for k in range(count)]
+        writer.submit(Rendered(job=job, images=images))
+    writer.close()
+    store = MetadataStore(Storage(), str(out))
+    store.fold(run)
+    return store
