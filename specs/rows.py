@@ -22,6 +22,7 @@ from ipaflow.specs.manifest import FLOAT_COLUMNS, INPUT_COLUMNS, INT_COLUMNS, KN
 from ipaflow.specs.outputs import collision_key, extension, job_stems
 from ipaflow.specs.registry import SpecRegistry
 from ipaflow.specs.spec import Params, Spec
+from ipaflow.specs.templates import TEMPLATED, fill, is_template
 
 ROW_ID_PATTERN = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}"  # matched whole; specs.checks applies it to whole columns
 ROW_ID = re.compile(ROW_ID_PATTERN)
@@ -223,10 +224,28 @@ def _params(row: dict, spec: Spec) -> dict[str, Any]:
     if not problems and steps is not None and strength is not None:
         if problem := steps_problem(spec, steps, strength, given=row):
             problems.append(problem)
+    for column in TEMPLATED:
+        if is_template(merged.get(column)):
+            try:
+                merged[column] = _text(column, fill(column, merged[column], row))
+            except RowFailed as exc:
+                problems.extend(exc.problems)
     if problems:
         raise RowFailed(problems)
     merged.setdefault("prompt", "")
     return merged
+
+
+def templates_of(row: dict, spec: Spec) -> dict[str, str]:
+    """The prompt templates a row renders with (its own cell, else the spec's default), as the record keeps
+    them: ``prompt_template``, ``negative_prompt_template``."""
+    defaults = spec.default_params()
+    found = {}
+    for column in TEMPLATED:
+        text = row.get(column) if row.get(column) is not None else defaults.get(column)
+        if is_template(text):
+            found[f"{column}_template"] = text
+    return found
 
 
 def steps_problem(spec: Spec, steps: int, strength: float, given: dict) -> Problem | None:
@@ -319,7 +338,7 @@ def resolve_row(row: dict, index: int, registry: SpecRegistry, base: str = "") -
         seed=seed,
         params=params,
         inputs=inputs,
-        extra=passthrough_of(row),
+        extra={**passthrough_of(row), **templates_of(row, spec)},
     )
 
 
@@ -399,9 +418,10 @@ def colliding_outputs(jobs: list[Job], registry: SpecRegistry) -> dict[int, list
     return bad
 
 
-def duplicate_problem(indexes: list[int], ids: list[str] | None = None) -> Problem:
-    """The problem of rows sharing an id (``ids``: theirs, when they may differ in case)."""
-    rows = f"(manifest rows {', '.join(str(i) for i in indexes)})"
+def duplicate_problem(indexes: list[int], ids: list[str] | None = None, where: list[str] | None = None) -> Problem:
+    """The problem of rows sharing an id (``ids``: theirs, when they may differ in case; ``where``: the rows'
+    places in a folder manifest, file and row, shown instead of their manifest indexes)."""
+    rows = f"({', '.join(where)})" if where else f"(manifest rows {', '.join(str(i) for i in indexes)})"
     spelled = list(dict.fromkeys(ids or []))
     if len(spelled) > 1:
         return Problem("id", f"duplicate id: {', '.join(map(repr, spelled))} differ only in case {rows}", shared=True)

@@ -1,0 +1,106 @@
+"""Manifests that are folders or globs of files: one stream in path order, Hive columns, relative inputs per
+file, the whole-manifest rules across files naming file and row, type unification, marker files skipped."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ipaflow.flows.validate import validate_manifest
+from ipaflow.specs.checks import as_job
+from ipaflow.specs.manifest import ManifestError, open_manifest
+from ipaflow.specs.registry import SpecRegistry
+from ipaflow.specs.stream import resolve_stream
+
+ROW = {"spec": "sdxl-text2img", "ip_image": "in.png", "num_inference_steps": 1}
+
+
+def _parquet(path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def _folder(tmp_path):
+    root = tmp_path / "manifests"
+    _parquet(root / "date=2026-12-02" / "part-0.parquet", [{**ROW, "id": "c", "seed": 3}])
+    _parquet(root / "date=2026-12-01" / "part-1.parquet", [{**ROW, "id": "b", "seed": 2.0}])
+    _parquet(root / "date=2026-12-01" / "part-0.parquet",
+             [{**ROW, "id": "a", "style": None}, {**ROW, "id": "a2", "style": "ink"}])
+    (root / "date=2026-12-01" / "_SUCCESS").write_text("")
+    (root / "date=2026-12-01" / ".part-0.parquet.crc").write_bytes(b"\0")
+    (root / "_temporary").mkdir()
+    (root / "_temporary" / "part-9.parquet").write_text("half written")
+    return root
+
+
+def _jobs(uri: str):
+    manifest = open_manifest(uri)
+    return [as_job(job) for resolved in resolve_stream(manifest, SpecRegistry()) for job in resolved.jobs]
+
+
+def test_folder_reads_files_in_path_order_with_hive_columns_and_relative_inputs(tmp_path):
+    root = _folder(tmp_path)
+    manifest = open_manifest(str(root))
+    assert [f.name for f in manifest.files] == ["date=2026-12-01/part-0.parquet", "date=2026-12-01/part-1.parquet",
+                                                "date=2026-12-02/part-0.parquet"]
+    assert "date" in manifest.columns and "style" in manifest.columns and manifest.num_rows == 4
+    jobs = _jobs(str(root) + "/")
+    assert [j.id for j in jobs] == ["a", "a2", "b", "c"]
+    assert [j.extra.get("date") for j in jobs] == ["2026-12-01", "2026-12-01", "2026-12-01", "2026-12-02"]
+    assert jobs[1].extra["style"] == "ink" and jobs[0].extra.get("style") is None  # absent from a file: null
+    assert jobs[0].inputs["ip_image"] == [str(root / "date=2026-12-01" / "in.png")]
+    assert jobs[3].inputs["ip_image"] == [str(root / "date=2026-12-02" / "in.png")]
+    assert validate_manifest(str(root), check_inputs=False) == ([], 4)
+
+
+def test_glob_selects_files(tmp_path):
+    root = _folder(tmp_path)
+    assert [j.id for j in _jobs(str(root / "**" / "part-0.parquet"))] == ["a", "a2", "c"]
+    with pytest.raises(ManifestError, match="no file matches"):
+        open_manifest(str(root / "*.csv"))
+
+
+def test_duplicate_id_across_files_names_both_files(tmp_path):
+    root = _folder(tmp_path)
+    _parquet(root / "date=2026-12-02" / "part-1.parquet", [{**ROW, "id": "x"}, {**ROW, "id": "b"}])
+    failed, rows = validate_manifest(str(root), check_inputs=False)
+    assert rows == 6
+    assert [line for row in failed for line in row.lines()] == [
+        "b, id, duplicate id (date=2026-12-01/part-1.parquet row 0, date=2026-12-02/part-1.parquet row 1)"] * 2
+
+
+def test_formats_mix_and_missing_columns_are_null(tmp_path):
+    root = tmp_path / "m"
+    _parquet(root / "a.parquet", [{**ROW, "id": "a", "seed": 1}])
+    (root / "b.jsonl").write_text(json.dumps({**ROW, "id": "b", "guidance_scale": 2.0}) + "\n")
+    (root / "c.csv").write_text("id,spec,ip_image,num_inference_steps\nc,sdxl-text2img,in.png,1\n")
+    assert [j.id for j in _jobs(str(root))] == ["a", "b", "c"]
+
+
+def test_incompatible_types_name_both_files_and_the_column(tmp_path):
+    root = tmp_path / "m"
+    _parquet(root / "a.parquet", [{**ROW, "id": "a", "seed": 1}])
+    _parquet(root / "b.parquet", [{**ROW, "id": "b", "seed": "one"}])
+    with pytest.raises(ManifestError, match="column 'seed' is int in a.parquet but text in b.parquet"):
+        open_manifest(str(root))
+
+
+def test_empty_folder_and_file_without_required_column(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "_SUCCESS").write_text("")
+    with pytest.raises(ManifestError, match="holds no manifest file"):
+        open_manifest(str(tmp_path / "empty"))
+    _parquet(tmp_path / "m" / "a.parquet", [{"id": "a"}])
+    with pytest.raises(ManifestError, match=r"a.parquet: missing required column\(s\) spec"):
+        open_manifest(str(tmp_path / "m"))
+
+
+def test_a_file_changed_after_listing_is_refused(tmp_path):
+    root = _folder(tmp_path)
+    manifest = open_manifest(str(root))
+    _parquet(root / "date=2026-12-02" / "part-0.parquet", [{**ROW, "id": "c"}, {**ROW, "id": "d"}])
+    with pytest.raises(ManifestError, match="changed while the run read it"):
+        list(manifest.iter_batches())
