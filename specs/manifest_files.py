@@ -3,8 +3,9 @@
 A manifest given as a folder (``manifests/``, ``s3://bucket/manifests/``) or a glob (``manifests/*.parquet``,
 ``manifests/**/part-*.parquet``) is one stream of rows: its files are listed once, when the manifest is opened,
 sorted by path; names starting with ``_`` or ``.`` (Spark's ``_SUCCESS``, hidden files) and ``.crc`` files are
-skipped, as Spark and Hadoop write them. Each file's identity as listed (size and ETag, or size and mtime) is
-remembered: a file that changes while the run reads the manifest is refused rather than read at other rows.
+skipped, as Spark and Hadoop write them, and so are files of other formats (inputs kept beside them). Each
+file's identity as listed (size and ETag, or size and mtime) is remembered: a file that changes while the run
+reads the manifest is refused rather than read at other rows.
 Hive-style folder names (``date=2026-12-01/``) become string columns of the rows below them.
 
 Every read of a manifest file is a request bounded by ``$IPAFLOW_CALL_TIMEOUT`` (``ipaflow.core.deadlines``),
@@ -58,9 +59,11 @@ def format_of(uri: str, redact) -> str:
 
 
 def _skipped(name: str) -> bool:
-    """A file Spark or Hadoop writes beside the data (``_SUCCESS``, ``_committed_*``, ``.part-0.crc``), or a
-    hidden one, anywhere along the path."""
-    return name.endswith(".crc") or any(part.startswith(("_", ".")) for part in name.split("/"))
+    """A file Spark or Hadoop writes beside the data (``_SUCCESS``, ``_committed_*``, ``.part-0.crc``), a hidden
+    one, anywhere along the path, or one that is no manifest (an input image kept beside the manifest files)."""
+    if name.endswith(".crc") or any(part.startswith(("_", ".")) for part in name.split("/")):
+        return True
+    return not name.lower().endswith(tuple(FORMATS))
 
 
 def _identity(info: dict) -> tuple:

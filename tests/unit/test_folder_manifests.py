@@ -104,3 +104,30 @@ def test_a_file_changed_after_listing_is_refused(tmp_path):
     _parquet(root / "date=2026-12-02" / "part-0.parquet", [{**ROW, "id": "c"}, {**ROW, "id": "d"}])
     with pytest.raises(ManifestError, match="changed while the run read it"):
         list(manifest.iter_batches())
+
+
+def test_templates_fill_from_the_row_and_fail_naming_the_column():
+    from ipaflow.core.problems import RowFailed
+    from ipaflow.specs.templates import fill
+
+    row = {"object": "cat", "n": 3.0, "empty": None}
+    assert fill("prompt", "a {object} x{n} {{literal}}", row) == "a cat x3 {literal}"
+    for template, reason in (("{missing}", "placeholder {missing}: column 'missing' is not a column of the manifest"),
+                             ("{empty}", "placeholder {empty}: column 'empty' is empty in this row"),
+                             ("{object.__class__}", "placeholder {object.__class__}: column 'object.__class__' is not"),
+                             ("{object!r}", "not a column name in braces"), ("{0}", "not a column name in braces"),
+                             ("a } b", "a lone '}'"), ("{object", "not a column name in braces")):
+        with pytest.raises(RowFailed) as caught:
+            fill("negative_prompt", template, row)
+        assert caught.value.column == "negative_prompt" and reason in caught.value.problems[0].reason, template
+
+
+def test_a_templated_row_fails_alone_naming_the_column(tmp_path):
+    path = tmp_path / "m.parquet"
+    _parquet(path, [{**ROW, "id": "a", "prompt": "{object}", "object": "cat"},
+                    {**ROW, "id": "b", "prompt": "{object}", "object": None},
+                    {**ROW, "id": "c", "prompt": "{colour}", "object": "owl"}])
+    failed, _ = validate_manifest(str(path), check_inputs=False)
+    assert [line for row in failed for line in row.lines()] == [
+        "b, prompt, placeholder {object}: column 'object' is empty in this row",
+        "c, prompt, placeholder {colour}: column 'colour' is not a column of the manifest"]

@@ -1,0 +1,81 @@
+"""A manifest that is a folder of Hive-partitioned files with relative inputs, rendered locally and from S3
+(moto's server); adding a file renders only its rows; templated prompts render the filled text."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import uuid
+
+import pandas as pd
+import PIL.Image
+import pytest
+from s3 import MotoS3
+from util import read_records
+
+from ipaflow.flows.cli import main
+
+ROW = {"spec": "sdxl-text2img", "ip_image": "bear.png", "num_inference_steps": 1, "width": 64, "height": 64}
+
+
+def _part(folder, name, rows, inputs_dir):
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(inputs_dir / "bear.png", folder / "bear.png")  # relative to the file's own folder
+    pd.DataFrame(rows).to_parquet(folder / name, index=False)
+
+
+def test_folder_renders_and_a_new_file_renders_only_its_rows(tmp_path, models_env, prefect_api, inputs_dir, capsys):
+    root = tmp_path / f"folder-{uuid.uuid4().hex[:8]}"
+    _part(root / "date=2026-12-01", "part-0.parquet",
+          [{**ROW, "id": "a", "object": "cat", "prompt": "a photo of {object}, {{flat}}"},
+           {**ROW, "id": "b", "object": "dog", "prompt": "plain"}], inputs_dir)
+    _part(root / "date=2026-12-02", "part-0.parquet", [{**ROW, "id": "c", "object": "owl"}], inputs_dir)
+    (root / "date=2026-12-01" / "_SUCCESS").write_text("")
+    out = tmp_path / "out"
+
+    assert main(["validate", str(root)]) == 0
+    assert main(["render", str(root) + "/", "--out", str(out)]) == 0
+    assert "3 rendered, 0 already done, 0 failed" in capsys.readouterr().out
+    records = read_records(out).set_index("id")
+    assert list(records["status"]) == ["ok"] * 3
+    assert records["date"].to_dict() == {"a": "2026-12-01", "b": "2026-12-01", "c": "2026-12-02"}
+    assert json.loads(records.loc["a", "params"])["prompt"] == "a photo of cat, {flat}"
+    assert records.loc["a", "prompt_template"] == "a photo of {object}, {{flat}}"
+    image = PIL.Image.open(out / "images" / "a.png")
+    assert json.loads(image.text["parameters"])["prompt"] == "a photo of cat, {flat}"
+
+    _part(root / "date=2026-12-03", "part-0.parquet", [{**ROW, "id": "d", "object": "fox"}], inputs_dir)
+    assert main(["render", str(root), "--out", str(out)]) == 0
+    assert "1 rendered, 3 already done, 0 failed" in capsys.readouterr().out
+    assert main(["render", str(root), "--out", str(out)]) == 0
+    assert "0 rendered, 4 already done, 0 failed" in capsys.readouterr().out
+
+
+@pytest.fixture
+def moto_s3(monkeypatch):
+    server = MotoS3()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+    yield server
+    server.close()
+
+
+def test_folder_on_s3_validates_and_renders(moto_s3, models_env, prefect_api, inputs_dir, capsys):
+    bucket = moto_s3.bucket(f"ipaflow-{uuid.uuid4().hex[:10]}")
+    for date, ids in (("2026-12-01", ["a", "b"]), ("2026-12-02", ["c"])):
+        buffer = io.BytesIO()
+        pd.DataFrame([{**ROW, "id": i} for i in ids]).to_parquet(buffer, index=False)
+        moto_s3.put(bucket, f"manifests/date={date}/part-0.parquet", buffer.getvalue())
+        moto_s3.put(bucket, f"manifests/date={date}/bear.png", (inputs_dir / "bear.png").read_bytes())
+    moto_s3.put(bucket, "manifests/_SUCCESS", b"")
+    manifest = f"s3://{bucket}/manifests/"
+    assert main(["validate", manifest]) == 0
+    assert main(["render", manifest, "--out", f"s3://{bucket}/out/"]) == 0
+    assert "3 rendered, 0 already done, 0 failed" in capsys.readouterr().out
+    assert main(["render", f"s3://{bucket}/manifests/*/part-*.parquet", "--out", f"s3://{bucket}/out/"]) == 0
+    assert "0 rendered, 3 already done, 0 failed" in capsys.readouterr().out
+    assert main(["validate", f"s3://{bucket}/manifests/*/none-*.parquet"]) == 2
+    assert "no file matches the pattern" in capsys.readouterr().err
