@@ -14,7 +14,7 @@ import csv
 import json
 import posixpath
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from ipaflow.core.storage import Storage
 from ipaflow.specs.manifest_files import FORMATS, ManifestError, ManifestFile, check_unchanged, list_files, open_file
 
-__all__ = ["FORMATS", "ManifestError", "ManifestFile", "Manifest", "RowBatch", "open_manifest"]
+__all__ = ["FORMATS", "ManifestError", "ManifestFile", "Manifest", "RowBatch", "column_of", "open_manifest"]
 
 # Columns with a meaning (README, "Manifest reference"); every other column passes through to the metadata.
 STRING_COLUMNS = ("id", "spec", "prompt", "negative_prompt", "image", "mask", "control_image", "style_folder")
@@ -132,6 +132,9 @@ class Manifest:
     folder: bool = False  # a folder or glob: rows are named by file and row
     floats: frozenset[str] = frozenset()  # Parquet columns some files hold as int, others as float: read as float
     _starts: list = field(default_factory=list, repr=False, compare=False)  # each file's first manifest index
+    # rows -> the rows they render (a spec's sweep: ``specs.sweeps``); None: each row as it is
+    expand: Callable[[RowBatch, tuple | None, int], Iterator[RowBatch]] | None = field(default=None, repr=False,
+                                                                                        compare=False)
 
     @property
     def base(self) -> str:
@@ -145,6 +148,8 @@ class Manifest:
         if not self.folder or not self._starts or index < self._starts[0]:
             return None
         position = bisect_right(self._starts, index) - 1
+        if self.expand is not None:  # a swept row's id names its combination; its file names where it lies
+            return self.files[position].name
         return f"{self.files[position].name} row {index - self._starts[position]}"
 
     def iter_batches(self, batch_rows: int | None = None, columns: tuple[str, ...] | None = None) -> Iterator[RowBatch]:
@@ -157,8 +162,11 @@ class Manifest:
             if number == len(self._starts):
                 self._starts.append(start)
             for count, cols in self._file_batches(file, batch_rows, columns):
-                yield RowBatch(start=start, num_rows=count, columns=cols, base=file.base)
-                start += count
+                batch = RowBatch(start=start, num_rows=count, columns=cols, base=file.base)
+                for part in (batch,) if self.expand is None else self.expand(batch, columns, batch_rows):
+                    part.start = start
+                    yield part
+                    start += part.num_rows
 
     def _file_batches(self, file: ManifestFile, batch_rows: int, columns: tuple[str, ...] | None):
         redact = self.storage.redact
@@ -276,13 +284,17 @@ def _jsonl_columns(rows: list[dict], wanted: tuple[str, ...] | None) -> dict[str
         names.update(dict.fromkeys(row))
     columns: dict[str, pa.Array | list] = {}
     for name in names if wanted is None else [n for n in wanted if n in names]:
-        values = [row.get(name) for row in rows]
-        try:
-            array = pa.array(values)
-            columns[name] = array if _same(array, values) else values
-        except (pa.ArrowException, OverflowError, ValueError, TypeError):
-            columns[name] = values
+        columns[name] = column_of([row.get(name) for row in rows])
     return columns
+
+
+def column_of(values: list) -> pa.Array | list:
+    """Cells as a batch column: an Arrow array where the values make one unchanged, else the plain list."""
+    try:
+        array = pa.array(values)
+    except (pa.ArrowException, OverflowError, ValueError, TypeError):
+        return values
+    return array if _same(array, values) else values
 
 
 def _same(array: pa.Array, values: list) -> bool:

@@ -1,5 +1,6 @@
 """A manifest that is a folder of Hive-partitioned files with relative inputs, rendered locally and from S3
-(moto's server); adding a file renders only its rows; templated prompts render the filled text."""
+(moto's server); adding a file renders only its rows; templated prompts render the filled text, a sweep every
+combination; a re-run renders nothing."""
 
 from __future__ import annotations
 
@@ -16,6 +17,14 @@ from util import read_records
 
 from ipaflow.flows.cli import main
 
+SWEPT = """name: swept
+task: text2img
+model: stabilityai/stable-diffusion-xl-base-1.0
+ip_adapters:
+  - {model: h94/IP-Adapter, subfolder: sdxl_models, weight_name: ip-adapter_sdxl.bin, scale: 0.6}
+defaults: {prompt: "a photo of {object}"}
+sweep: {guidance_scale: [1.5, 3.0]}
+"""
 ROW = {"spec": "sdxl-text2img", "ip_image": "bear.png", "num_inference_steps": 1, "width": 64, "height": 64}
 
 
@@ -30,26 +39,33 @@ def test_folder_renders_and_a_new_file_renders_only_its_rows(tmp_path, models_en
     _part(root / "date=2026-12-01", "part-0.parquet",
           [{**ROW, "id": "a", "object": "cat", "prompt": "a photo of {object}, {{flat}}"},
            {**ROW, "id": "b", "object": "dog", "prompt": "plain"}], inputs_dir)
-    _part(root / "date=2026-12-02", "part-0.parquet", [{**ROW, "id": "c", "object": "owl"}], inputs_dir)
+    _part(root / "date=2026-12-02", "part-0.parquet",
+          [{**ROW, "id": "c", "object": "owl"}, {**ROW, "id": "s", "object": "elk", "spec": "swept"}], inputs_dir)
     (root / "date=2026-12-01" / "_SUCCESS").write_text("")
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "swept.yaml").write_text(SWEPT)
     out = tmp_path / "out"
 
-    assert main(["validate", str(root)]) == 0
-    assert main(["render", str(root) + "/", "--out", str(out)]) == 0
-    assert "3 rendered, 0 already done, 0 failed" in capsys.readouterr().out
+    assert main(["validate", str(root), "--specs", str(specs)]) == 0
+    assert main(["render", str(root) + "/", "--out", str(out), "--specs", str(specs)]) == 0
+    assert "5 rendered, 0 already done, 0 failed" in capsys.readouterr().out
     records = read_records(out).set_index("id")
-    assert list(records["status"]) == ["ok"] * 3
-    assert records["date"].to_dict() == {"a": "2026-12-01", "b": "2026-12-01", "c": "2026-12-02"}
+    assert list(records["status"]) == ["ok"] * 5
+    assert records["date"].to_dict() == {"a": "2026-12-01", "b": "2026-12-01", "c": "2026-12-02",
+                                         "s.s0": "2026-12-02", "s.s1": "2026-12-02"}
+    assert [json.loads(records.loc[i, "params"])["guidance_scale"] for i in ("s.s0", "s.s1")] == [1.5, 3.0]
+    assert records.loc["s.s1", "params"] != records.loc["s.s0", "params"]
     assert json.loads(records.loc["a", "params"])["prompt"] == "a photo of cat, {flat}"
     assert records.loc["a", "prompt_template"] == "a photo of {object}, {{flat}}"
     image = PIL.Image.open(out / "images" / "a.png")
     assert json.loads(image.text["parameters"])["prompt"] == "a photo of cat, {flat}"
 
     _part(root / "date=2026-12-03", "part-0.parquet", [{**ROW, "id": "d", "object": "fox"}], inputs_dir)
-    assert main(["render", str(root), "--out", str(out)]) == 0
-    assert "1 rendered, 3 already done, 0 failed" in capsys.readouterr().out
-    assert main(["render", str(root), "--out", str(out)]) == 0
-    assert "0 rendered, 4 already done, 0 failed" in capsys.readouterr().out
+    assert main(["render", str(root), "--out", str(out), "--specs", str(specs)]) == 0
+    assert "1 rendered, 5 already done, 0 failed" in capsys.readouterr().out
+    assert main(["render", str(root), "--out", str(out), "--specs", str(specs)]) == 0
+    assert "0 rendered, 6 already done, 0 failed" in capsys.readouterr().out
 
 
 @pytest.fixture

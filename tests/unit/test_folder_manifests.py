@@ -131,3 +131,51 @@ def test_a_templated_row_fails_alone_naming_the_column(tmp_path):
     assert [line for row in failed for line in row.lines()] == [
         "b, prompt, placeholder {object}: column 'object' is empty in this row",
         "c, prompt, placeholder {colour}: column 'colour' is not a column of the manifest"]
+
+
+SWEPT = """name: swept
+task: text2img
+model: stabilityai/stable-diffusion-xl-base-1.0
+ip_adapters:
+  - {model: h94/IP-Adapter, subfolder: sdxl_models, weight_name: ip-adapter_sdxl.bin, scale: 0.6}
+defaults: {num_inference_steps: 1, prompt: "a photo of {object}"}
+sweep: {seed: [1, 2, 3], ip_scale: [0.3, 0.6]}
+"""
+
+
+def _swept_specs(tmp_path):
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    (folder / "swept.yaml").write_text(SWEPT)
+    return str(folder)
+
+
+def test_a_sweep_expands_each_row_in_product_order_with_derived_ids(tmp_path):
+    from ipaflow.flows.open_run import open_run
+    from ipaflow.specs.options import RenderOptions
+
+    options = RenderOptions(specs=[_swept_specs(tmp_path)])
+    path = tmp_path / "m.parquet"
+    _parquet(path, [{"id": "cat", "spec": "swept", "ip_image": "in.png", "object": "cat", "seed": 9},
+                    {"id": "plain", "spec": "sdxl-text2img", "ip_image": "in.png", "object": "x", "seed": 9}])
+    run = open_run(str(path), options)
+    assert run.census.rows == 7
+    jobs = [as_job(job) for piece in resolve_stream(run.manifest, run.registry, run.census) for job in piece.jobs]
+    assert [j.id for j in jobs] == [f"cat.s{k}" for k in range(6)] + ["plain"]
+    assert [(j.seed, j.params["ip_adapter_scale"]) for j in jobs[:3]] == [(1, [0.3]), (1, [0.6]), (2, [0.3])]
+    assert jobs[0].params["prompt"] == "a photo of cat" and jobs[0].extra["prompt_template"] == "a photo of {object}"
+    assert jobs[6].seed == 9
+    assert validate_manifest(str(path), options, check_inputs=False) == ([], 7)
+
+    _parquet(path, [{"id": "cat", "spec": "swept", "ip_image": "in.png", "object": "cat"},
+                    {"id": "cat.s4", "spec": "sdxl-text2img", "ip_image": "in.png"}])
+    failed, rows = validate_manifest(str(path), options, check_inputs=False)
+    assert rows == 7 and [row.row for row in failed] == ["cat.s4", "cat.s4"]
+    assert failed[0].lines() == ["cat.s4, id, duplicate id (manifest rows 4, 6)"]
+
+
+def test_a_sweep_of_an_unknown_parameter_is_refused(tmp_path):
+    from ipaflow.specs.registry import SpecError, parse_spec
+
+    with pytest.raises(SpecError, match="'scheduler' is not a row parameter"):
+        parse_spec(SWEPT.replace("sweep: {seed", "sweep: {scheduler: [1], seed"), "swept.yaml")
