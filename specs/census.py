@@ -165,7 +165,7 @@ def _judge(manifest: Manifest, registry: SpecRegistry, candidates: set[int]) -> 
             jobs.append(resolve_row(picked[index], index, registry, bases[index]))
         except RowFailed:
             continue
-    for index, problems in colliding_outputs(jobs, registry).items():
+    for index, problems in colliding_outputs(jobs, registry, manifest.where if manifest.folder else None).items():
         offenders[index] = ManifestWideProblems(collisions=problems)
     return offenders
 

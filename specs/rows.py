@@ -12,7 +12,7 @@ import json
 import math
 import posixpath
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -398,10 +398,12 @@ def spec_name_of(row: dict, registry: SpecRegistry) -> str | None:
     return name if isinstance(name, str) and name in registry else None
 
 
-def colliding_outputs(jobs: list[Job], registry: SpecRegistry) -> dict[int, list[Problem]]:
+def colliding_outputs(jobs: list[Job], registry: SpecRegistry,
+                      where: Callable[[int], str | None] | None = None) -> dict[int, list[Problem]]:
     """Rows with distinct ids that would still write the same output: ``a`` with two images writes ``a-0``,
     which is also the output of a row ``a-0``. Both fail; otherwise one would silently overwrite the other.
-    Outputs are compared by stem (``specs.outputs.collision_key``), whatever their folder, format or layout."""
+    Outputs are compared by stem (``specs.outputs.collision_key``), whatever their folder, format or layout.
+    ``where`` names a row's place in a folder manifest (file and row) instead of its manifest index."""
     writers: dict[str, list[tuple[Job, str]]] = {}
     for job in jobs:
         spec = registry.get(job.spec)
@@ -412,9 +414,14 @@ def colliding_outputs(jobs: list[Job], registry: SpecRegistry) -> dict[int, list
         if len({job.index for job, _ in owners}) == 1:
             continue
         for job, shown in owners:
-            others = ", ".join(f"{other.index} ({other.id})" for other, _ in owners if other is not job)
-            bad.setdefault(job.index, []).append(Problem("id", f"its output {shown} is also written by manifest row "
-                                                               f"{others}; rename one"))
+            others = [other for other, _ in owners if other is not job]
+            places = [where(other.index) for other in others] if where else []
+            if places and None not in places:
+                written = ", ".join(f"{place} ({other.id})" for place, other in zip(places, others))
+            else:
+                written = "manifest row " + ", ".join(f"{other.index} ({other.id})" for other in others)
+            bad.setdefault(job.index, []).append(Problem("id", f"its output {shown} is also written by {written}; "
+                                                               "rename one"))
     return bad
 
 

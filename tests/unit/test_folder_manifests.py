@@ -179,3 +179,13 @@ def test_a_sweep_of_an_unknown_parameter_is_refused(tmp_path):
 
     with pytest.raises(SpecError, match="'scheduler' is not a row parameter"):
         parse_spec(SWEPT.replace("sweep: {seed", "sweep: {scheduler: [1], seed"), "swept.yaml")
+
+
+def test_colliding_outputs_across_files_name_file_and_row(tmp_path):
+    root = tmp_path / "m"
+    _parquet(root / "a.parquet", [{**ROW, "id": "x", "num_images": 2}])
+    _parquet(root / "b.parquet", [{**ROW, "id": "y"}, {**ROW, "id": "x-1", "num_images": 1}])
+    failed, _ = validate_manifest(str(root), check_inputs=False)
+    assert [line for row in failed for line in row.lines()] == [
+        "x, id, its output x-1 (png) is also written by b.parquet row 1 (x-1); rename one",
+        "x-1, id, its output x-1 (png) is also written by a.parquet row 0 (x); rename one"]
