@@ -95,3 +95,38 @@ def test_folder_on_s3_validates_and_renders(moto_s3, models_env, prefect_api, in
     assert "0 rendered, 3 already done, 0 failed" in capsys.readouterr().out
     assert main(["validate", f"s3://{bucket}/manifests/*/none-*.parquet"]) == 2
     assert "no file matches the pattern" in capsys.readouterr().err
+
+
+def test_a_manifest_read_from_a_frozen_store_fails_within_the_call_deadline(monkeypatch):
+    """moto frozen (SIGSTOP) mid-manifest: each request for the next manifest file is cut at
+    IPAFLOW_CALL_TIMEOUT and counts toward the store's outage, as ipaflow's own files do."""
+    import time
+
+    from s3 import MotoProcess
+
+    from ipaflow.core.deadlines import Timeouts
+    from ipaflow.core.outages import StorageUnreachable
+    from ipaflow.core.storage import Storage
+    from ipaflow.specs.manifest import ManifestError, open_manifest
+
+    server = MotoProcess()
+    try:
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.setenv(name, "testing")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+        server.client.create_bucket(Bucket="frozen")
+        for number in range(2):
+            buffer = io.BytesIO()
+            pd.DataFrame([{**ROW, "id": f"r{number}"}]).to_parquet(buffer, index=False)
+            server.client.put_object(Bucket="frozen", Key=f"m/part-{number}.parquet", Body=buffer.getvalue())
+        storage = Storage(retries=1, backoff_s=0.05, timeouts=Timeouts(call=1.0, outage=1.0))
+        batches = open_manifest("s3://frozen/m/", storage=storage).iter_batches()
+        assert next(batches).num_rows == 1
+        server.freeze()
+        started = time.monotonic()
+        with pytest.raises((ManifestError, StorageUnreachable), match="frozen"):  # cut, then the outage gives up
+            next(batches)
+        assert time.monotonic() - started < 10
+    finally:
+        server.close()
