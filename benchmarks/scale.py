@@ -15,6 +15,10 @@ Per size, a generated Parquet manifest (tiny-zoo spec ``sd15-full-face``, 64x64,
 - 1% of the rows touched, as a contiguous block of manifest rows and scattered (every 100th row): the journal and
   metadata bytes written by the fold, against the metadata's size.
 
+``--files N`` adds the many-files case per size: the same rows written as a folder of N Parquet files (Hive
+partitions of 100 files each, ``part=0003/part-00321.parquet``), and ``validate --no-inputs`` and the failing
+``render`` timed on the folder against the one file: wall time, peak RSS, and their ratios.
+
 ``--estimate-rows 3000`` also checks ``render --dry-run`` against the real render of that many rows (rendered for
 real on the tiny zoo): the estimated total against the flow's own seconds (both leave out process start-up).
 
@@ -92,6 +96,50 @@ def write_manifest(path: Path, rows: int, image: Path, spec: str = "sd15-full-fa
             writer = pq.ParquetWriter(path, table.schema)
         writer.write_table(table)
     writer.close()
+
+
+def write_folder(folder: Path, rows: int, files: int, image: Path) -> None:
+    """The rows of ``write_manifest`` as ``files`` Parquet files under Hive folders of 100 files each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    per = -(-rows // files)
+    for number, start in enumerate(range(0, rows, per)):
+        n = min(per, rows - start)
+        part = folder / f"part={number // 100:04d}"
+        part.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({
+            "id": [f"row-{i:08d}" for i in range(start, start + n)], "spec": ["sd15-full-face"] * n,
+            "prompt": [f"a picture number {i}" for i in range(start, start + n)], "ip_image": [str(image)] * n,
+            "num_inference_steps": pa.array([1] * n, pa.int64()), "width": pa.array([64] * n, pa.int64()),
+            "height": pa.array([64] * n, pa.int64())}), part / f"part-{number:05d}.parquet")
+
+
+def many_files(work: Path, size: int, files: int, manifest: Path, image: Path, empty: Path, env: dict,
+               cli: list[str], me: list[str], rounds: int) -> dict:
+    """validate and the failing render of one file against a folder of ``files`` files holding the same rows."""
+    folder = work / f"m-{size}-{files}-files"
+    if not folder.exists():
+        write_folder(folder, size, files, image)
+    row: dict = {"rows": size, "files": files}
+    for name, target in (("file", manifest), ("folder", folder)):
+        runs = [run(cli + ["validate", str(target), "--no-inputs"], env) for _ in range(rounds)]
+        row[f"validate_{name}_s"] = round(statistics.median(r[0] for r in runs), 2)
+        row[f"validate_{name}_rss_mb"] = round(statistics.median(r[1] for r in runs), 1)
+        runs = []
+        for number in range(rounds):
+            out = work / f"broken-{name}-{number}"
+            wall, rss, text = run(me + ["render", str(target), str(out), str(empty), ""], env)
+            summary = json.loads(text.strip().splitlines()[-1])
+            assert summary["failed"] == size, summary
+            runs.append((wall, rss))
+            subprocess.run(["rm", "-rf", str(out)])
+        row[f"render_{name}_s"] = round(statistics.median(r[0] for r in runs), 2)
+        row[f"render_{name}_rss_mb"] = round(statistics.median(r[1] for r in runs), 1)
+    for what in ("validate", "render"):
+        row[f"{what}_time_ratio"] = round(row[f"{what}_folder_s"] / row[f"{what}_file_s"], 3)
+        row[f"{what}_rss_ratio"] = round(row[f"{what}_folder_rss_mb"] / row[f"{what}_file_rss_mb"], 3)
+    return row
 
 
 def child_render(manifest: str, out: str, models: str, layout: str | None) -> None:
@@ -213,6 +261,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["validate", "broken", "done", "touch"])
+    parser.add_argument("--files", type=int, default=0, help="also the rows as a folder of this many files")
     parser.add_argument("--estimate-rows", type=int, default=0, help="also compare --dry-run with a real render")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -243,6 +292,9 @@ def main() -> None:
         if not manifest.exists():
             write_manifest(manifest, size, image)
         row: dict = {"rows": size}
+        if args.files:
+            results.append(many_files(work, size, args.files, manifest, image, empty, env, cli, me, args.rounds))
+            print(json.dumps(results[-1]), flush=True)
         if "validate" not in args.skip:
             runs = [run(cli + ["validate", str(manifest), "--no-inputs"], env) for _ in range(args.rounds)]
             row["validate_s"] = statistics.median(r[0] for r in runs)
@@ -253,8 +305,8 @@ def main() -> None:
                 out = work / f"broken-{size}-{number}"
                 wall, rss, text = run(me + ["render", str(manifest), str(out), str(empty), ""], env)
                 summary = json.loads(text.strip().splitlines()[-1])
-                assert summary.failed == size, summary
-                runs.append((wall, rss, summary.first_shard_s, summary.seconds))
+                assert summary["failed"] == size, summary
+                runs.append((wall, rss, summary["first_shard_s"], summary["seconds"]))
                 subprocess.run(["rm", "-rf", str(out)])
             row["broken_wall_s"] = statistics.median(r[0] for r in runs)
             row["broken_flow_s"] = statistics.median(r[3] for r in runs)
@@ -270,8 +322,8 @@ def main() -> None:
                 for _ in range(args.rounds):
                     wall, rss, text = run(me + ["render", str(manifest), str(out), str(zoo), ""], env)
                     summary = json.loads(text.strip().splitlines()[-1])
-                    assert summary.skipped == size and summary.rendered == 0, summary
-                    runs.append((wall, rss, summary.seconds))
+                    assert summary["skipped"] == size and summary["rendered"] == 0, summary
+                    runs.append((wall, rss, summary["seconds"]))
                 row["all_done_wall_s"] = statistics.median(r[0] for r in runs)
                 row["all_done_flow_s"] = statistics.median(r[2] for r in runs)
                 row["all_done_rss_mb"] = statistics.median(r[1] for r in runs)

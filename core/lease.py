@@ -88,6 +88,7 @@ class Holder:
     started: float  # time.time()
     heartbeat: float
     ttl: float
+    flow_run: str = ""  # the holder's Prefect flow run id: a run that takes over a dead lease marks it Crashed
 
     def expired(self, now: float) -> bool:
         return now > self.heartbeat + self.ttl
@@ -104,11 +105,13 @@ class Holder:
 
 
 class OutputLease:
-    def __init__(self, storage: Storage, out: str, run: str = "", ttl: float | None = None):
+    def __init__(self, storage: Storage, out: str, run: str = "", ttl: float | None = None, flow_run: str = ""):
         self.storage = storage
         self.out = out
         self.uri = join(out, LEASE_FILE)
         self.run = run
+        self.flow_run = flow_run
+        self.taken_over: Holder | None = None  # the dead run whose lease this one took over, if any
         self.ttl = ttl if ttl is not None else _ttl_from_environment()
         self.token = uuid.uuid4().hex
         self._started = time.time()
@@ -125,7 +128,8 @@ class OutputLease:
             if len(data) > MAX_LEASE_BYTES:
                 raise InputRefused(f"larger than {MAX_LEASE_BYTES} bytes")
             data = json.loads(bytes(data))
-            return Holder(**{name: data[name] for name in Holder.__dataclass_fields__})
+            return Holder(**{name: data[name] for name in Holder.__dataclass_fields__ if name != "flow_run"},
+                          flow_run=str(data.get("flow_run", "")))
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError, InputRefused) as exc:
@@ -135,7 +139,7 @@ class OutputLease:
     def _content(self) -> bytes:
         now = time.time()
         holder = Holder(token=self.token, machine=_machine(), pid=os.getpid(), run=self.run, started=self._started,
-                        heartbeat=now, ttl=self.ttl)
+                        heartbeat=now, ttl=self.ttl, flow_run=self.flow_run)
         return json.dumps(asdict(holder), sort_keys=True).encode()
 
     def _unusable(self, exc: BaseException) -> OutputUnusable:
@@ -164,6 +168,7 @@ class OutputLease:
                     self.storage.delete(self.uri)
                 if self.storage.create_exclusive(self.uri, self._content()):
                     if holder is None or self._still_ours():
+                        self.taken_over = holder
                         break
             else:
                 raise OutputInUse(f"--out {self.storage.redact(self.out)}: another run keeps taking its lease")

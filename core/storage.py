@@ -176,6 +176,19 @@ class Storage(InputReads):
     passes unknown kwargs on to every request.
 
     Filesystems come from ``_filesystem``: shared in the process, but never serving a stale listing.
+
+    Args:
+        options: fsspec keyword arguments, as above; may hold credentials, which ``redact`` removes from every
+            message, record and artifact.
+        retries: how many times a transient failure (throttling, a 503, a reset connection) is tried again.
+        backoff_s: the first pause between tries; it doubles each time, with jitter.
+        local_staging: where local writes are staged before their atomic rename (default: beside the target).
+        redactor: what ``redact`` removes; by default built from ``options`` and the environment.
+        timeouts: the connect, read, input, per-request and outage limits (default: ``$IPAFLOW_*_TIMEOUT``).
+
+    Every request for ipaflow's own files (``read_bytes``, ``write_atomic``, ``list_files``, ``delete``, ...) is
+    cut at the per-request deadline; a store that stops answering starts an outage (``core/outages.py``), and past
+    the outage limit the request raises ``StorageUnreachable``. Row inputs are read through ``InputReads``.
     """
 
     options: dict = field(default_factory=dict, repr=False)  # may hold credentials

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         "specs": cmd_specs,
         "serve": cmd_serve,
         "records": cmd_records,
+        "verify": cmd_verify,
     }[args.command]
     try:
         return handler(args)
@@ -157,6 +158,7 @@ class _Interrupt:
         self._begun = threading.Lock()
         self._said = threading.RLock()  # a second Ctrl-C may arrive while the first is being said
         self._saying = False
+        self._ending = threading.Lock()  # the run is closed once, by whichever thread ends the process first
 
     @property
     def code(self) -> int:
@@ -228,8 +230,13 @@ class _Interrupt:
                 print(self.message, file=sys.stderr, flush=True)
 
     def end(self) -> None:
-        """Leave now: the one line, the temporary server stopped, the terminal's cursor back, no thread joined."""
+        """Leave now: the one line, the run in flight marked Cancelled in Prefect with its task runs (at most a
+        few seconds), the temporary server stopped, the terminal's cursor back, no thread joined."""
         self.say()
+        monitoring = sys.modules.get("ipaflow.flows.monitoring")  # not imported: no run began
+        with self._ending:  # a second caller waits here, then ends the process itself
+            if monitoring is not None:
+                monitoring.close_interrupted(self.ENDINGS[self.signum][0])
         TemporaryAPIServer.stop_all()
         if sys.stderr.isatty():
             sys.stderr.write("\x1b[?25h")  # a progress bar interrupted mid-draw hides the cursor
@@ -322,7 +329,7 @@ def _render(manifest: str, out: str, options: RenderOptions, api_server=None) ->
         if not (options.dask_address or options.workers):
             _start_loading_first_pipeline(manifest, options)
 
-        from ipaflow.flows.render import render_manifest
+        from ipaflow.flows.render import absolute_uri, render_manifest
         from ipaflow.flows.summary import summary_of
 
         if api_server is not None:
@@ -334,7 +341,9 @@ def _render(manifest: str, out: str, options: RenderOptions, api_server=None) ->
         # full passes (0.3-0.5 s each, several per run on a CPU box).
         gc.freeze()
         try:
-            state = render_manifest(manifest=manifest, out=out, options=options, return_state=True)
+            # recorded absolute in the run's parameters: days later, which file ran is plain
+            state = render_manifest(manifest=absolute_uri(manifest), out=absolute_uri(out), options=options,
+                                    return_state=True)
         finally:
             gc.unfreeze()
     return summary_of(state)
@@ -446,6 +455,16 @@ def cmd_records(args) -> int:
     count = export_records(args.out, args.output, storage)
     print(f"{count} records" + (f" written to {storage.redact(args.output)}" if args.output else ""), file=sys.stderr)
     return 0
+
+
+def cmd_verify(args) -> int:
+    """``ipaflow verify OUT [--deep] [--repair]``: see ipaflow.flows.verify; 0 when consistent, else 1."""
+    from ipaflow.core.storage import Storage
+    from ipaflow.flows.verify import verify_folder
+
+    problems = verify_folder(args.out, Storage(options=args.options.storage_options_dict()), args.deep, args.repair)
+    print(f"{problems} problem(s)" if problems else "consistent", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def cmd_serve(args) -> int:

@@ -104,6 +104,14 @@ def command_parser() -> argparse.ArgumentParser:
     records.set_defaults(command_parser=records)
     add_render_options(records, only=("storage_options",))
 
+    verify = commands.add_parser("verify", help="check that an output folder's records and outputs agree")
+    verify.add_argument("out", help="the output folder or URI (what --out was)")
+    verify.add_argument("--deep", action="store_true", help="also decode every output and compare its key")
+    verify.add_argument("--repair", action="store_true", help="set aside unreadable metadata, rebuild its records, "
+                                                              "remove orphans, mark records missing outputs failed")
+    verify.set_defaults(command_parser=verify)
+    add_render_options(verify, only=("storage_options",))
+
     zoo = commands.add_parser("zoo", help="the tiny model zoo").add_subparsers(dest="zoo_command", required=True,
                                                                               metavar="COMMAND")
     build = zoo.add_parser("build", help="write the tiny zoo in hub layout")

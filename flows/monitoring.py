@@ -21,10 +21,12 @@ markdown artifacts as markdown with HTML, and manifests are untrusted.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
@@ -40,6 +42,7 @@ LIVE_UPDATES_ENV = "IPAFLOW_LIVE_UPDATES"  # seconds between live writes to the 
 DEFAULT_LIVE_INTERVAL = 5.0
 TICK_SECONDS = 1.0  # how often the flow's thread looks at the reports (the terminal bar moves this often)
 MAX_REASONS = 50  # rows of the failed-rows artifact; the rest are summed in one
+CLOSE_TIMEOUT_S = 3.0  # how long an interrupted command waits for its run to be marked Cancelled
 
 
 def live_interval() -> float:
@@ -112,13 +115,20 @@ class RunMonitor(RunCounter):
         self._failures_written = 0
         self._last_write = float("-inf")
         self._warned_api = False
+        self.flow_run_id = None
+        self._context: contextvars.Context | None = None  # the flow's (its API settings), for close_interrupted
 
     # -- what happens ---------------------------------------------------------------------------------------
 
     def start(self) -> None:
         """The progress artifact, at 0, so the run shows one from its first second."""
         from prefect.artifacts import create_progress_artifact
+        from prefect.runtime import flow_run
 
+        global _in_flight
+        self.flow_run_id = flow_run.id
+        self._context = contextvars.copy_context()
+        _in_flight = self
         snapshot = self.snapshot()
         self._progress_id = create_progress_artifact(progress=0.0, key=artifact_key(f"{self.name}-progress"),
                                                      description=markdown_text(status_line(snapshot)))
@@ -224,6 +234,8 @@ class RunMonitor(RunCounter):
         from prefect.client.orchestration import get_client
         from prefect.states import Completed, Failed
 
+        global _in_flight
+        _in_flight = None  # ended in a state of its own
         self.set_phase("finished")
         snapshot = self.snapshot()  # self.times holds every stage now
         self._write(snapshot)
@@ -245,7 +257,131 @@ class RunMonitor(RunCounter):
         create_markdown_artifact(markdown=summary_markdown(summary, self.per_spec, previews, state.name, self.redact),
                                  key=artifact_key(f"{self.name}-summary"), description="ipaflow run summary")
         state.data = TooManyFailures(state.message, summary) if stopped else summary
+        emit_run_events(summary, state.name, self.flow_run_id)
         return state
+
+    def cancel(self, how: str) -> str:
+        """End this run's flow run and every task run of it still open as Cancelled, saying how far it got; the
+        progress artifact's last word says the same. Runs in any thread (the command's exit path); returns the
+        message."""
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.actions import ArtifactUpdate
+        from prefect.states import Cancelled
+
+        snapshot = self.snapshot()
+        counts = (f"{snapshot.ok} ok, {snapshot.failed} failed, {snapshot.skipped} skipped" if snapshot.total
+                  is not None else "before any row was planned")
+        where = f" after {snapshot.done}/{snapshot.total} rows" if snapshot.total is not None else ""
+        message = f"{how}{where}: {counts}; re-run the same command to resume"
+        # a client of its own (other httpx settings than the flow's, which may be closed by now)
+        with get_client(sync_client=True, httpx_settings={"timeout": CLOSE_TIMEOUT_S}) as client:
+            state = client.read_flow_run(self.flow_run_id).state if self.flow_run_id is not None else None
+            if state is not None and state.is_final() and not state.is_crashed():
+                return message  # it ended on its own (Completed, Failed) before the signal
+            if self._progress_id is not None:
+                client.update_artifact(self._progress_id, ArtifactUpdate(
+                    data=snapshot.percent, description=markdown_text(message)))
+            if self.flow_run_id is not None:
+                close_flow_run(client, self.flow_run_id, lambda: Cancelled(message=message))
+        return message
+
+
+# -- events an automation can trigger on --------------------------------------------------------------------
+
+FINISHED_EVENT = "ipaflow.run.finished"
+FAILED_ROWS_EVENT = "ipaflow.run.failed-rows"
+
+
+def run_event_resources(flow_run_id, out: str) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """An event's resource (the flow run) and related resources (its deployment, if any, and the ``--out``,
+    already redacted)."""
+    from prefect.runtime import deployment, flow_run
+
+    resource = {"prefect.resource.id": f"prefect.flow-run.{flow_run_id}",
+                "prefect.resource.name": flow_run.name or ""}
+    related = [{"prefect.resource.id": f"ipaflow.out.{out}", "prefect.resource.role": "out",
+                "prefect.resource.name": out}]
+    if deployment.id:
+        related.insert(0, {"prefect.resource.id": f"prefect.deployment.{deployment.id}",
+                           "prefect.resource.role": "deployment", "prefect.resource.name": deployment.name or ""})
+    return resource, related
+
+
+def emit_run_events(summary: RunSummary, state_name: str, flow_run_id) -> None:
+    """At a run's end: ``ipaflow.run.finished`` with its counts, and ``ipaflow.run.failed-rows`` when any row
+    failed (a "Completed with failures" run is Completed: an automation on Failed never sees it)."""
+    from prefect.events import emit_event
+
+    if flow_run_id is None:
+        return
+    resource, related = run_event_resources(flow_run_id, summary.out)
+    payload = {"state": state_name, "rows": summary.rows, "rendered": summary.rendered, "skipped": summary.skipped,
+               "updated": summary.updated, "failed": summary.failed, "manifest": summary.manifest,
+               "out": summary.out, "gallery": summary.gallery}
+    emit_event(FINISHED_EVENT, resource=resource, related=related, payload=payload)
+    if summary.failed:
+        emit_event(FAILED_ROWS_EVENT, resource=resource, related=related, payload=payload)
+
+
+def close_flow_run(client, flow_run_id, state_of) -> None:
+    """End a flow run and every task run of it not yet in a final state in ``state_of()`` (forced): nothing of
+    it is left Running in the UI."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    for task_run in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))):
+        if task_run.state is None or not task_run.state.is_final():
+            client.set_task_run_state(task_run.id, state_of(), force=True)
+    client.set_flow_run_state(flow_run_id, state_of(), force=True)
+
+
+def last_progress(client, flow_run_id) -> tuple[Any, str]:
+    """A flow run's progress artifact (None if it has none) and its last description (its status line)."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
+
+    found = client.read_artifacts(artifact_filter=ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), type=ArtifactFilterType(any_=["progress"])))
+    return (found[-1], found[-1].description or "") if found else (None, "")
+
+
+def mark_crashed(flow_run_id: str, message: str) -> None:
+    """A run that died without a word (kill -9, a lost machine), found by the run that took over its ``--out``
+    lease: it and its task runs, if still open in Prefect, are marked Crashed with ``message``. Never raises."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    log = _run_logger()
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final():
+                return
+            close_flow_run(client, run.id, lambda: Crashed(message=message))
+        log.warning("marked flow run %s (%s) Crashed: %s", run.name, flow_run_id, message)
+    except Exception as exc:  # noqa: BLE001 - that run may be on another Prefect server, or gone
+        log.warning("could not mark the earlier run %s Crashed: %s", flow_run_id, f"{type(exc).__name__}: {exc}")
+
+
+_in_flight: RunMonitor | None = None  # the run this process renders, until it ends in a state of its own
+
+
+def close_interrupted(how: str, timeout: float = CLOSE_TIMEOUT_S) -> None:
+    """The command is ending on a signal (``how``: "interrupted", "terminated"): the run in flight, if any, is
+    marked Cancelled with its task runs (``RunMonitor.cancel``), waiting at most ``timeout`` seconds for the
+    API; nothing is left Running. A failure to reach the API is logged, never raised."""
+    monitor = _in_flight
+    if monitor is None or monitor._context is None:
+        return
+
+    def close() -> None:
+        try:
+            monitor._context.copy().run(monitor.cancel, how)
+        except Exception as exc:  # noqa: BLE001 - the command ends anyway
+            logging.getLogger("ipaflow.flow").warning("could not mark the run cancelled in Prefect: %s",
+                                                      monitor.redact(f"{type(exc).__name__}: {exc}"))
+
+    closing = threading.Thread(target=close, name="ipaflow-close-run", daemon=True)
+    closing.start()
+    closing.join(timeout)
 
 
 def shown_in_ui(uri: str) -> bool:

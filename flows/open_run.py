@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +35,7 @@ from ipaflow.specs.registry import SpecRegistry
 from ipaflow.specs.rows import Job
 from ipaflow.specs.spec import Spec
 from ipaflow.specs.stream import resolve_stream
+from ipaflow.specs.sweeps import expander
 from ipaflow.tasks.call_defaults import denoising_failures
 from ipaflow.tasks.keys import IdentityCache, identify_inputs, row_key
 from ipaflow.tasks.metadata import MetadataStore
@@ -97,6 +98,8 @@ def open_run(manifest: str, options: RenderOptions, storage: Storage | None = No
     storage = storage or Storage(options=options.storage_options_dict())
     registry = SpecRegistry(options.specs, storage=storage)
     opened = open_manifest(manifest, storage=storage)
+    if (expand := expander(registry)) is not None:  # swept specs: rows stream as their combinations
+        opened = replace(opened, expand=expand, num_rows=None)
     return OpenedRun(options=options, storage=storage, registry=registry, manifest=opened,
                      passthrough=passthrough_names(opened.columns))
 

@@ -38,7 +38,8 @@ class Snapshot:
 
     @property
     def percent(self) -> float:
-        return 100.0 * self.done / self.total if self.total else 0.0
+        """Rows done, in percent to one decimal (the UI shows the number as it is given)."""
+        return round(100.0 * self.done / self.total, 1) if self.total else 0.0
 
 
 def format_duration(seconds: float | None) -> str:

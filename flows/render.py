@@ -33,13 +33,14 @@ from ipaflow.core.lease import OutputLease
 from ipaflow.core.outages import StorageUnreachable
 from ipaflow.core.problems import Problem
 from ipaflow.core.storage import Storage, is_local, is_out_unwritable
-from ipaflow.flows.monitoring import TICK_SECONDS, RunMonitor
+from ipaflow.flows.monitoring import TICK_SECONDS, RunMonitor, mark_crashed
 from ipaflow.flows.open_run import OpenedRun, OutputRecords, open_run, scan_records
 from ipaflow.flows.plan import RowPlanner
 from ipaflow.flows.previews import preview_uris, read_thumbnails, write_contact_sheet
 from ipaflow.flows.run_counter import FINISHING
 from ipaflow.flows.runners import gpu_routing, make_task_runner
 from ipaflow.specs.options import RenderOptions
+from ipaflow.tasks.card import write_card
 from ipaflow.tasks.containers import containers_of, drop_members, drop_orphans
 from ipaflow.tasks.gallery import GallerySample, write_gallery
 from ipaflow.tasks.metadata import MetadataStore
@@ -78,18 +79,20 @@ def _run_time() -> datetime:
 
 
 def _run_name() -> str:
-    """``<deployment>-<date>`` for a deployment's runs, else ``<manifest>-<time>``."""
+    """``<deployment>-<scheduled time>`` (to the minute: one name per scheduled run) for a deployment's runs,
+    else ``<manifest>-<time>``."""
     from prefect.runtime import deployment, flow_run
 
     if deployment.name:
-        return f"{deployment.name}-{_run_time():%Y-%m-%d}"
+        return f"{deployment.name}-{_run_time():%Y-%m-%d-%H%M}"
     return f"{manifest_name(flow_run.parameters.get('manifest', 'manifest'))}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
 
 def _holding_output_lease(body):
     """The flow body runs holding the lease on its ``--out`` (ipaflow.core.lease), taken before anything is
     written there: a second run into the same folder is refused (OutputInUse), an unusable folder said in one
-    line (OutputUnusable). The body gets ``out`` already resolved."""
+    line (OutputUnusable). A dead run's lease taken over: that run, still Running in Prefect, is marked Crashed
+    (``monitoring.mark_crashed``). The body gets ``out`` already resolved."""
 
     @functools.wraps(body)
     def run(manifest: str, out: str, options: RenderOptions = RenderOptions()) -> State:
@@ -99,7 +102,11 @@ def _holding_output_lease(body):
         options = options.resolved()  # the environment's models folder and storage options, for every worker
         storage = Storage(options=options.storage_options_dict())
         try:
-            with thread_logs.for_run(flow_run.id), OutputLease(storage, out, run=flow_run.name or ""):
+            with thread_logs.for_run(flow_run.id), OutputLease(storage, out, run=flow_run.name or "",
+                                                               flow_run=flow_run.id or "") as lease:
+                if lease.taken_over is not None and lease.taken_over.flow_run:
+                    mark_crashed(lease.taken_over.flow_run, f"{lease.taken_over.run or 'the run'} died without "
+                                 f"a word; run {flow_run.name} took over its --out")
                 return body(manifest, out, options)
         except StorageUnreachable as exc:  # said of --out (the flow run's state and the command's one line)
             raise exc.at(storage.redact(out)) from exc
@@ -161,7 +168,8 @@ def render_manifest(
     monitor.set_phase(FINISHING)
     folded = metadata.fold(run_id, planner.records.index, drop_outputs=lambda uris: drop_members(storage, uris))
     gallery, contact_sheet, previews = _gallery(storage, out, metadata, logger)
-    summary = monitor.summary(run_id=run_id, manifest=storage.redact(manifest), out=storage.redact(out),
+    write_card(storage, out, metadata)
+    summary = monitor.summary(run_id=run_id, manifest=storage.redact(absolute_uri(manifest)), out=storage.redact(out),
                               gallery=storage.redact(gallery),
                               contact_sheet=contact_sheet and storage.redact(contact_sheet),
                               metadata_bytes_written=folded.bytes_written, first_shard_s=planner.first_shard_s)

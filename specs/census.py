@@ -135,6 +135,7 @@ def _judge(manifest: Manifest, registry: SpecRegistry, candidates: set[int]) -> 
     """The exact rules of ``specs.rows.resolve_rows`` over the candidate rows (every row that can share an id
     or a stem with another is among them)."""
     picked: dict[int, dict] = {}
+    bases: dict[int, str] = {}
     ordered = sorted(candidates)
     for batch in manifest.iter_batches():
         if batch.start > ordered[-1]:
@@ -142,6 +143,7 @@ def _judge(manifest: Manifest, registry: SpecRegistry, candidates: set[int]) -> 
         low, high = bisect_left(ordered, batch.start), bisect_left(ordered, batch.start + batch.num_rows)
         for index in ordered[low:high]:
             picked[index] = batch.row(index - batch.start)
+            bases[index] = batch.base
     groups: dict[str, list[int]] = {}
     labels: dict[int, str] = {}
     for index in sorted(picked):
@@ -153,15 +155,22 @@ def _judge(manifest: Manifest, registry: SpecRegistry, candidates: set[int]) -> 
     for where in groups.values():
         if len(where) > 1:
             for index in where:
-                offenders[index] = ManifestWideProblems(duplicate=duplicate_problem(where, [labels[i] for i in where]))
+                offenders[index] = ManifestWideProblems(duplicate=duplicate_problem(where, [labels[i] for i in where],
+                                                                                     _positions(manifest, where)))
     jobs = []
     for index in sorted(picked):
         if index in offenders:
             continue
         try:
-            jobs.append(resolve_row(picked[index], index, registry, manifest.base))
+            jobs.append(resolve_row(picked[index], index, registry, bases[index]))
         except RowFailed:
             continue
-    for index, problems in colliding_outputs(jobs, registry).items():
+    for index, problems in colliding_outputs(jobs, registry, manifest.where if manifest.folder else None).items():
         offenders[index] = ManifestWideProblems(collisions=problems)
     return offenders
+
+
+def _positions(manifest: Manifest, indexes: list[int]) -> list[str] | None:
+    """Where rows of a folder manifest lie (file and row), for the messages; None for a one-file manifest."""
+    where = [manifest.where(index) for index in indexes]
+    return None if None in where else where

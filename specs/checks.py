@@ -35,6 +35,7 @@ from ipaflow.specs.rows import (
     storable,
 )
 from ipaflow.specs.spec import Params, Spec
+from ipaflow.specs.templates import is_template
 
 TEXT_PARAMS = ("prompt", "negative_prompt")
 PARAM_COLUMNS = TEXT_PARAMS + tuple(c for c in INT_COLUMNS if c != "seed") + FLOAT_COLUMNS
@@ -122,7 +123,8 @@ def _text_ok(column) -> np.ndarray:
     if not _is_text(column):
         return np.zeros(len(column), dtype=bool)
     lengths = pc.fill_null(pc.utf8_length(column), 0).to_numpy(zero_copy_only=False)
-    return lengths <= MAX_PROMPT_CHARS
+    braces = pc.fill_null(pc.match_substring_regex(column, r"[{}]"), False).to_numpy(zero_copy_only=False)
+    return (lengths <= MAX_PROMPT_CHARS) & ~braces  # a template is filled by the exact checks (specs.templates)
 
 
 def _uris_ok(column, allow_list: bool) -> np.ndarray:
@@ -188,6 +190,8 @@ def spec_numbers(column: pa.Array | list | None, registry: SpecRegistry, n: int)
 def _spec_ok(batch: RowBatch, spec: Spec) -> np.ndarray:
     n = batch.num_rows
     profile = spec.profile
+    if any(is_template(spec.default_params().get(column)) for column in TEXT_PARAMS):
+        return np.zeros(n, dtype=bool)  # templated defaults: every row is filled by the exact checks
     ok = np.ones(n, dtype=bool)
     for column in PARAM_COLUMNS:
         values = batch.columns.get(column)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import csv
 import json
 import posixpath
-from collections.abc import Iterator
+from bisect import bisect_right
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +23,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from ipaflow.core.errors import UserError
 from ipaflow.core.storage import Storage
+from ipaflow.specs.manifest_files import FORMATS, ManifestError, ManifestFile, check_unchanged, list_files, open_file
+
+__all__ = ["FORMATS", "ManifestError", "ManifestFile", "Manifest", "RowBatch", "column_of", "open_manifest"]
 
 # Columns with a meaning (README, "Manifest reference"); every other column passes through to the metadata.
 STRING_COLUMNS = ("id", "spec", "prompt", "negative_prompt", "image", "mask", "control_image", "style_folder")
@@ -33,15 +36,9 @@ FLOAT_COLUMNS = ("guidance_scale", "strength", "controlnet_conditioning_scale")
 INPUT_COLUMNS = ("image", "mask", "control_image", "ip_image", "style_folder", "ip_mask")
 KNOWN_COLUMNS = frozenset(STRING_COLUMNS + LIST_COLUMNS + INT_COLUMNS + FLOAT_COLUMNS)
 REQUIRED_COLUMNS = ("id", "spec")
-FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 # Empty CSV cells and the usual spellings of "missing"; not "nan", which a user typed as a number.
 CSV_NULLS = ["", "NA", "N/A", "n/a", "NULL", "null"]
 BATCH_ROWS = 32_768  # rows per batch: large enough for the vectorised checks, small enough to stream
-
-
-class ManifestError(UserError, ValueError):
-    """The manifest as a whole cannot be read (missing file, unknown format, missing or repeated column).
-    Nothing ran: exit 2."""
 
 
 class Undecodable:
@@ -84,6 +81,7 @@ class RowBatch:
     start: int
     num_rows: int
     columns: dict[str, pa.Array | list]
+    base: str = ""  # the folder relative input paths of these rows resolve against (their file's)
     _rows: list[dict] | None = None
 
     def rows(self) -> list[dict[str, Any]]:
@@ -109,7 +107,7 @@ class RowBatch:
         length = max(0, min(length, self.num_rows - offset))
         columns = {name: (c[offset:offset + length] if isinstance(c, list) else c.slice(offset, length))
                    for name, c in self.columns.items()}
-        return RowBatch(start=self.start + offset, num_rows=length, columns=columns)
+        return RowBatch(start=self.start + offset, num_rows=length, columns=columns, base=self.base)
 
     def row(self, offset: int) -> dict[str, Any]:
         if self._rows is not None:
@@ -119,34 +117,80 @@ class RowBatch:
 
 @dataclass(frozen=True)
 class Manifest:
+    """A manifest: one file, or a folder, prefix or glob of files read as one stream in path order
+    (``specs.manifest_files``). ``columns`` is the union of the files' columns and their Hive columns; a column
+    absent from a file is null there; a column some Parquet files hold as integers and others as floats is read
+    as float everywhere (``floats``)."""
+
     uri: str
     format: str
     columns: tuple[str, ...]
     num_rows: int | None  # None until counted (CSV, JSON Lines: known after a pass)
     storage: Storage = field(default_factory=Storage, repr=False, compare=False)
     batch_rows: int = BATCH_ROWS
+    files: tuple[ManifestFile, ...] = ()
+    folder: bool = False  # a folder or glob: rows are named by file and row
+    floats: frozenset[str] = frozenset()  # Parquet columns some files hold as int, others as float: read as float
+    _starts: list = field(default_factory=list, repr=False, compare=False)  # each file's first manifest index
+    # rows -> the rows they render (a spec's sweep: ``specs.sweeps``); None: each row as it is
+    expand: Callable[[RowBatch, tuple | None, int], Iterator[RowBatch]] | None = field(default=None, repr=False,
+                                                                                        compare=False)
 
     @property
     def base(self) -> str:
-        """The folder that relative input paths in the manifest are resolved against."""
+        """The folder that relative input paths of a one-file manifest are resolved against (a folder
+        manifest's rows resolve against their own file's folder: ``RowBatch.base``)."""
         return posixpath.dirname(self.uri.rstrip("/"))
 
+    def where(self, index: int) -> str | None:
+        """Where a row of a folder manifest lies (``date=2026-12-01/part-0.parquet row 3``, 0-based row of its
+        file), once a pass has reached it; None for a one-file manifest."""
+        if not self.folder or not self._starts or index < self._starts[0]:
+            return None
+        position = bisect_right(self._starts, index) - 1
+        if self.expand is not None:  # a swept row's id names its combination; its file names where it lies
+            return self.files[position].name
+        return f"{self.files[position].name} row {index - self._starts[position]}"
+
     def iter_batches(self, batch_rows: int | None = None, columns: tuple[str, ...] | None = None) -> Iterator[RowBatch]:
-        """The manifest as consecutive batches, read as they stream (never the whole file at once); ``columns``
-        limits what is read where the format allows (Parquet reads only those; absent ones are left out)."""
-        fs, path = self.storage.fs(self.uri)
+        """The manifest as consecutive batches, file by file, read as they stream (never a whole file at once);
+        ``columns`` limits what is read where the format allows (Parquet reads only those; absent ones are left
+        out). A batch never spans two files."""
         batch_rows = batch_rows or self.batch_rows
-        wanted = tuple(c for c in columns if c in self.columns) if columns is not None and self.format == "parquet" \
-            else columns
         start = 0
+        for number, file in enumerate(self.files):
+            if number == len(self._starts):
+                self._starts.append(start)
+            for count, cols in self._file_batches(file, batch_rows, columns):
+                batch = RowBatch(start=start, num_rows=count, columns=cols, base=file.base)
+                for part in (batch,) if self.expand is None else self.expand(batch, columns, batch_rows):
+                    part.start = start
+                    yield part
+                    start += part.num_rows
+
+    def _file_batches(self, file: ManifestFile, batch_rows: int, columns: tuple[str, ...] | None):
+        redact = self.storage.redact
+        partition = dict(file.partition)
         try:
-            for batch in _iter_batches(fs, path, self.format, batch_rows, wanted, self.uri, self.storage.redact):
-                yield RowBatch(start=start, num_rows=batch[0], columns=batch[1])
-                start += batch[0]
+            check_unchanged(file, self.storage)
+            with open_file(file, self.storage) as handle:
+                wanted = columns
+                if columns is not None and file.format == "parquet":
+                    present = set(pq.ParquetFile(handle).schema_arrow.names)
+                    wanted = tuple(c for c in columns if c in present)
+                for count, cols in _iter_batches(handle, file.format, batch_rows, wanted, file.uri, redact):
+                    for name, value in partition.items():
+                        if columns is None or name in columns:
+                            cols[name] = pa.array([value] * count, pa.string())
+                    for name in self.floats.intersection(cols):
+                        column = cols[name]
+                        if isinstance(column, pa.Array) and pa.types.is_integer(column.type):
+                            cols[name] = column.cast(pa.float64())
+                    yield count, cols
         except ManifestError:
             raise
         except (OSError, pa.ArrowException, ValueError) as exc:
-            raise _unreadable(self.uri, exc, self.storage.redact) from None
+            raise _unreadable(file.uri, exc, redact) from None
 
 
 def _plain(value: Any) -> Any:
@@ -162,14 +206,6 @@ def _plain(value: Any) -> Any:
 
 def _unreadable(uri: str, exc: BaseException, redact) -> ManifestError:
     return ManifestError(f"{redact(uri)}: cannot read manifest ({exc.__class__.__name__}: {redact(exc)})")
-
-
-def _format_of(uri: str, redact) -> str:
-    path = uri.split("?", 1)[0].lower()
-    for suffix, fmt in FORMATS.items():
-        if path.endswith(suffix):
-            return fmt
-    raise ManifestError(f"{redact(uri)}: unknown manifest format; use .parquet, .csv or .jsonl")
 
 
 HEADER_BYTES = 1 << 20  # a CSV header line longer than this is not a manifest's
@@ -211,22 +247,21 @@ def _typed(column: pa.Array, name: str) -> pa.Array | list:
     return column
 
 
-def _iter_jsonl(fs, path: str, uri: str, redact) -> Iterator[dict[str, Any]]:
+def _iter_jsonl(handle, uri: str, redact) -> Iterator[dict[str, Any]]:
     """One dict per non-blank line. A line that is not a JSON object makes the file unreadable as a whole:
     which row it was meant to be (and its id) cannot be known."""
-    with fs.open(path, "rb") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line, object_pairs_hook=_no_repeated_keys)  # bytes: a UTF-8 BOM is accepted
-            except _RepeatedKey as exc:
-                raise ManifestError(f"{redact(uri)}: line {number}: key {exc.args[0]!r} appears more than once") from None
-            except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-                raise ManifestError(f"{redact(uri)}: line {number} is not valid JSON ({exc.__class__.__name__})") from None
-            if not isinstance(row, dict):
-                raise ManifestError(f"{redact(uri)}: line {number} is not a JSON object")
-            yield row
+    for number, line in enumerate(handle, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line, object_pairs_hook=_no_repeated_keys)  # bytes: a UTF-8 BOM is accepted
+        except _RepeatedKey as exc:
+            raise ManifestError(f"{redact(uri)}: line {number}: key {exc.args[0]!r} appears more than once") from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise ManifestError(f"{redact(uri)}: line {number} is not valid JSON ({exc.__class__.__name__})") from None
+        if not isinstance(row, dict):
+            raise ManifestError(f"{redact(uri)}: line {number} is not a JSON object")
+        yield row
 
 
 class _RepeatedKey(ValueError):
@@ -249,13 +284,17 @@ def _jsonl_columns(rows: list[dict], wanted: tuple[str, ...] | None) -> dict[str
         names.update(dict.fromkeys(row))
     columns: dict[str, pa.Array | list] = {}
     for name in names if wanted is None else [n for n in wanted if n in names]:
-        values = [row.get(name) for row in rows]
-        try:
-            array = pa.array(values)
-            columns[name] = array if _same(array, values) else values
-        except (pa.ArrowException, OverflowError, ValueError, TypeError):
-            columns[name] = values
+        columns[name] = column_of([row.get(name) for row in rows])
     return columns
+
+
+def column_of(values: list) -> pa.Array | list:
+    """Cells as a batch column: an Arrow array where the values make one unchanged, else the plain list."""
+    try:
+        array = pa.array(values)
+    except (pa.ArrowException, OverflowError, ValueError, TypeError):
+        return values
+    return array if _same(array, values) else values
 
 
 def _same(array: pa.Array, values: list) -> bool:
@@ -269,25 +308,23 @@ def _same(array: pa.Array, values: list) -> bool:
     return True
 
 
-def _iter_batches(fs, path: str, fmt: str, batch_rows: int, columns: tuple[str, ...] | None, uri: str,
+def _iter_batches(handle, fmt: str, batch_rows: int, columns: tuple[str, ...] | None, uri: str,
                   redact) -> Iterator[tuple[int, dict[str, pa.Array | list]]]:
     if fmt == "parquet":
-        with fs.open(path, "rb") as handle:
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=columns and list(columns)):
-                yield batch.num_rows, dict(zip(batch.schema.names, batch.columns))
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=columns and list(columns)):
+            yield batch.num_rows, dict(zip(batch.schema.names, batch.columns))
     elif fmt == "csv":
-        with fs.open(path, "rb") as handle:
-            reader = _csv_reader(handle)
-            pending: list[pa.RecordBatch] = []
-            for batch in reader:
-                pending.append(batch)
-                if sum(b.num_rows for b in pending) >= batch_rows:
-                    yield from _csv_batches(pending, columns, batch_rows)
-                    pending = []
-            yield from _csv_batches(pending, columns, batch_rows)
+        reader = _csv_reader(handle)
+        pending: list[pa.RecordBatch] = []
+        for batch in reader:
+            pending.append(batch)
+            if sum(b.num_rows for b in pending) >= batch_rows:
+                yield from _csv_batches(pending, columns, batch_rows)
+                pending = []
+        yield from _csv_batches(pending, columns, batch_rows)
     else:
         rows: list[dict] = []
-        for row in _iter_jsonl(fs, path, uri, redact):
+        for row in _iter_jsonl(handle, uri, redact):
             rows.append(row)
             if len(rows) == batch_rows:
                 yield len(rows), _jsonl_columns(rows, columns)
@@ -307,47 +344,95 @@ def _csv_batches(pending: list[pa.RecordBatch], columns, batch_rows: int):
 
 
 def open_manifest(uri: str, storage: Storage | None = None) -> Manifest:
-    """Open a manifest and check what makes it usable as a whole, reading only its head (Parquet: the footer);
-    rows are checked one by one later, as they stream."""
+    """Open a manifest (a file, or a folder, prefix or glob of files) and check what makes it usable as a whole,
+    reading only each file's head (Parquet: the footer); rows are checked one by one later, as they stream."""
     storage = storage or Storage()
     redact = storage.redact
-    fmt = _format_of(uri, redact)
     try:
-        fs, path = storage.fs(uri)
-        if not fs.exists(path):
-            raise ManifestError(f"{redact(uri)}: manifest not found")
-        if fs.isdir(path):
-            raise ManifestError(f"{redact(uri)}: is a folder; give the manifest file")
-        storage.require_regular(uri)  # a FIFO or a device would block the read, or never end
-        num_rows = None
-        if fmt == "parquet":
-            with fs.open(path, "rb") as handle:
-                meta = pq.ParquetFile(handle).metadata
-                columns, num_rows = tuple(meta.schema.to_arrow_schema().names), meta.num_rows
-        elif fmt == "csv":
-            with fs.open(path, "rb") as handle:
-                columns = tuple(_csv_header(handle))
-        else:
-            columns = _jsonl_head(fs, path, uri, redact)
+        files, folder = list_files(uri, storage)
+        if not folder:
+            storage.require_regular(uri)  # a FIFO or a device would block the read, or never end
+        heads = [_head(file, storage) for file in files]
     except ManifestError:
         raise
     except (OSError, pa.ArrowException, ValueError) as exc:
         raise _unreadable(uri, exc, redact) from None
-    repeated = sorted({c for c in columns if columns.count(c) > 1})
-    if repeated:
-        raise ManifestError(f"{redact(uri)}: column(s) {', '.join(map(repr, repeated))} appear more than once; "
-                            "keep one of each")
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        raise ManifestError(f"{redact(uri)}: missing required column(s) {', '.join(missing)}")
-    return Manifest(uri=uri, format=fmt, columns=columns, num_rows=num_rows, storage=storage)
+    columns: dict[str, None] = {}
+    for file, (names, _, _) in zip(files, heads):
+        where = redact(file.uri) if not folder else f"{redact(uri)}: {redact(file.name)}"
+        repeated = sorted({c for c in names if names.count(c) > 1})
+        if repeated:
+            raise ManifestError(f"{where}: column(s) {', '.join(map(repr, repeated))} appear more than once; "
+                                "keep one of each")
+        missing = [c for c in REQUIRED_COLUMNS if c not in names]
+        if missing:
+            raise ManifestError(f"{where}: missing required column(s) {', '.join(missing)}")
+        clash = [key for key, _ in file.partition if key in names]
+        if clash:
+            raise ManifestError(f"{where}: column {clash[0]!r} is both a column of the file and a folder name "
+                                f"({clash[0]}=...); keep one")
+        columns.update(dict.fromkeys(names))
+        columns.update(dict.fromkeys(key for key, _ in file.partition))
+    floats = _unified_types(uri, files, [types for _, types, _ in heads], redact)
+    counts = [rows for _, _, rows in heads]
+    num_rows = sum(counts) if None not in counts else None
+    return Manifest(uri=uri, format=files[0].format if len({f.format for f in files}) == 1 else "mixed",
+                    columns=tuple(columns), num_rows=num_rows, storage=storage, files=tuple(files), folder=folder,
+                    floats=floats)
 
 
-def _jsonl_head(fs, path: str, uri: str, redact, lines: int = 1000) -> tuple[str, ...]:
+def _head(file: ManifestFile, storage: Storage) -> tuple[list[str], dict[str, pa.DataType], int | None]:
+    """A file's columns, their Arrow types (Parquet only) and its row count (Parquet only)."""
+    with open_file(file, storage) as handle:
+        if file.format == "parquet":
+            meta = pq.ParquetFile(handle).metadata
+            schema = meta.schema.to_arrow_schema()
+            return list(schema.names), dict(zip(schema.names, schema.types)), meta.num_rows
+        if file.format == "csv":
+            return _csv_header(handle), {}, None
+        return list(_jsonl_head(handle, file.uri, storage.redact)), {}, None
+
+
+def _kind(kind: pa.DataType) -> str | None:
+    """A type as the rules across files see it: int and float are numbers of two kinds, text and bytes one."""
+    if pa.types.is_null(kind):
+        return None
+    if pa.types.is_integer(kind):
+        return "int"
+    if pa.types.is_floating(kind):
+        return "float"
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind) \
+            or pa.types.is_large_binary(kind):
+        return "text"
+    return str(kind)
+
+
+def _unified_types(uri: str, files: list[ManifestFile], types: list[dict], redact) -> frozenset[str]:
+    """The columns to read as float (int in some files, float in others); any other disagreement between two
+    Parquet files is refused, naming both and the column."""
+    seen: dict[str, tuple[str, str]] = {}  # column -> (kind, the first file holding it so)
+    floats = set()
+    for file, kinds in zip(files, types):
+        for name, kind in kinds.items():
+            mine = _kind(kind)
+            if mine is None:
+                continue
+            first = seen.setdefault(name, (mine, file.name))
+            if first[0] == mine:
+                continue
+            if {first[0], mine} == {"int", "float"}:
+                floats.add(name)
+                continue
+            raise ManifestError(f"{redact(uri)}: column {name!r} is {first[0]} in {redact(first[1])} but {mine} in "
+                                f"{redact(file.name)}; make the files agree")
+    return frozenset(floats)
+
+
+def _jsonl_head(handle, uri: str, redact, lines: int = 1000) -> tuple[str, ...]:
     """The keys of the first rows of a JSON Lines file, in first-seen order (a later row may have keys of its
     own, and a row lacking ``id`` or ``spec`` fails alone)."""
     columns: dict[str, None] = {}
-    for number, row in enumerate(_iter_jsonl(fs, path, uri, redact)):
+    for number, row in enumerate(_iter_jsonl(handle, uri, redact)):
         columns.update(dict.fromkeys(row))
         if number + 1 >= lines:
             break

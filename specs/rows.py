@@ -12,7 +12,7 @@ import json
 import math
 import posixpath
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -22,6 +22,7 @@ from ipaflow.specs.manifest import FLOAT_COLUMNS, INPUT_COLUMNS, INT_COLUMNS, KN
 from ipaflow.specs.outputs import collision_key, extension, job_stems
 from ipaflow.specs.registry import SpecRegistry
 from ipaflow.specs.spec import Params, Spec
+from ipaflow.specs.templates import TEMPLATED, fill, is_template
 
 ROW_ID_PATTERN = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}"  # matched whole; specs.checks applies it to whole columns
 ROW_ID = re.compile(ROW_ID_PATTERN)
@@ -223,10 +224,28 @@ def _params(row: dict, spec: Spec) -> dict[str, Any]:
     if not problems and steps is not None and strength is not None:
         if problem := steps_problem(spec, steps, strength, given=row):
             problems.append(problem)
+    for column in TEMPLATED:
+        if is_template(merged.get(column)):
+            try:
+                merged[column] = _text(column, fill(column, merged[column], row))
+            except RowFailed as exc:
+                problems.extend(exc.problems)
     if problems:
         raise RowFailed(problems)
     merged.setdefault("prompt", "")
     return merged
+
+
+def templates_of(row: dict, spec: Spec) -> dict[str, str]:
+    """The prompt templates a row renders with (its own cell, else the spec's default), as the record keeps
+    them: ``prompt_template``, ``negative_prompt_template``."""
+    defaults = spec.default_params()
+    found = {}
+    for column in TEMPLATED:
+        text = row.get(column) if row.get(column) is not None else defaults.get(column)
+        if is_template(text):
+            found[f"{column}_template"] = text
+    return found
 
 
 def steps_problem(spec: Spec, steps: int, strength: float, given: dict) -> Problem | None:
@@ -319,7 +338,7 @@ def resolve_row(row: dict, index: int, registry: SpecRegistry, base: str = "") -
         seed=seed,
         params=params,
         inputs=inputs,
-        extra=passthrough_of(row),
+        extra={**passthrough_of(row), **templates_of(row, spec)},
     )
 
 
@@ -379,10 +398,12 @@ def spec_name_of(row: dict, registry: SpecRegistry) -> str | None:
     return name if isinstance(name, str) and name in registry else None
 
 
-def colliding_outputs(jobs: list[Job], registry: SpecRegistry) -> dict[int, list[Problem]]:
+def colliding_outputs(jobs: list[Job], registry: SpecRegistry,
+                      where: Callable[[int], str | None] | None = None) -> dict[int, list[Problem]]:
     """Rows with distinct ids that would still write the same output: ``a`` with two images writes ``a-0``,
     which is also the output of a row ``a-0``. Both fail; otherwise one would silently overwrite the other.
-    Outputs are compared by stem (``specs.outputs.collision_key``), whatever their folder, format or layout."""
+    Outputs are compared by stem (``specs.outputs.collision_key``), whatever their folder, format or layout.
+    ``where`` names a row's place in a folder manifest (file and row) instead of its manifest index."""
     writers: dict[str, list[tuple[Job, str]]] = {}
     for job in jobs:
         spec = registry.get(job.spec)
@@ -393,15 +414,21 @@ def colliding_outputs(jobs: list[Job], registry: SpecRegistry) -> dict[int, list
         if len({job.index for job, _ in owners}) == 1:
             continue
         for job, shown in owners:
-            others = ", ".join(f"{other.index} ({other.id})" for other, _ in owners if other is not job)
-            bad.setdefault(job.index, []).append(Problem("id", f"its output {shown} is also written by manifest row "
-                                                               f"{others}; rename one"))
+            others = [other for other, _ in owners if other is not job]
+            places = [where(other.index) for other in others] if where else []
+            if places and None not in places:
+                written = ", ".join(f"{place} ({other.id})" for place, other in zip(places, others))
+            else:
+                written = "manifest row " + ", ".join(f"{other.index} ({other.id})" for other in others)
+            bad.setdefault(job.index, []).append(Problem("id", f"its output {shown} is also written by {written}; "
+                                                               "rename one"))
     return bad
 
 
-def duplicate_problem(indexes: list[int], ids: list[str] | None = None) -> Problem:
-    """The problem of rows sharing an id (``ids``: theirs, when they may differ in case)."""
-    rows = f"(manifest rows {', '.join(str(i) for i in indexes)})"
+def duplicate_problem(indexes: list[int], ids: list[str] | None = None, where: list[str] | None = None) -> Problem:
+    """The problem of rows sharing an id (``ids``: theirs, when they may differ in case; ``where``: the rows'
+    places in a folder manifest, file and row, shown instead of their manifest indexes)."""
+    rows = f"({', '.join(where)})" if where else f"(manifest rows {', '.join(str(i) for i in indexes)})"
     spelled = list(dict.fromkeys(ids or []))
     if len(spelled) > 1:
         return Problem("id", f"duplicate id: {', '.join(map(repr, spelled))} differ only in case {rows}", shared=True)

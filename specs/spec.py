@@ -155,6 +155,14 @@ class OutputSpec(StrictModel):
     layout: Literal["files", "sharded", "webdataset", "parquet"] | None = None
 
 
+# The row parameters a sweep may vary (manifest columns of the same names), and how many combinations a row may
+# expand into.
+SWEEPABLE = ("seed", "ip_scale", "prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "strength",
+             "width", "height", "num_frames", "num_images", "controlnet_conditioning_scale")
+MAX_SWEEP = 1024
+SweepValue = Union[int, float, str, list[float]]
+
+
 class Spec(StrictModel):
     name: str
     description: str = Field(default="", max_length=2000)
@@ -172,7 +180,23 @@ class Spec(StrictModel):
     # The compiled mode of the denoiser (and the VAE decoder where it pays); `render --compile` overrides it.
     compile: Switch = "auto"
     defaults: Params = Params()
+    # Every manifest row of this spec renders each combination (``specs.sweeps``): parameter -> values.
+    sweep: dict[str, list[SweepValue]] = Field(default={}, max_length=len(SWEEPABLE))
     output: OutputSpec | None = None
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep(cls, sweep: dict[str, list]) -> dict[str, list]:
+        size = 1
+        for name, values in sweep.items():
+            if name not in SWEEPABLE:
+                raise ValueError(f"sweep: {name!r} is not a row parameter; sweep one of {', '.join(SWEEPABLE)}")
+            if not values:
+                raise ValueError(f"sweep: {name} needs at least one value")
+            size *= len(values)
+        if size > MAX_SWEEP:
+            raise ValueError(f"sweep: {size} combinations; at most {MAX_SWEEP} per row")
+        return sweep
 
     @field_validator("name")
     @classmethod

@@ -88,5 +88,5 @@ def resolve_stream(manifest: Manifest, registry: SpecRegistry, census: Census | 
             part = batch.slice(offset, piece) if batch.num_rows > piece else batch
             if limit is not None and part.start >= limit:
                 break
-            yield resolve_batch(part, registry, manifest.base, census.offenders, build, limit)
+            yield resolve_batch(part, registry, batch.base, census.offenders, build, limit)
 

@@ -51,6 +51,7 @@ import pyarrow.parquet as pq
 from ipaflow.core.hashing import hash_strings, members, repeated
 from ipaflow.core.storage import Storage, join
 from ipaflow.tasks.metadata_fold import Fold, FoldResult, latest_masks
+from ipaflow.tasks.metadata_rebuild import rebuild_records, set_aside
 from ipaflow.tasks.metadata_scans import RecordIndex
 from ipaflow.tasks.metadata_schema import (
     METADATA_DIR,
@@ -74,6 +75,7 @@ class MetadataStore:
     def __init__(self, storage: Storage, out: str):
         self.storage = storage
         self.out = out
+        self.unreadable: dict[str, str] = {}  # metadata file -> why it cannot be read (``metadata_rebuild``)
 
     # -- the journal --------------------------------------------------------------------------------------------
     def journal(self, run_id: str, name: str, records: list[dict]) -> None:
@@ -108,8 +110,11 @@ class MetadataStore:
             return None
         try:
             return from_parquet_bytes(data, columns)
-        except pa.ArrowException as exc:  # not ours, or damaged by hand: say so and go on without it
-            log.warning("skipping unreadable metadata file %s (%s)", self.storage.redact(uri), exc)
+        except pa.ArrowException as exc:  # torn or damaged: said once, set aside by the next run's ``repair``
+            if uri not in self.unreadable:
+                log.warning("skipping unreadable metadata file %s (%s): a render (or verify --repair) moves it under "
+                            "_ipaflow/unreadable/ and rebuilds its records from the outputs", self.storage.redact(uri), exc)
+            self.unreadable[uri] = str(exc)
             return None
 
     def journaled_ids(self, run_id: str, prefix: str = "", status: str | None = None) -> set[str]:
@@ -202,7 +207,11 @@ class MetadataStore:
 
     def repair(self, index: RecordIndex) -> int:
         """Ids held by more than one part (a fold killed between its writes): keep the latest record of each,
-        rewrite the other parts without it. Returns how many records were dropped."""
+        rewrite the other parts without it. Then the metadata files that cannot be read are set aside and their
+        records rebuilt from the outputs, as a journal the next fold takes in (``metadata_rebuild``). Returns
+        how many records were dropped."""
+        if set_aside(self):
+            rebuild_records(self)
         twice = repeated(index.hashes)
         if not len(twice):
             return 0

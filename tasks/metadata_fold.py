@@ -2,7 +2,8 @@
 ``tasks.metadata``):
 
 1. ``pick_winners``: the latest journal record of each id, and the updates that apply;
-2. ``drop_superseded_samples``: container samples of superseded records removed, before any part changes;
+2. ``drop_superseded_outputs``: outputs only superseded records name (files and container samples) removed,
+   before any part changes;
 3. ``settle_schema``: the one schema every part conforms to, written as ``00-schema.parquet`` when it changed;
 4. ``write_new_parts``: the winners, the updated records and the merged small parts, as new parts;
 5. ``rewrite_old_parts``: old parts without what the new ones supersede; merged small parts deleted;
@@ -34,6 +35,7 @@ from ipaflow.tasks.metadata_schema import (
     now,
     to_parquet_bytes,
 )
+from ipaflow.tasks.owners import inside
 
 if TYPE_CHECKING:
     from ipaflow.tasks.metadata import MetadataStore
@@ -45,7 +47,8 @@ UPDATE_CHUNK = 262_144  # updated records merged at a time by a fold (their pass
 
 class FoldResult(RowCounts):
     """What a fold did: this run's records written, by status (its counts: ``ok``, ``failed``, ``images``,
-    ``updated``), journal files folded, parts written, rewritten and deleted, bytes written."""
+    ``updated``), journal files folded, parts written, rewritten and deleted, bytes written, superseded outputs
+    removed."""
 
     files: int = 0
     records: int = 0
@@ -54,6 +57,7 @@ class FoldResult(RowCounts):
     parts_deleted: int = 0
     bytes_written: int = 0
     superseded: int = 0
+    outputs_removed: int = 0  # outputs only superseded records named
 
 
 def latest_masks(store: MetadataStore, keys: list[np.ndarray], sources: list[str]) -> list[np.ndarray]:
@@ -98,7 +102,7 @@ class Fold:
 
     def run(self) -> FoldResult:
         if (self.files or self.updates) and self.pick_winners():
-            self.drop_superseded_samples()
+            self.drop_superseded_outputs()
             self.settle_schema()
             self.write_new_parts()
             self.rewrite_old_parts()
@@ -136,19 +140,30 @@ class Fold:
         self.touched = sorted(index.parts_holding(self.winners))
         return True
 
-    def drop_superseded_samples(self) -> None:
-        """Step 2: the container samples superseded records name (not those of updated records: their outputs
-        stand), handed to ``drop_outputs`` before any part changes."""
-        if self.drop_outputs is None or not self.touched or not len(self.rendered):
+    def drop_superseded_outputs(self) -> None:
+        """Step 2: the outputs only superseded records name (not those of updated records: their outputs
+        stand), removed before any part changes: plain files deleted, container samples handed to
+        ``drop_outputs``. An output the winning record names again (the same path re-rendered) is kept. The
+        winners are journaled already, so a run killed here leaves the journal and the next fold does the rest."""
+        if not self.touched or not len(self.rendered):
             return
-        index, doomed = self.index, []
-        for _, table in self.store.iter_tables(["id", "outputs", "layout"],
+        index, doomed = self.index, set()
+        for _, table in self.store.iter_tables(["id", "outputs"],
                                                [index.parts[i] for i in sorted(index.parts_holding(self.rendered))]):
             gone = members(hash_strings(table.column("id")), self.rendered)
             for outputs in table.column("outputs").filter(pa.array(gone)).to_pylist():
-                doomed.extend(uri for uri in outputs or [] if "#" in uri)
-        if doomed:
-            self.drop_outputs(doomed)
+                doomed.update(uri for uri in outputs or [] if inside(uri, self.store.out))
+        if not doomed:
+            return
+        for number, (_, table) in enumerate(self.store.iter_tables(["outputs"], self.readable)):
+            named = table.column("outputs").filter(pa.array(self.masks[number])).combine_chunks()
+            doomed.difference_update(pc.list_flatten(named).to_pylist())
+        samples = sorted(uri for uri in doomed if "#" in uri)
+        for uri in sorted(doomed - set(samples)):
+            self.store.storage.delete(uri)
+        self.result.outputs_removed = len(doomed)
+        if samples and self.drop_outputs is not None:
+            self.drop_outputs(samples)
 
     def settle_schema(self) -> None:
         """Step 3: the schema every part conforms to (and which small parts merge into the new ones)."""

@@ -6,7 +6,7 @@ records hashes as the manifest's: ``metadata_schema.value_text``)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,32 +107,47 @@ def done_hashes(table: pa.Table, out: str, present: Callable[[pa.Array], np.ndar
 
 
 OUTPUT_FOLDERS = ("images", "videos", *CONTAINERS)  # every layout's top folders (specs.outputs)
+FOLDER_METADATA = "metadata.parquet"  # the dataset card's file for the image/video folder builder (tasks.card)
 
 
-def listing_hashes(storage: Storage, out: str, folders: Iterable[str] = OUTPUT_FOLDERS) -> np.ndarray:
-    """Sorted hashes of the paths (relative to ``out``) of every file under ``folders``: one listing per
-    folder, streamed on local disk, so a million outputs cost 8 MB here."""
+def iter_listing(storage: Storage, out: str, folders: Iterable[str] = OUTPUT_FOLDERS,
+                 batch: int = 65536) -> Iterator[list[str]]:
+    """The paths (relative to ``out``) of every output file under ``folders``, in batches (staging files and the
+    dataset card's ``FOLDER_METADATA`` left out): streamed from one walk per folder on local disk, one listing
+    per folder elsewhere."""
     import os
 
-    chunks = []
     for folder in folders:
         root = join(out, folder)
         fs, path = storage.fs(root)
         if type(fs).__name__ == "LocalFileSystem":
             if not os.path.isdir(path):
                 continue
-            batch: list[str] = []
-            for directory, _, names in os.walk(path):
-                inner = os.path.relpath(directory, path)
-                relative = folder if inner == "." else f"{folder}/{inner.replace(os.sep, '/')}"
-                batch.extend(f"{relative}/{name}" for name in names if not name.endswith(".partial"))
-                if len(batch) >= 65536:
-                    chunks.append(hash_strings(batch))
-                    batch = []
-            if batch:
-                chunks.append(hash_strings(batch))
+            found: list[str] = []
+            pending = [(path, folder)]  # scandir, not os.walk: a folder of a million files is never one list
+            while pending:
+                directory, relative = pending.pop()
+                with os.scandir(directory) as entries:
+                    for entry in entries:
+                        if entry.is_dir(follow_symlinks=False):
+                            pending.append((entry.path, f"{relative}/{entry.name}"))
+                        elif not entry.name.endswith(".partial") and (relative != folder or
+                                                                      entry.name != FOLDER_METADATA):
+                            found.append(f"{relative}/{entry.name}")
+                            if len(found) >= batch:
+                                yield found
+                                found = []
+            if found:
+                yield found
         else:
-            names = storage.list_files(root)
-            for start in range(0, len(names), 65536):
-                chunks.append(hash_strings([f"{folder}/{n}" for n in names[start:start + 65536]]))
+            names = [name for name in storage.list_files(root)
+                     if not name.endswith(".partial") and name != FOLDER_METADATA]
+            for start in range(0, len(names), batch):
+                yield [f"{folder}/{n}" for n in names[start:start + batch]]
+
+
+def listing_hashes(storage: Storage, out: str, folders: Iterable[str] = OUTPUT_FOLDERS) -> np.ndarray:
+    """Sorted hashes of the paths (relative to ``out``) of every file under ``folders`` (``iter_listing``): a
+    million outputs cost 8 MB here."""
+    chunks = [hash_strings(batch) for batch in iter_listing(storage, out, folders)]
     return np.unique(np.concatenate(chunks)) if chunks else np.zeros(0, np.uint64)

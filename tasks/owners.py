@@ -163,6 +163,15 @@ class OwnedOutputs:
         return found
 
 
+def inside(uri: str, out: str) -> bool:
+    """Whether a record's output URI (a file, or a container's ``#`` member) lies under ``out``: what ipaflow
+    removes or rewrites for a record must be, whatever a damaged or hostile part says."""
+    prefix = out.rstrip("/") + "/"
+    rest = uri[len(prefix):] if uri.startswith(prefix) else ""
+    parts = rest.split("#", 1)[0].split("/")
+    return bool(rest) and not any(part in ("", ".", "..") for part in parts) and "\\" not in rest
+
+
 def _problem(stems: list[str], owner: str, ext: str) -> Problem:
     shown = ", ".join(stems[:SHOWN_STEMS]) + (f" and {len(stems) - SHOWN_STEMS} more" if len(stems) > SHOWN_STEMS else "")
     verb = "belongs" if len(stems) == 1 else "belong"

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
+from prefect.states import Completed, State
 from pydantic import BaseModel
 
 from ipaflow.core import thread_logs
@@ -111,11 +112,14 @@ def worth_retrying(task, task_run, state) -> bool:
 
 @task(name="render-shard", task_run_name="{shard.name}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
       retry_condition_fn=worth_retrying)
-def render_shard(shard: ShardPlan, settings: RunSettings) -> ShardOutcome:
+def render_shard(shard: ShardPlan, settings: RunSettings) -> State:
     """Render one shard; a shard that failed is re-run (retries, ``worth_retrying``), skipping the rows its
-    earlier attempt already journaled. Logs from the threads it starts name the flow run (``thread_logs``)."""
+    earlier attempt already journaled. The task run ends Completed with the shard's counts as its message
+    ("29 ok, 2 failed"); its result is the ``ShardOutcome``. Logs from the threads it starts name the flow run
+    (``thread_logs``)."""
     started = time.time()
     with thread_logs_of_this_run():
         stats = run_shard(shard, settings, progress=progress_sender(settings.run_id))
-    return ShardOutcome(stats=stats.model_copy(
-        update={"worker": worker_name(), "started_at": started, "finished_at": time.time()}))
+    counted = stats.run_counts()
+    return Completed(message=f"{counted.ok} ok, {counted.failed} failed", data=ShardOutcome(stats=stats.model_copy(
+        update={"worker": worker_name(), "started_at": started, "finished_at": time.time()})))

@@ -27,9 +27,12 @@ from ipaflow.tasks.render import Rendered
 from ipaflow.tasks.video import encode_video
 
 
-def embedded_params(job: Job, spec: Spec) -> dict:
-    """What an output file carries about itself."""
-    return {"id": job.id, "spec": spec.name, "model": spec.model, "seed": job.seed, **job.params}
+def embedded_params(job: Job, spec: Spec, key: str | None, layout: str) -> dict:
+    """What an output file carries about itself: everything its record holds but the run's own fields, so a
+    record whose metadata part was lost is rebuilt from it (``tasks.metadata_rebuild``); the passthrough values
+    under ``extra``."""
+    identity = {"id": job.id, "spec": spec.name, "model": spec.model, "seed": job.seed, "key": key, "layout": layout}
+    return {**identity, **job.params, **({"extra": job.extra} if job.extra else {})}
 
 
 class ShardWriter:
@@ -69,7 +72,7 @@ class ShardWriter:
 
     def _write(self, rendered: Rendered) -> dict:
         job, spec = rendered.job, self.spec
-        params = embedded_params(job, spec)
+        params = embedded_params(job, spec, self.keys.get(job.id), self.layout)
         paths = output_paths(job, spec, self.layout)
         if spec.profile.output == "video":
             blobs = [encode_video(rendered.images, spec.output_format, spec.output.fps if spec.output else 8, params)]
@@ -77,7 +80,7 @@ class ShardWriter:
             quality = spec.output.quality if spec.output else 95
             blobs = [encode_image(image, spec.output_format, params, quality) for image in rendered.images]
         if self._container is not None:
-            info = {**params, "key": self.keys.get(job.id), **{k: v for k, v in job.extra.items() if k not in params}}
+            info = {**params, **{k: v for k, v in job.extra.items() if k not in params}}
             with self._lock:
                 uri, builder = self._container
                 for path, blob in zip(paths, blobs):

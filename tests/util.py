@@ -3,12 +3,31 @@
 from __future__ import annotations
 
 import struct
+import subprocess
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import pandas
+
+
+@contextmanager
+def mounted_tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A small tmpfs of ``size`` (``2m``, ``256k``) mounted on ``folder`` for the block, to fill up: root may
+    mount one; elsewhere the test is skipped."""
+    import pytest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def write_manifest(path: Path, rows: list[dict]) -> Path:
@@ -61,6 +80,28 @@ def ipaflow_command() -> str:
     return str(Path(sys.executable).with_name("ipaflow"))
 
 
+def slow_manifest(path: Path, inputs_dir: Path, rows: int = 40) -> Path:
+    """A manifest of ``rows`` rows of 8 steps each: a render of it is still going when a test stops it."""
+    return write_manifest(path, [{"id": f"r{i:02d}", "spec": "sdxl-text2img", "prompt": f"p{i}",
+                                  "ip_image": str(inputs_dir / "diner.png"), "num_inference_steps": 8}
+                                 for i in range(rows)])
+
+
+def start_until_first_image(args: list[str], env: dict, out: Path, timeout: float = 240):
+    """``ipaflow <args>`` started in a session of its own (a terminal's Ctrl-C reaches its whole process group),
+    returned once its first image is in ``out``: the process (``Popen``)."""
+    import subprocess
+    import time
+
+    process = subprocess.Popen([ipaflow_command(), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not (out / "images").is_dir() or not any((out / "images").iterdir()):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    return process
+
+
 SPEC_HEAD = "name: odd\ntask: text2img\nmodel: a/b\n"
 
 
@@ -71,3 +112,30 @@ def alias_bomb() -> str:
         lines.append(f"a{level}: &a{level} [" + ", ".join([f"*a{level - 1}"] * 9) + "]")
     bomb = "\n".join(f"  {line}" for line in lines)
     return SPEC_HEAD + f"x-anchors:\n{bomb}\nip_adapters: [{{model: h94/IP-Adapter, weight_name: a.bin, scale: {{up: *a8}}}}]\n"
+
+
+def write_folder(out, layout: str, rows=(("a", 1), ("b", 2), ("c.d", 1)), run: str = "r1"):
+    """An output folder as a run leaves it, without a model: rows (id, images) written by a shard writer in
+    ``layout`` (8x8 images, passthrough column ``note``), then folded. Returns its ``MetadataStore``."""
+    import numpy as np
+    import PIL.Image
+
+    from ipaflow.core.storage import Storage
+    from ipaflow.specs.registry import SpecRegistry
+    from ipaflow.specs.rows import Job
+    from ipaflow.tasks.metadata import MetadataStore
+    from ipaflow.tasks.render import Rendered
+    from ipaflow.tasks.writers import ShardWriter
+
+    spec = SpecRegistry().get("sdxl-text2img")
+    writer = ShardWriter(Storage(), str(out), run, "s0", spec, {row_id: f"k-{row_id}" for row_id, _ in rows},
+                         layout=layout)
+    for number, (row_id, count) in enumerate(rows):
+        job = Job(id=row_id, spec=spec.name, index=number, seed=number, params={"prompt": f"p {row_id}",
+                  "num_images": count}, inputs={}, extra={"note": f"n-{row_id}"})
+        images = [PIL.Image.fromarray(np.full((8, 8, 3), 40 * number + k, np.uint8)) for k in range(count)]
+        writer.submit(Rendered(job=job, images=images))
+    writer.close()
+    store = MetadataStore(Storage(), str(out))
+    store.fold(run)
+    return store

@@ -1,7 +1,7 @@
 """Stopping and refusing cleanly: Ctrl-C ends a render within seconds with exit status 130 and one line (the
-temporary Prefect server, in a process group of its own, records the run as crashed and then goes); a second
-run into an --out in use is refused in one line; an --out that is a file, read-only or full is said in one
-line, never a traceback."""
+temporary Prefect server, in a process group of its own, records the run and its task runs as cancelled and
+then goes); a second run into an --out in use is refused in one line; an --out that is a file, read-only or
+full is said in one line, never a traceback."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-from util import ipaflow_command, read_records, write_manifest
+from util import mounted_tmpfs, read_records, slow_manifest, start_until_first_image, write_manifest
 
 INTERRUPTED = "ipaflow: interrupted; re-run the same command to resume\n"
-PROGRESS = re.compile(r"ipaflow: [^;]*: \d+/\d+ rows, ")  # the progress line off a terminal
+# the status line off a terminal, every 30 s: the rows, or the phase before the first row (a loaded machine)
+PROGRESS = re.compile(r"ipaflow: ([^;]*: \d+/\d+ rows, |[A-Za-z' ]+, elapsed \d)")
 
 
 def _processes_with(marker: str) -> list[int]:
@@ -34,20 +35,12 @@ def test_ctrl_c_stops_a_render_within_seconds(tmp_path, models_env, inputs_dir, 
     """A new user's run (no PREFECT_API_URL: ipaflow starts the temporary server) interrupted from its terminal:
     the test starts it in a session of its own and sends SIGINT to that whole process group, as a terminal
     does on Ctrl-C."""
-    rows = [{"id": f"r{i:02d}", "spec": "sdxl-text2img", "prompt": f"p{i}", "ip_image": str(inputs_dir / "diner.png"),
-             "num_inference_steps": 8} for i in range(40)]
-    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    manifest = slow_manifest(tmp_path / "m.parquet", inputs_dir)
     home = tmp_path / "prefect-home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env["PREFECT_HOME"] = str(home)
     out = tmp_path / "out"
-    render = subprocess.Popen([ipaflow_command(), "render", str(manifest), "--out", str(out), "--batch-size", "2"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
-    deadline = time.monotonic() + 240
-    while not (out / "images").is_dir() or not any((out / "images").iterdir()):
-        assert render.poll() is None and time.monotonic() < deadline, render.communicate()
-        time.sleep(0.05)
+    render = start_until_first_image(["render", str(manifest), "--out", str(out), "--batch-size", "2"], env, out)
     servers = [pid for pid in _processes_with(f"PREFECT_HOME={home}") if pid != render.pid]
     assert servers, "no temporary server"
 
@@ -63,8 +56,10 @@ def test_ctrl_c_stops_a_render_within_seconds(tmp_path, models_env, inputs_dir, 
         assert time.monotonic() < deadline, "the temporary server outlived the interrupted command"
         time.sleep(0.1)
     with sqlite3.connect(home / "prefect.db") as database:  # the server heard of the interrupt before it went
-        states = database.execute("select state_type from flow_run").fetchall()
-    assert states == [("CRASHED",)]
+        states = database.execute("select state_type, state_name from flow_run").fetchall()
+        tasks = database.execute("select state_type from task_run").fetchall()
+    assert states == [("CANCELLED", "Cancelled")]  # nothing left Running (tests/e2e/test_no_orphaned_runs.py)
+    assert tasks and ("RUNNING",) not in tasks and ("PENDING",) not in tasks, tasks
 
     from ipaflow.flows.render import render_manifest
 
@@ -114,16 +109,9 @@ def test_an_out_that_is_a_file_is_said_in_one_line(tmp_path, inputs_dir, cli):
 
 @pytest.fixture
 def small_filesystem(tmp_path):
-    """A 256 KiB tmpfs (root may mount one; others skip): filled up, or remounted read-only."""
-    mount = tmp_path / "mnt"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()})")
-    try:
+    """A 256 KiB tmpfs: filled up, or remounted read-only."""
+    with mounted_tmpfs(tmp_path / "mnt", "256k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_full_or_read_only_out_is_said_in_one_line(tmp_path, inputs_dir, cli, small_filesystem):

@@ -22,7 +22,7 @@ import uuid
 import pandas as pd
 import pytest
 from s3 import MotoProcess, TcpGate, free_port
-from util import ipaflow_command, read_records, write_manifest
+from util import ipaflow_command, mounted_tmpfs, read_records, write_manifest
 
 pytestmark = pytest.mark.faults
 
@@ -260,8 +260,10 @@ def test_the_prefect_api_down_mid_run_is_one_line_and_the_run_completes(tmp_path
         assert render.returncode == 0, stderr
         assert "Traceback" not in stderr and "failed to process item" not in stderr, stderr
         assert "without a flow run id" not in stderr, stderr
-        assert stderr.count(f"the Prefect API {server.url} is unreachable") == 1, stderr
-        assert stderr.count("the Prefect API is reachable again") <= 1, stderr
+        # one WARNING while it is down and one when it is back, not a stream (a server slow to come back on a
+        # loaded machine may blink once more, each blink said once)
+        down = stderr.count(f"the Prefect API {server.url} is unreachable")
+        assert 1 <= down <= 2 and stderr.count("the Prefect API is reachable again") <= down, stderr
         deadline = time.monotonic() + 60
         while server.flow_run_states() != ["Completed"]:  # the final state reached the API
             assert time.monotonic() < deadline, server.flow_run_states()
@@ -277,16 +279,9 @@ def test_the_prefect_api_down_mid_run_is_one_line_and_the_run_completes(tmp_path
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 2 MiB tmpfs (root may mount one; elsewhere the case is skipped)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()})")
-    try:
+    """A 2 MiB tmpfs to fill up mid-run."""
+    with mounted_tmpfs(tmp_path / "disk", "2m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_local_out_that_fills_up_mid_run_is_one_line_and_a_rerun_completes(tmp_path, inputs_dir, models_env,

@@ -70,12 +70,45 @@ def test_deployment_has_the_cron_schedule_and_a_triggered_run_completes(served, 
     assert run.state.is_completed(), run.state
     assert (run.state.name, run.state.message) == ("Completed with failures", "2 ok, 1 failed, 0 skipped")
     day = run.expected_start_time.strftime("%Y-%m-%d")
-    assert run.name == f"nightly-test-{day}" and "manifest:nightly" in run.tags
+    name = f"nightly-test-{run.expected_start_time:%Y-%m-%d-%H%M}"  # one name per scheduled run
+    assert run.name == name and "manifest:nightly" in run.tags
     assert sorted(p.name for p in (folder / "runs" / day / "images").iterdir()) == ["row-0.png", "row-1.png"]
     assert [r.getMessage().split(" (")[0].split(":")[0] for r in caplog.records] == [
-        f"run nightly-test-{day} started", f"run nightly-test-{day} ended Completed with failures"]
+        f"run {name} started", f"run {name} ended Completed with failures"]
+    assert caplog.records[0].getMessage().endswith(f", out {folder / 'runs' / day})")  # --out resolved
     assert caplog.records[1].getMessage().startswith(
-        f"run nightly-test-{day} ended Completed with failures: 2 ok, 1 failed, 0 skipped after ")
+        f"run {name} ended Completed with failures: 2 ok, 1 failed, 0 skipped after ")
+
+    _assert_the_run_events(run, deployment_id, folder / "runs" / day)
+
+
+def _assert_the_run_events(run, deployment_id, out: Path) -> None:
+    """The run's events, read back from the API: ipaflow.run.finished and (a row failed) ipaflow.run.failed-rows,
+    about the flow run, related to the deployment and the --out; the shard's task run ends with its counts."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    wanted = ["ipaflow.run.finished", "ipaflow.run.failed-rows"]
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while True:  # events reach the API through Prefect's event queue, a moment after the run ends
+            events = client.read_events(EventFilter(event=EventNameFilter(name=wanted), resource=EventResourceFilter(
+                id=[f"prefect.flow-run.{run.id}"])), limit=50).events
+            if len(events) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    assert sorted(event.event for event in events) == sorted(wanted), events
+    for event in events:
+        assert {k: event.payload[k] for k in ("state", "rows", "rendered", "skipped", "updated", "failed")} == {
+            "state": "Completed with failures", "rows": 3, "rendered": 2, "skipped": 0, "updated": 0, "failed": 1}
+        related = {r.role: r.id for r in event.related}
+        assert related["deployment"] == f"prefect.deployment.{deployment_id}", related
+        assert related["out"] == f"ipaflow.out.{out}", related
+    assert [(t.state.name, t.state.message) for t in tasks] == [("Completed", "2 ok, 0 failed")]
 
 
 def test_invalid_parameters_are_rejected(served, tmp_path):

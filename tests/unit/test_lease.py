@@ -46,9 +46,15 @@ def test_a_second_run_is_refused_until_the_first_ends(out):
 def test_a_dead_runs_lease_does_not_block(out, caplog):
     storage = Storage()
     _write(storage, out, heartbeat=time.time() - 120, ttl=60.0)  # another machine, silent for two minutes
-    with OutputLease(storage, out):
-        pass
+    with OutputLease(storage, out) as lease:  # a lease written before flow_run was recorded: still read
+        assert (lease.taken_over.run, lease.taken_over.flow_run) == ("nightly", "")
     assert "taking over the lease" in caplog.text and "last seen 120 s ago" in caplog.text
+
+    lost = OutputLease(storage, out, run="lost", flow_run="0b5e").acquire()  # its flow run, for the next to close
+    lost._stop.set()  # dies without a word: no more heartbeats, the lease left behind
+    _write(storage, out, **{**json.loads(storage.read_bytes(join(out, LEASE_FILE))), "heartbeat": 0.0})
+    with OutputLease(storage, out) as lease:
+        assert (lease.taken_over.run, lease.taken_over.flow_run) == ("lost", "0b5e")
 
     dead = subprocess.Popen(["true"])
     dead.wait()

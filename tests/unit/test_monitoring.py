@@ -196,3 +196,10 @@ def test_previews_fit_their_budget():
     uris = preview_uris({f"spec-{i}": _thumbs(8) for i in range(9)})  # 8 thumbnails of noise for each of 9 specs
     sizes = [len(base64.b64decode(uri.split(",", 1)[1])) for uri in uris.values()]
     assert sum(sizes) <= PREVIEW_BUDGET and min(sizes) > 2_000
+
+
+def test_the_progress_percentage_is_rounded():
+    from ipaflow.flows.progress import Snapshot
+
+    assert Snapshot(total=71, done=32).percent == 45.1  # the UI showed 45.070422535211264%
+    assert Snapshot(total=None, done=3).percent == 0.0

@@ -153,7 +153,7 @@ def test_a_manifest_that_is_a_fifo_is_refused_at_once(tmp_path):
     worker.join(10)
     assert outcome == [f"{tmp_path / 'm.csv'}: cannot read manifest (InputRefused: not a regular file (a FIFO))"]
     (tmp_path / "folder.csv").mkdir()
-    assert _refusal(tmp_path / "folder.csv") == f"{tmp_path / 'folder.csv'}: is a folder; give the manifest file"
+    assert _refusal(tmp_path / "folder.csv") == f"{tmp_path / 'folder.csv'}: the folder holds no manifest file"
 
 
 def _refusal(path) -> str | None:

@@ -1,0 +1,177 @@
+"""The files a manifest is made of: one file, or a folder, prefix or glob of them, listed once and pinned.
+
+A manifest given as a folder (``manifests/``, ``s3://bucket/manifests/``) or a glob (``manifests/*.parquet``,
+``manifests/**/part-*.parquet``) is one stream of rows: its files are listed once, when the manifest is opened,
+sorted by path; names starting with ``_`` or ``.`` (Spark's ``_SUCCESS``, hidden files) and ``.crc`` files are
+skipped, as Spark and Hadoop write them, and so are files of other formats (inputs kept beside them). Each
+file's identity as listed (size and ETag, or size and mtime) is remembered: a file that changes while the run
+reads the manifest is refused rather than read at other rows.
+Hive-style folder names (``date=2026-12-01/``) become string columns of the rows below them.
+
+Every read of a manifest file is a request bounded by ``$IPAFLOW_CALL_TIMEOUT`` (``ipaflow.core.deadlines``),
+as ipaflow's own files are (``core.storage``): a store that stops answering fails the run, never hangs it.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import time
+from dataclasses import dataclass
+
+from ipaflow.core.deadlines import timed
+from ipaflow.core.errors import UserError
+from ipaflow.core.storage import Storage
+
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+GLOB_CHARACTERS = "*?["
+READ_BLOCK = 4 << 20  # bytes per bounded request when a manifest file is read from an object store
+
+
+class ManifestError(UserError, ValueError):
+    """The manifest as a whole cannot be read (missing file, unknown format, missing or repeated column).
+    Nothing ran: exit 2."""
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    """One file of a manifest: ``name`` is its path relative to the manifest's root (what messages show),
+    ``partition`` its Hive columns (``(("date", "2026-12-01"),)``), ``identity`` what it was when listed."""
+
+    uri: str
+    name: str
+    format: str
+    partition: tuple[tuple[str, str], ...] = ()
+    identity: tuple = ()
+
+    @property
+    def base(self) -> str:
+        """The folder that relative input paths in this file are resolved against."""
+        return posixpath.dirname(self.uri.rstrip("/"))
+
+
+def format_of(uri: str, redact) -> str:
+    path = uri.split("?", 1)[0].lower()
+    for suffix, fmt in FORMATS.items():
+        if path.endswith(suffix):
+            return fmt
+    raise ManifestError(f"{redact(uri)}: unknown manifest format; use .parquet, .csv or .jsonl")
+
+
+def _skipped(name: str) -> bool:
+    """A file Spark or Hadoop writes beside the data (``_SUCCESS``, ``_committed_*``, ``.part-0.crc``), a hidden
+    one, anywhere along the path, or one that is no manifest (an input image kept beside the manifest files)."""
+    if name.endswith(".crc") or any(part.startswith(("_", ".")) for part in name.split("/")):
+        return True
+    return not name.lower().endswith(tuple(FORMATS))
+
+
+def _identity(info: dict) -> tuple:
+    tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or info.get("created")
+    return (info.get("size"), str(tag))
+
+
+def _partition(name: str, redact) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for part in name.split("/")[:-1]:
+        if "=" in part:
+            key, value = part.split("=", 1)
+            if not key:
+                raise ManifestError(f"{redact(name)}: folder {part!r} has no column name before '='")
+            if key in dict(pairs):
+                raise ManifestError(f"{redact(name)}: Hive column {key!r} appears twice in the path")
+            pairs.append((key, value))
+    return tuple(pairs)
+
+
+def list_files(uri: str, storage: Storage) -> tuple[list[ManifestFile], bool]:
+    """The manifest's files, sorted by path, and whether it is a folder or glob (False: one file, as given)."""
+    redact = storage.redact
+    fs, path = storage.fs(uri)
+    is_glob = any(c in path for c in GLOB_CHARACTERS)
+    if not is_glob:
+        info = _info(storage, uri)
+        if info is None:
+            format_of(uri, redact)  # an unknown format is said first, as for a file that exists
+            raise ManifestError(f"{redact(uri)}: manifest not found")
+        if info.get("type") != "directory":
+            return [ManifestFile(uri=uri, name=posixpath.basename(path), format=format_of(uri, redact),
+                                 identity=_identity(info))], False
+        root = path.rstrip("/")
+        found = storage._call("list", uri.rstrip("/"), "find", detail=True)
+    else:
+        root = path[:min(path.index(c) for c in GLOB_CHARACTERS if c in path)].rsplit("/", 1)[0]
+        found = storage._call("list", uri, "glob", detail=True)
+    prefix = uri[:len(uri) - len(path)] if uri.endswith(path) else _prefix_of(uri)
+    files = []
+    for full in sorted(found):
+        info = found[full]
+        if info.get("type") == "directory":
+            continue
+        name = posixpath.relpath(full, root) if root else full
+        if _skipped(name):
+            continue
+        file_uri = prefix + full if prefix else full
+        files.append(ManifestFile(uri=file_uri, name=name, format=format_of(file_uri, redact),
+                                  partition=_partition(name, redact), identity=_identity(info)))
+    if not files:
+        what = "no file matches the pattern" if is_glob else "the folder holds no manifest file"
+        raise ManifestError(f"{redact(uri)}: {what}")
+    return files, True
+
+
+def _prefix_of(uri: str) -> str:
+    return uri.split("://", 1)[0] + "://" if "://" in uri else ""
+
+
+def _info(storage: Storage, uri: str) -> dict | None:
+    try:
+        return storage._call("stat", uri, "info")
+    except FileNotFoundError:
+        return None
+
+
+def check_unchanged(file: ManifestFile, storage: Storage) -> None:
+    """Refuse a file that changed since it was listed: its rows would no longer be the rows planned."""
+    info = _info(storage, file.uri)
+    if info is None or _identity(info) != file.identity:
+        raise ManifestError(f"{storage.redact(file.uri)}: the manifest file changed while the run read it; "
+                            "run again once it is written")
+
+
+class _BoundedRaw(io.RawIOBase):
+    """A file of an async store read by range requests, each one cancelled at ``$IPAFLOW_CALL_TIMEOUT``."""
+
+    def __init__(self, fs, path: str, size: int, seconds: float):
+        self.fs, self.path, self.size, self.seconds, self.position = fs, path, size, seconds, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.position = {0: offset, 1: self.position + offset, 2: self.size + offset}[whence]
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        end = min(self.size, self.position + len(buffer))
+        if end <= self.position:
+            return 0
+        data = timed(self.fs, time.monotonic() + self.seconds, self.fs._cat_file(self.path, start=self.position, end=end))
+        buffer[:len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+
+def open_file(file: ManifestFile, storage: Storage):
+    """A manifest file opened for reading (binary, seekable); on an object store each request is bounded."""
+    fs, path = storage.fs(file.uri)
+    if not fs.async_impl:
+        return fs.open(path, "rb")
+    size = file.identity[0] if file.identity and file.identity[0] is not None else fs.size(path)
+    return io.BufferedReader(_BoundedRaw(fs, path, int(size), storage.timeouts.call), buffer_size=READ_BLOCK)
