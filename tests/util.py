@@ -30,6 +30,14 @@ def mounted_tmpfs(folder: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
+def output_names(folder: Path) -> list[str]:
+    """The outputs in an output folder (``images/``, ``videos/``), by name: its files less the dataset card's
+    ``metadata.parquet`` (the image folder builder's file, beside the outputs)."""
+    from ipaflow.tasks.metadata_scans import FOLDER_METADATA
+
+    return sorted(p.name for p in Path(folder).iterdir() if p.name != FOLDER_METADATA)
+
+
 def write_manifest(path: Path, rows: list[dict]) -> Path:
     import pandas as pd
 

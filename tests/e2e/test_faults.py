@@ -22,7 +22,7 @@ import uuid
 import pandas as pd
 import pytest
 from s3 import MotoProcess, TcpGate, free_port
-from util import ipaflow_command, mounted_tmpfs, read_records, write_manifest
+from util import ipaflow_command, mounted_tmpfs, output_names, read_records, write_manifest
 
 pytestmark = pytest.mark.faults
 
@@ -82,7 +82,7 @@ def _local_all_ok_once(out, rows) -> None:
     records = read_records(out)
     assert sorted(records["id"]) == sorted(row["id"] for row in rows) and set(records["status"]) == {"ok"}
     named = {os.path.basename(uri) for outputs in records["outputs"] for uri in outputs}
-    assert set(os.listdir(out / "images")) == named
+    assert set(output_names(out / "images")) == named
 
 
 def _rerun_completes(moto, job) -> None:

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import PIL.Image
 import pytest
-from util import read_records, write_manifest
+from util import output_names, read_records, write_manifest
 
 STEPS = 2
 
@@ -73,14 +73,14 @@ def test_same_manifest_gives_identical_bytes(tmp_path, inputs_dir, render):
     manifest = write_manifest(tmp_path / "m.parquet", _rows(inputs_dir, 4))
     render(manifest, tmp_path / "a", batch_size=4)
     render(manifest, tmp_path / "b", batch_size=4)
-    names = sorted(p.name for p in (tmp_path / "a" / "images").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "b" / "images").iterdir()) and len(names) == 4
+    names = output_names(tmp_path / "a" / "images")
+    assert names == output_names(tmp_path / "b" / "images") and len(names) == 4
     for name in names:
         assert (tmp_path / "a" / "images" / name).read_bytes() == (tmp_path / "b" / "images" / name).read_bytes()
 
 
 def _mtimes(out):
-    return {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+    return {name: (out / "images" / name).stat().st_mtime_ns for name in output_names(out / "images")}
 
 
 def test_rerun_renders_only_what_changed(tmp_path, inputs_dir, render):

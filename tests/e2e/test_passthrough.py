@@ -11,7 +11,7 @@ import uuid
 
 import pandas as pd
 import pyarrow.parquet as pq
-from util import read_records
+from util import output_names, read_records
 
 from ipaflow.flows.cli import main
 from ipaflow.tasks.metadata_schema import is_json_text
@@ -53,7 +53,7 @@ def _run_warnings(stem: str, expected: str) -> list[str]:
 
 
 def _mtimes(out):
-    return {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+    return {name: (out / "images" / name).stat().st_mtime_ns for name in output_names(out / "images")}
 
 
 def test_passthrough_columns_are_kept_renamed_typed_on_failure_and_updated_without_rendering(

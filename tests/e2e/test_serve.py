@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from util import write_manifest
+from util import output_names, write_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 CRON = "30 2 * * *"
@@ -72,7 +72,7 @@ def test_deployment_has_the_cron_schedule_and_a_triggered_run_completes(served, 
     day = run.expected_start_time.strftime("%Y-%m-%d")
     name = f"nightly-test-{run.expected_start_time:%Y-%m-%d-%H%M}"  # one name per scheduled run
     assert run.name == name and "manifest:nightly" in run.tags
-    assert sorted(p.name for p in (folder / "runs" / day / "images").iterdir()) == ["row-0.png", "row-1.png"]
+    assert output_names(folder / "runs" / day / "images") == ["row-0.png", "row-1.png"]
     assert [r.getMessage().split(" (")[0].split(":")[0] for r in caplog.records] == [
         f"run {name} started", f"run {name} ended Completed with failures"]
     assert caplog.records[0].getMessage().endswith(f", out {folder / 'runs' / day})")  # --out resolved
