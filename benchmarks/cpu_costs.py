@@ -1,4 +1,4 @@
-"""The CPU-measurable figures README.md quotes under "Measured on this project's 2-core CPU": where a row's work is,
+"""The CPU-measurable figures of the performance page (docs/performance.md, "Where a row's work is"): where a row's work is,
 and what turning a decoded batch into PIL images costs on the host.
 
 1. FLOPs per row, counted with ``torch.utils.flop_counter.FlopCounterMode`` on PyTorch's meta device: the models
