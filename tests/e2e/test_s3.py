@@ -27,6 +27,8 @@ import pytest
 from pydantic import SecretStr
 from s3 import Fault, FaultProxy, MotoS3, StaticServer
 
+from ipaflow.tasks.metadata_scans import FOLDER_METADATA
+
 STEPS = 2
 ROOT = Path(__file__).resolve().parents[2]
 INPUTS = ("diner", "bear", "gummy", "face")
@@ -137,10 +139,17 @@ def assert_whole_outputs(moto, bucket, records):
             assert json.loads(image.text["parameters"])["id"] == record.id
 
 
+def image_objects(moto, bucket):
+    """The images under out/images/ (less the dataset card's file) with their ETag, LastModified and size."""
+    return {key: item for key, item in moto.objects(bucket, "out/images/").items()
+            if not key.endswith(f"/{FOLDER_METADATA}")}
+
+
 def image_puts(proxy, bucket):
     """Names of the images written through the proxy since its request log was last cleared."""
-    return sorted(path.rsplit("/", 1)[1] for method, path in proxy.requests
-                  if method == "PUT" and path.startswith(f"/{bucket}/out/images/"))
+    return sorted(name for method, path in proxy.requests
+                  if method == "PUT" and path.startswith(f"/{bucket}/out/images/")
+                  and (name := path.rsplit("/", 1)[1]) != FOLDER_METADATA)
 
 
 # -- the flow, s3:// and http:// to s3:// --------------------------------------------------------------------
@@ -171,7 +180,7 @@ def test_renders_from_s3_and_http_to_s3(moto, proxy, aws_env, bucket, inputs_dir
 
     keys = set(moto.objects(bucket, "out/"))
     outputs = {uri.removeprefix(f"s3://{bucket}/") for uris in records["outputs"] for uri in uris}
-    assert {key for key in keys if key.startswith("out/images/")} == outputs
+    assert {key for key in keys if key.startswith("out/images/")} - {f"out/images/{FOLDER_METADATA}"} == outputs
     assert not [key for key in keys if key.startswith("out/_ipaflow/")]  # the journal was folded in and removed
     assert moto.get(bucket, "out/index.html")[1].startswith("text/html")
     assert moto.get(bucket, metadata_parts(moto, bucket)[1])[1] == "application/vnd.apache.parquet"
@@ -205,7 +214,7 @@ def test_resume_on_s3_renders_only_what_changed(moto, proxy, aws_env, bucket, in
     rows = text_rows(bucket, 3) + [style_row(bucket)]
     manifest = upload_manifest(moto, bucket, rows)
     assert render(manifest, out, options).rendered == 4
-    before = moto.objects(bucket, "out/images/")
+    before = image_objects(moto, bucket)
 
     def run_and_puts(**kwargs):
         proxy.requests.clear()
@@ -215,7 +224,7 @@ def test_resume_on_s3_renders_only_what_changed(moto, proxy, aws_env, bucket, in
 
     again, puts = run_and_puts()
     assert (again.rendered, again.skipped, puts) == (0, 4, [])
-    assert moto.objects(bucket, "out/images/") == before  # ETag and LastModified untouched
+    assert image_objects(moto, bucket) == before  # ETag and LastModified untouched
 
     rows[1]["prompt"] = "an edited prompt"  # an edited row, a new row, and a style prefix that grew
     rows.append({**rows[0], "id": "r-new"})
