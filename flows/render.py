@@ -277,20 +277,19 @@ def _run_shards(planner: RowPlanner, settings: RunSettings, monitor: RunMonitor,
             except TimeoutError:
                 pass
             monitor.tick()
-            _unless_unreachable(settings, monitor)
+            _unless_unreachable(planner.storage, settings.out, monitor)
     if max_failures is not None and monitor.counts.failed >= max_failures:
         logger.warning("stopped after %d failed rows (--max-failures)", monitor.counts.failed)
     return results
 
 
-def _unless_unreachable(settings: RunSettings, monitor: RunMonitor) -> None:
+def _unless_unreachable(storage: Storage, out: str, monitor: RunMonitor) -> None:
     """Stop the run once the store of --out has been unreachable past $IPAFLOW_OUTAGE_TIMEOUT (a worker or the
     lease gave up on it): ``StorageUnreachable``, one line and exit status 3, counting the rows that are safe:
     done before this run, or rendered by a shard that finished (a finished shard has journaled its records; a
     running one's rows may not be yet, and are not counted)."""
-    storage = settings.storage()
-    if (outage := storage.gave_up(settings.out)) is not None:
-        raise outage.at(storage.redact(settings.out), monitor.counts.ok + monitor.counts.skipped)
+    if (outage := storage.gave_up(out)) is not None:
+        raise outage.at(storage.redact(out), monitor.counts.ok + monitor.counts.skipped)
 
 
 def _finished(future, shard: ShardPlan, planner: RowPlanner, monitor: RunMonitor, logger) -> ShardStats:
