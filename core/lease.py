@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -212,6 +213,27 @@ class Fence:
             holder = DAMAGED if token <= self.token else replace(DAMAGED, token=token, run=run, id="?")
         by = "" if not holder.id else f"run {holder.run}" if holder.run else "another run"
         raise LeaseLost(self.storage.redact(self.out), by, holder.token if holder.id else self.token)
+
+
+_TOKEN_SUFFIX = re.compile(r"-t(\d+)(\.[^/.]*)?$")
+
+
+def token_suffix(token: int) -> str:
+    """What a file name carries of the lease token it is written under (a journal file's): ``-t<token>``, or
+    nothing for 0 (no lease)."""
+    return f"-t{token}" if token else ""
+
+
+def token_in_name(uri: str) -> int:
+    """The lease token a file's name carries (``token_suffix``, before its extension); 0 for none."""
+    found = _TOKEN_SUFFIX.search(uri)
+    return int(found.group(1)) if found else 0
+
+
+def lease_token(storage: Storage) -> int:
+    """The lease token a storage's writes are fenced with (``FencedStorage``); 0 for any other storage."""
+    fence = getattr(storage, "fence", None)
+    return fence.token if fence is not None else 0
 
 
 @dataclass

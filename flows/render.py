@@ -180,7 +180,8 @@ def render_manifest(
                     "rendering", planner.rows, sum(s.rows for s in stats), counts.skipped, counts.updated,
                     planner.rejected)
         monitor.set_phase(FINISHING)
-        folded = metadata.fold(run_id, planner.records.index, drop_outputs=lambda uris: drop_members(storage, uris))
+        folded = metadata.fold(run_id, planner.records.index, drop_outputs=lambda uris: drop_members(storage, uris),
+                               lease_token=settings.lease_token)
         gallery, contact_sheet, previews = _gallery(storage, out, metadata, logger)
         write_card(storage, out, metadata)
     except LeaseLost as exc:  # counted as an outage is: rows done before, or journaled by a finished shard

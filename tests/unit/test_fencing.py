@@ -16,6 +16,8 @@ from ipaflow.core.errors import EXIT_LEASE_LOST
 from ipaflow.core.lease import LEASE_FILE, TOKEN_FILE, FencedStorage, LeaseLost, OutputLease
 from ipaflow.core.storage import Storage, join
 from ipaflow.specs.options import RenderOptions
+from ipaflow.tasks.metadata import MetadataStore
+from ipaflow.tasks.metadata_schema import make_record, records_table, to_parquet_bytes
 from ipaflow.tasks.worker import RunSettings
 
 
@@ -129,3 +131,34 @@ def test_the_run_settings_carry_the_fence_to_every_shard(tmp_path):
         with pytest.raises(LeaseLost):
             wrong.write_atomic(join(out, "no"), b"1")
     assert RunSettings(run_id="r", out=out).storage().fence is None  # no lease (tools, tests): unfenced
+
+
+def test_journal_files_name_their_token_and_a_runs_own_fold_ignores_older_ones(tmp_path, caplog):
+    """B took the folder over from a paused A and folded A's journal when it started; a journal file A had under
+    way at the pause lands later: B's fold at its end removes it unread, and the records B wrote stand."""
+    out = str(tmp_path / "out")
+    plain = Storage()
+    a = OutputLease(plain, out, run="a", ttl=0.3).acquire()
+    a_store = MetadataStore(FencedStorage(fence=a.fence()), out)
+    a_store.journal("run-a", "s0-x-00000", [_record("r0", "run-a")])
+    assert [name.rsplit("/", 1)[1] for name in a_store.journal_files()] == ["s0-x-00000-t1.parquet"]
+    _pause(a)
+    time.sleep(0.4)
+    with OutputLease(plain, out, run="b") as b:
+        b_store = MetadataStore(FencedStorage(fence=b.fence()), out)
+        b_store.fold("run-b-recovered", lease_token=0)  # B's start: every journal there is, A's included
+        late = _record("r1", "run-a")  # rendered by A before its pause; its journal file lands after B started
+        plain.write_atomic(join(out, "_ipaflow/journal/run-a/s0-x-00001-t1.parquet"),
+                           to_parquet_bytes(records_table([late])))
+        b_store.journal("run-b", "s0-y-00000", [_record("r1", "run-b"), _record("r2", "run-b")])
+        with caplog.at_level("WARNING", logger="ipaflow.metadata"):
+            folded = b_store.fold("run-b", lease_token=b.token)
+    assert folded.files == 1 and "written under an older lease token" in caplog.text
+    assert not b_store.journal_files()
+    records = b_store.load()
+    assert {i: r["run_id"] for i, r in records.items()} == {"r0": "run-a", "r1": "run-b", "r2": "run-b"}
+    a.release()
+
+
+def _record(row_id: str, run: str) -> dict:
+    return make_record(job_id=row_id, spec="s", status="ok", run_id=run, key=f"k-{row_id}")
