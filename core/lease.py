@@ -357,18 +357,29 @@ class OutputLease:
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl / 4):
             try:
-                holder = self._holder(renewing=True)
-                if holder is None or not holder.holds(self.token, self.id):
-                    log.warning("the lease on %s was taken by %s; this run no longer holds --out (its next write "
-                                "stops it)",
-                              self.storage.redact(self.out), holder.describe(time.time()) if holder else "nobody")
+                if not self._renew():
                     return
-                self.storage.write_atomic(self.uri, self._content())
             except StorageUnreachable:  # said once by the run as it stops
                 return
             except Exception as exc:  # noqa: BLE001 - a missed beat is retried at the next one
                 log.warning("could not renew the lease on %s: %s", self.storage.redact(self.out),
                             self.storage.redact(describe_error(exc)))
+
+    def _renew(self) -> bool:
+        """Rewrite the lease if it is still this run's; False when it is not. A read that took more than
+        ``ttl / 4`` (the process was paused after it, say) may be stale: it is read again before the write."""
+        for _ in range(3):
+            read = time.time()
+            holder = self._holder(renewing=True)
+            if holder is None or not holder.holds(self.token, self.id):
+                log.warning("the lease on %s was taken by %s; this run no longer holds --out (its next write "
+                            "stops it)", self.storage.redact(self.out),
+                            holder.describe(time.time()) if holder else "nobody")
+                return False
+            if time.time() - read < self.ttl / 4:
+                break
+        self.storage.write_atomic(self.uri, self._content())
+        return True
 
     def release(self, unreachable: bool = False) -> None:
         """Stop the heartbeat and delete the lease if it is still ours; with ``unreachable`` (the run stops

@@ -162,3 +162,28 @@ def test_journal_files_name_their_token_and_a_runs_own_fold_ignores_older_ones(t
 
 def _record(row_id: str, run: str) -> dict:
     return make_record(job_id=row_id, spec="s", status="ok", run_id=run, key=f"k-{row_id}")
+
+
+class PausedAfterRead(Storage):
+    """A real storage whose first read of the lease is followed by a pause, during which another run takes the
+    lease over (what a SIGSTOP between a heartbeat's read and its write looks like)."""
+
+    taker: dict | None = None
+
+    def read_bytes(self, uri: str) -> bytes:
+        data = super().read_bytes(uri)
+        if uri.endswith(LEASE_FILE) and PausedAfterRead.taker is not None:
+            taker, PausedAfterRead.taker = PausedAfterRead.taker, None
+            Storage().write_atomic(uri, json.dumps(taker).encode())
+            time.sleep(0.2)
+        return data
+
+
+def test_a_heartbeat_paused_after_its_read_does_not_overwrite_the_run_that_took_over(tmp_path):
+    out = str(tmp_path / "out")
+    lease = OutputLease(PausedAfterRead(), out, run="a", ttl=0.4).acquire()
+    _pause(lease)  # the beats are driven by hand below
+    PausedAfterRead.taker = {"token": 2, "id": "b-id", "machine": "elsewhere", "pid": 1, "run": "b",
+                             "started": time.time(), "heartbeat": time.time(), "ttl": 60.0}
+    assert lease._renew() is False  # the read before the pause was stale: read again, and it is b's
+    assert json.loads(Storage().read_bytes(join(out, LEASE_FILE)))["id"] == "b-id"
