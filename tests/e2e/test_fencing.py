@@ -83,12 +83,16 @@ def test_a_paused_run_taken_over_stops_at_once_and_writes_nothing(tmp_path, inpu
         assert "taking over the lease" in taker.stderr, taker.stderr
         before = place["listing"]()
         paused.send_signal(signal.SIGCONT)
+        resumed = time.monotonic()
         _, stderr = paused.communicate(timeout=120)
+        took = time.monotonic() - resumed
     finally:
         paused.send_signal(signal.SIGCONT)
         paused.kill()
         paused.wait()
     assert paused.returncode == 4, stderr
+    assert took < 30, took  # its next write, then the flow's exit
+    print(f"resumed run ended {took:.1f} s after SIGCONT")
     line = re.fullmatch(rf"ipaflow: lost the lease on {re.escape(out)} to run (?P<run>\S+) \(token 2\); stopped, "
                         r"(?P<safe>\d+) rows? (are|is) safe, re-run to resume", stderr.splitlines()[-1])
     assert line, stderr
