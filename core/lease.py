@@ -188,7 +188,8 @@ def last_taken(storage: Storage, out: str) -> tuple[int, str]:
 @dataclass
 class Fence:
     """What a run's writers check before each write: that the lease on ``out`` still holds ``token`` and
-    ``holder`` (``check``). Small and picklable: the flow hands it to every shard task, in whichever process."""
+    ``holder`` (``check``). One per process: ``RunSettings.storage`` builds it from the token and holder the
+    flow hands every shard task, in whichever process it runs."""
 
     out: str
     token: int
@@ -208,11 +209,16 @@ class Fence:
             self._seen = holder
             return
         self._seen = None
+        raise LeaseLost(self.storage.redact(self.out), *self._taker(holder))
+
+    def _taker(self, holder: Holder | None) -> tuple[str, int]:
+        """Who holds the lease now, and its token; ("", this run's token) when nobody does (removed or damaged)."""
         if holder is None:  # given back since: the token file names the last run that took it, if not this one
             token, run = last_taken(self.storage, self.out)
-            holder = DAMAGED if token <= self.token else replace(DAMAGED, token=token, run=run, id="?")
-        by = "" if not holder.id else f"run {holder.run}" if holder.run else "another run"
-        raise LeaseLost(self.storage.redact(self.out), by, holder.token if holder.id else self.token)
+            holder = replace(DAMAGED, token=token, run=run, id="?") if token > self.token else DAMAGED
+        if not holder.id:
+            return "", self.token
+        return (f"run {holder.run}" if holder.run else "another run"), holder.token
 
 
 _TOKEN_SUFFIX = re.compile(r"-t(\d+)(\.[^/.]*)?$")
@@ -272,7 +278,6 @@ class OutputLease:
         self.ttl = ttl if ttl is not None else _ttl_from_environment()
         self.id = uuid.uuid4().hex
         self.token = 0  # the fencing token, set when the lease is taken
-        self.token_uri = join(out, TOKEN_FILE)
         self._started = time.time()
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
@@ -292,11 +297,6 @@ class OutputLease:
         except (ValueError, KeyError, TypeError, InputRefused) as exc:
             log.warning("the lease %s is damaged (%s); taking it as expired", self.storage.redact(self.uri), exc)
             return DAMAGED
-
-    def _last_token(self) -> int:
-        """The token of the last lease taken on this folder (0 for none, or an unreadable file)."""
-        token, _ = last_taken(self.storage, self.out)
-        return token
 
     def fence(self, storage: Storage | None = None) -> Fence:
         """This run's fence (``Fence``); ``storage`` reads the lease (default: the lease's own)."""
@@ -332,12 +332,12 @@ class OutputLease:
                     log.warning("taking over the lease on %s left by %s", self.storage.redact(self.out),
                                 holder.describe(now))
                     self.storage.delete(self.uri)
-                self.token = max(holder.token if holder else 0, self._last_token()) + 1
+                self.token = max(holder.token if holder else 0, last_taken(self.storage, self.out)[0]) + 1
                 if self.storage.create_exclusive(self.uri, self._content()):
                     if holder is None or self._still_ours():
                         self.taken_over = holder
-                        self.storage.write_atomic(self.token_uri, json.dumps({"token": self.token,
-                                                                              "run": self.run}).encode())
+                        self.storage.write_atomic(join(self.out, TOKEN_FILE),
+                                                  json.dumps({"token": self.token, "run": self.run}).encode())
                         break
             else:
                 raise OutputInUse(f"--out {self.storage.redact(self.out)}: another run keeps taking its lease")
