@@ -20,6 +20,8 @@ import posixpath
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import Annotated, Any
@@ -89,14 +91,29 @@ def _run_name() -> str:
     return f"{manifest_name(flow_run.parameters.get('manifest', 'manifest'))}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
 
-_LEASE: ContextVar[OutputLease | None] = ContextVar("ipaflow_lease", default=None)  # the body's, for RunSettings
+# The lease the flow body runs under, for its RunSettings; reached through the two functions below only, so that
+# the flow's functions, pickled by value for Dask workers, never refer to the ContextVar itself (not picklable).
+_LEASE: ContextVar[OutputLease | None] = ContextVar("ipaflow_lease", default=None)
+
+
+@contextmanager
+def _running_under(lease: OutputLease) -> Iterator[None]:
+    held = _LEASE.set(lease)
+    try:
+        yield
+    finally:
+        _LEASE.reset(held)
+
+
+def _current_lease() -> OutputLease | None:
+    return _LEASE.get()
 
 
 def _holding_output_lease(body):
     """The flow body runs holding the lease on its ``--out`` (ipaflow.core.lease), taken before anything is
     written there: a second run into the same folder is refused (OutputInUse), an unusable folder said in one
     line (OutputUnusable). A dead run's lease taken over: that run, still Running in Prefect, is marked Crashed
-    (``monitoring.mark_crashed``). The body gets ``out`` already resolved, and the lease in ``_LEASE``: its token
+    (``monitoring.mark_crashed``). The body gets ``out`` already resolved, and the lease (``_current_lease``): its token
     fences every write of the run (``ipaflow.core.lease.FencedStorage``)."""
 
     @functools.wraps(body)
@@ -112,11 +129,8 @@ def _holding_output_lease(body):
                 if lease.taken_over is not None and lease.taken_over.flow_run:
                     mark_crashed(lease.taken_over.flow_run, f"{lease.taken_over.run or 'the run'} died without "
                                  f"a word; run {flow_run.name} took over its --out")
-                held = _LEASE.set(lease)
-                try:
+                with _running_under(lease):
                     return body(manifest, out, options)
-                finally:
-                    _LEASE.reset(held)
         except StorageUnreachable as exc:  # said of --out (the flow run's state and the command's one line)
             raise exc.at(storage.redact(out)) from exc
 
@@ -153,7 +167,7 @@ def render_manifest(
     logger = get_run_logger()
     started = time.perf_counter()
     run_id = new_run_id()
-    lease = _LEASE.get()
+    lease = _current_lease()
     settings = RunSettings(run_id=run_id, out=out, options=options, lease_token=lease.token if lease else 0,
                            lease_holder=lease.id if lease else "")
     storage = settings.storage()
