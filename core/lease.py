@@ -372,8 +372,8 @@ class OutputLease:
             read = time.time()
             holder = self._holder(renewing=True)
             if holder is None or not holder.holds(self.token, self.id):
-                log.warning("the lease on %s was taken by %s; this run no longer holds --out (its next write "
-                            "stops it)", self.storage.redact(self.out),
+                log.info("the lease on %s was taken by %s; this run no longer holds --out (its next write "
+                         "stops it)", self.storage.redact(self.out),
                             holder.describe(time.time()) if holder else "nobody")
                 return False
             if time.time() - read < self.ttl / 4:
