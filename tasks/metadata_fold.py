@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -22,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ipaflow.core.hashing import hash_strings, members
+from ipaflow.core.lease import token_in_name
 from ipaflow.core.storage import join
 from ipaflow.tasks.counts import RowCounts
 from ipaflow.tasks.metadata_scans import RecordIndex
@@ -39,6 +41,8 @@ from ipaflow.tasks.owners import inside
 
 if TYPE_CHECKING:
     from ipaflow.tasks.metadata import MetadataStore
+
+log = logging.getLogger("ipaflow.metadata")
 
 PART_ROWS = 2048  # records per part: a touched part costs at most this much to rewrite
 SMALL_PART_ROWS = PART_ROWS // 4  # parts below this are merged into a fold's new parts
@@ -94,11 +98,14 @@ class Fold:
     """One fold of ``store``'s journal and updates into its parts (``MetadataStore.fold``)."""
 
     def __init__(self, store: MetadataStore, run_id: str | None = None, index: RecordIndex | None = None,
-                 drop_outputs: Callable[[list[str]], None] | None = None):
+                 drop_outputs: Callable[[list[str]], None] | None = None, lease_token: int = 0):
         self.store, self.index, self.drop_outputs = store, index, drop_outputs
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.result = FoldResult()
-        self.files, self.updates = store.journal_files(), store.update_files()
+        files, updates = store.journal_files(), store.update_files()
+        self.stale = [uri for uri in files + updates if token_in_name(uri) < lease_token]  # after a lease was lost
+        self.files = [uri for uri in files if uri not in self.stale]
+        self.updates = [uri for uri in updates if uri not in self.stale]
 
     def run(self) -> FoldResult:
         if (self.files or self.updates) and self.pick_winners():
@@ -108,6 +115,10 @@ class Fold:
             self.rewrite_old_parts()
             self.recode_parts()
         for uri in self.files + self.updates:
+            self.store.storage.delete(uri)
+        for uri in self.stale:
+            log.warning("ignored %s: written under an older lease token, by a run that had lost its lease on --out",
+                        self.store.storage.redact(uri))
             self.store.storage.delete(uri)
         self.result.files = len(self.files)
         return self.result
