@@ -12,7 +12,7 @@ on the open handle itself, when opened and after each batch (a file replaced by 
 refused, never read); an object is read by its version id where the bucket keeps versions (a replaced object
 does not matter: the pinned version is read), else each range request carries ``If-Match: <ETag>``, so a
 replaced object fails the next request instead of handing over another file's bytes. A file that changed is a
-``ManifestError`` naming it (exit 2), so the census and the rows never read different files.
+``ManifestError`` naming it, so the census and the rows never read different files.
 Hive-style folder names (``date=2026-12-01/``) become string columns of the rows below them.
 
 Every read of a manifest file is a request bounded by ``$IPAFLOW_CALL_TIMEOUT`` (``ipaflow.core.deadlines``),
@@ -198,7 +198,8 @@ class _BoundedRaw(io.RawIOBase):
         self.position = {0: offset, 1: self.position + offset, 2: self.size + offset}[whence]
         return self.position
 
-    def _pin(self) -> dict:
+    def pin(self) -> dict:
+        """What each request carries to read the pinned object: its version id, else ``If-Match`` (S3 only)."""
         if self.file is None or not hasattr(self.fs, "_call_s3"):
             return {}
         if self.file.version:
@@ -207,7 +208,7 @@ class _BoundedRaw(io.RawIOBase):
         return {"IfMatch": tag} if tag and tag != "None" else {}
 
     async def _range(self, start: int, end: int) -> bytes:
-        pin = self._pin()
+        pin = self.pin()
         if not pin:
             return await self.fs._cat_file(self.path, start=start, end=end)
         bucket, key, _ = self.fs.split_path(self.path)
@@ -255,12 +256,14 @@ def open_file(file: ManifestFile, storage: Storage):
             return io.BufferedReader(_PinnedLocal(file, path, storage.redact))
         except FileNotFoundError:
             raise _changed(file, storage.redact) from None
-    check_unchanged(file, storage)
     if not fs.async_impl:
+        check_unchanged(file, storage)
         return fs.open(path, "rb")
     size = file.identity[0] if file.identity and file.identity[0] is not None else fs.size(path)
-    return io.BufferedReader(_BoundedRaw(fs, path, int(size), storage.timeouts.call, file, storage.redact),
-                             buffer_size=READ_BLOCK)
+    raw = _BoundedRaw(fs, path, int(size), storage.timeouts.call, file, storage.redact)
+    if not raw.pin():  # a store without versions or If-Match: checked as listed, when each pass opens it
+        check_unchanged(file, storage)
+    return io.BufferedReader(raw, buffer_size=READ_BLOCK)
 
 
 def check_pass(handle) -> None:
