@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from s3 import MotoS3
+from s3 import client_env
 from util import write_manifest
 
 STEPS = 2
@@ -70,28 +70,23 @@ def test_a_moved_folder_renders_nothing_again(tmp_path, inputs_dir, render, caps
     assert main(["verify", str(moved)]) == 0
 
 
-def test_a_prefix_copied_to_another_bucket_renders_nothing_again(tmp_path, inputs_dir, render, monkeypatch):
+def test_a_prefix_copied_to_another_bucket_renders_nothing_again(tmp_path, inputs_dir, render, moto, monkeypatch):
     from ipaflow.flows.cli import main
 
-    moto = MotoS3()
-    try:
-        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto.endpoint}.items():
-            monkeypatch.setenv(name, value)
-        first, second = (moto.bucket(f"ipaflow-{uuid.uuid4().hex[:10]}") for _ in range(2))
-        manifest = write_manifest(tmp_path / "m.parquet", _rows(inputs_dir))
-        assert render(manifest, f"s3://{first}/run").rendered == 2
-        for key in moto.objects(first, "run/"):  # every object, as `aws s3 sync` copies them
-            moto.client.copy_object(Bucket=second, Key=key.replace("run/", "copied/", 1),
-                                    CopySource={"Bucket": first, "Key": key})
-        again = render(manifest, f"s3://{second}/copied")
-        assert (again.rendered, again.skipped) == (0, 2)
-        assert main(["verify", f"s3://{second}/copied"]) == 0
-        exported = tmp_path / "records.parquet"
-        assert main(["records", f"s3://{second}/copied", "--output", str(exported)]) == 0
-        outputs = sorted(uri for uris in pd.read_parquet(exported)["outputs"] for uri in uris)
-        assert outputs == [f"s3://{second}/copied/images/{name}" for name in ("a-0.png", "a-1.png", "b.png")]
-        raw = pd.read_parquet(io.BytesIO(moto.get(second, sorted(moto.objects(second, "copied/metadata/part-"))[0])[0]))
-        assert all(name.startswith("images/") for names in raw["outputs"] for name in names)
-    finally:
-        moto.close()
+    for name, value in client_env(moto).items():
+        monkeypatch.setenv(name, value)
+    first, second = (moto.bucket(f"ipaflow-{uuid.uuid4().hex[:10]}") for _ in range(2))
+    manifest = write_manifest(tmp_path / "m.parquet", _rows(inputs_dir))
+    assert render(manifest, f"s3://{first}/run").rendered == 2
+    for key in moto.objects(first, "run/"):  # every object, as `aws s3 sync` copies them
+        moto.client.copy_object(Bucket=second, Key=key.replace("run/", "copied/", 1),
+                                CopySource={"Bucket": first, "Key": key})
+    again = render(manifest, f"s3://{second}/copied")
+    assert (again.rendered, again.skipped) == (0, 2)
+    assert main(["verify", f"s3://{second}/copied"]) == 0
+    exported = tmp_path / "records.parquet"
+    assert main(["records", f"s3://{second}/copied", "--output", str(exported)]) == 0
+    outputs = sorted(uri for uris in pd.read_parquet(exported)["outputs"] for uri in uris)
+    assert outputs == [f"s3://{second}/copied/images/{name}" for name in ("a-0.png", "a-1.png", "b.png")]
+    raw = pd.read_parquet(io.BytesIO(moto.get(second, sorted(moto.objects(second, "copied/metadata/part-"))[0])[0]))
+    assert all(name.startswith("images/") for names in raw["outputs"] for name in names)

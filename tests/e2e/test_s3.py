@@ -25,20 +25,13 @@ import pandas as pd
 import PIL.Image
 import pytest
 from pydantic import SecretStr
-from s3 import Fault, FaultProxy, MotoS3, StaticServer
+from s3 import Fault, FaultProxy, StaticServer
 
 from ipaflow.tasks.metadata_scans import FOLDER_METADATA
 
 STEPS = 2
 ROOT = Path(__file__).resolve().parents[2]
 INPUTS = ("diner", "bear", "gummy", "face")
-
-
-@pytest.fixture(scope="module")
-def moto():
-    server = MotoS3()
-    yield server
-    server.close()
 
 
 @pytest.fixture

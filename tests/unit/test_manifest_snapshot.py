@@ -12,7 +12,7 @@ import uuid
 
 import pandas as pd
 import pytest
-from s3 import MotoS3
+from s3 import client_env
 
 from ipaflow.flows.open_run import judge_rows, open_run
 from ipaflow.specs.manifest import ManifestError
@@ -100,17 +100,9 @@ def test_a_file_replaced_by_mv_while_a_pass_reads_it_is_read_as_pinned(tmp_path)
     assert seen == run.census.rows == 3000
 
 
-@pytest.fixture(scope="module")
-def moto():
-    server = MotoS3()
-    yield server
-    server.close()
-
-
 @pytest.fixture
 def s3_env(moto, monkeypatch):
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto.endpoint}.items():
+    for name, value in client_env(moto).items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr("ipaflow.specs.manifest_files.READ_BLOCK", 4096)  # several range requests per pass
 
