@@ -1,7 +1,7 @@
 """The issue's case end to end: a big manifest replaced (``mv``) by a small one once the run has started. The
 swap is made deterministic by a hook in the command's process (right after the run's census), not by a sleep
-race. The run stops in one line naming the file: no traceback, no ``KeyError('sd15-full-face')``, nothing
-rendered against a census of another file."""
+race. The run stops in one line naming the file, exit status 2 (no row was judged): no traceback, no
+``KeyError('sd15-full-face')``, nothing rendered against a census of another file."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_a_manifest_replaced_after_the_census_stops_the_run_in_one_line(tmp_path
     done = subprocess.run([sys.executable, "-c", HOOK, "render", str(manifest), "--out", str(tmp_path / "out")],
                           env=env, capture_output=True, text=True, timeout=300)
     said = done.stdout + done.stderr
-    assert done.returncode == 1, said
+    assert done.returncode == 2, said  # nothing ran: no row was judged against the census
     assert f"ipaflow: {manifest}: the manifest file changed while the run read it" in done.stderr
     assert "Traceback" not in said and "KeyError" not in said
     assert not list((tmp_path / "out").glob("images/*.png"))
