@@ -132,14 +132,31 @@ TOP_FOLDERS = ("images", "videos", *CONTAINERS)  # every layout's top folder und
 # The path from the last top folder in a URI: greedy, so ``out/images/images/a.png`` (an --out under a folder
 # named images) names ``images/a.png``. Stems hold no '/', sharded folders are 3 hex digits, members no '/'.
 OUTPUT_NAME = "^(?:.*/)?((?:" + "|".join(TOP_FOLDERS) + ")/[^/].*)$"
-_OUTPUT_NAMED = re.compile(OUTPUT_NAME)
+_NAME = "^(?:" + "|".join(TOP_FOLDERS) + ")/[^/]"  # a name already (what records hold): itself
+_OUTPUT_NAMED, _NAMED = re.compile(OUTPUT_NAME), re.compile(_NAME)
 
 
 def output_name(uri: str) -> str | None:
     """An output's name relative to ``--out`` (see the module docstring), or None where ``uri`` lies in no
     layout's top folder (nothing ipaflow wrote)."""
+    if _NAMED.match(uri):
+        return uri
     found = _OUTPUT_NAMED.match(uri)
     return found.group(1) if found else None
+
+
+def output_names(values: pa.Array) -> pa.Array:
+    """``output_name`` of every value of a string array, null where there is none; vectorised, and only the
+    absolute URIs of older records go through the longer pattern."""
+    named = pc.fill_null(pc.match_substring_regex(values, _NAME), False)
+    names = pc.if_else(named, values, pa.scalar(None, values.type))
+    others = values.filter(pc.invert(named))
+    if len(others):
+        found = pc.fill_null(pc.match_substring_regex(others, OUTPUT_NAME), False)
+        extracted = pc.if_else(found, pc.replace_substring_regex(others, OUTPUT_NAME, r"\1"),
+                               pa.scalar(None, values.type))
+        names = pc.replace_with_mask(names, pc.invert(named), extracted)
+    return names
 
 
 def resolve_output(out: str, name: str) -> str:
@@ -155,9 +172,8 @@ def resolve_outputs(table: pa.Table, out: str) -> pa.Table:
         return table
     column = table.column("outputs").combine_chunks()
     flat = pc.list_flatten(column)
-    named = pc.match_substring_regex(flat, OUTPUT_NAME)
-    prefix = out.rstrip("/").replace("\\", "\\\\") + "/"
-    resolved = pc.if_else(named, pc.replace_substring_regex(flat, OUTPUT_NAME, prefix + r"\1"), flat)
+    names = output_names(flat)
+    resolved = pc.if_else(pc.is_valid(names), pc.binary_join_element_wise(out.rstrip("/") + "/", names, ""), flat)
     offsets = pc.subtract(column.offsets, column.offsets[0])  # a sliced column's offsets start past 0
     rebuilt = pa.ListArray.from_arrays(offsets, resolved, type=column.type, mask=column.is_null())
     return table.set_column(table.column_names.index("outputs"), "outputs", rebuilt)

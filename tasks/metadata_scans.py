@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from ipaflow.core.hashing import hash_combine, hash_joined, hash_strings, members
 from ipaflow.core.storage import Storage, join
-from ipaflow.specs.outputs import OUTPUT_NAME, TOP_FOLDERS
+from ipaflow.specs.outputs import TOP_FOLDERS, output_names
 from ipaflow.tasks.metadata_schema import is_json_text, value_text
 
 
@@ -94,9 +94,9 @@ def done_hashes(table: pa.Table, out: str, present: Callable[[pa.Array], np.ndar
     flat = pc.list_flatten(outputs)
     parents = pc.list_parent_indices(outputs).to_numpy(zero_copy_only=False)
     relative = pc.replace_substring_regex(flat, "#.*$", "")
-    named = pc.match_substring_regex(relative, OUTPUT_NAME).to_numpy(zero_copy_only=False)
-    relative = pc.replace_substring_regex(relative, OUTPUT_NAME, r"\1")  # names, also of old absolute URIs
-    missing = ~(present(relative) & named)
+    names = output_names(relative)  # also of the absolute URIs older records hold
+    named = pc.is_valid(names).to_numpy(zero_copy_only=False)
+    missing = ~(present(pc.fill_null(names, "")) & named)
     absent = np.zeros(table.num_rows, dtype=bool)
     np.logical_or.at(absent, parents, missing)
     empty = pc.fill_null(pc.list_value_length(outputs), 0).to_numpy(zero_copy_only=False) == 0

@@ -13,7 +13,7 @@ import pytest
 from util import write_folder
 
 from ipaflow.flows.cli import main
-from ipaflow.specs.outputs import output_name, resolve_output, resolve_outputs
+from ipaflow.specs.outputs import output_name, output_names, resolve_output, resolve_outputs
 
 
 @pytest.mark.parametrize(("uri", "name"), [
@@ -37,6 +37,8 @@ def test_resolving_a_column_is_resolving_each_output():
     table = pa.table({"id": ["a", "n", "e", "b", "x"], "outputs": outputs}).slice(1)  # offsets past 0
     resolved = resolve_outputs(table, "/new").column("outputs").to_pylist()
     assert resolved == [None, [], ["/new/images/b-0.png", "/new/images/b-1.png"], ["/o/x.png"]]
+    values = ["images/a.png", None, "s3://b/o/videos/w.gif", "/o/x.png", "parquet/p.parquet#a.png", "images/"]
+    assert output_names(pa.array(values)).to_pylist() == [None if v is None else output_name(v) for v in values]
 
 
 @pytest.mark.parametrize("layout", ["files", "webdataset"])
