@@ -213,7 +213,7 @@ class _BoundedRaw(io.RawIOBase):
             return await self.fs._cat_file(self.path, start=start, end=end)
         bucket, key, _ = self.fs.split_path(self.path)
         response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
-                                          **pin)
+                                          **pin, **getattr(self.fs, "req_kw", {}))
         try:
             return await response["Body"].read()
         finally:

@@ -146,7 +146,11 @@ def build_pipeline(spec: Spec, models_dir: str | None = None, device: torch.devi
     try:
         return _load_pipeline(spec, models_dir, device)
     except Exception as exc:
-        explained = explain(spec, models_dir, exc)
+        try:
+            explained = explain(spec, models_dir, exc)
+        except Exception:  # noqa: BLE001 - the diagnosis is a courtesy: the build's own error stands
+            log.debug("could not tell which model file of spec %s failed", spec.name, exc_info=True)
+            explained = None
         if explained is None:
             raise
         raise explained from exc
