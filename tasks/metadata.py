@@ -56,6 +56,7 @@ import pyarrow.parquet as pq
 from ipaflow.core.hashing import hash_strings, members, repeated
 from ipaflow.core.lease import lease_token, token_suffix
 from ipaflow.core.storage import Storage, join
+from ipaflow.specs.outputs import resolve_outputs
 from ipaflow.tasks.metadata_fold import Fold, FoldResult, latest_masks
 from ipaflow.tasks.metadata_rebuild import rebuild_records, set_aside
 from ipaflow.tasks.metadata_scans import RecordIndex
@@ -255,7 +256,8 @@ class MetadataStore:
     # -- reading ------------------------------------------------------------------------------------------------
     def iter_current(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         """The current records, part by part: one per id, the latest, even while a fold was cut short (an id
-        in two parts) or a journal is still unfolded (a run in flight, or killed)."""
+        in two parts) or a journal is still unfolded (a run in flight, or killed); their outputs as URIs under
+        ``out`` (``specs.outputs.resolve_outputs``)."""
         sources = self.part_files() + self.journal_files()
         keys: list[np.ndarray] = []
         read: list[str] = []
@@ -271,8 +273,9 @@ class MetadataStore:
             if len(masks[number]) != table.num_rows:
                 continue  # changed since it was scanned
             chosen = table if masks[number].all() else table.filter(pa.array(masks[number]))
-            if chosen.num_rows:
-                yield chosen.select([c for c in columns if c in chosen.column_names]) if columns else chosen
+            if chosen.num_rows:  # outputs as URIs under this folder, wherever it was written (specs.outputs)
+                yield resolve_outputs(chosen.select([c for c in columns if c in chosen.column_names])
+                                      if columns else chosen, self.out)
 
     def load(self) -> dict[str, dict]:
         """Every id's current record as a dict: small output folders only (tests, tools)."""

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from ipaflow.core.hashing import hash_strings, members
 from ipaflow.core.lease import token_in_name
 from ipaflow.core.storage import join
+from ipaflow.specs.outputs import resolve_output
 from ipaflow.tasks.counts import RowCounts
 from ipaflow.tasks.metadata_scans import RecordIndex
 from ipaflow.tasks.metadata_schema import (
@@ -163,12 +164,13 @@ class Fold:
                                                [index.parts[i] for i in sorted(index.parts_holding(self.rendered))]):
             gone = members(hash_strings(table.column("id")), self.rendered)
             for outputs in table.column("outputs").filter(pa.array(gone)).to_pylist():
-                doomed.update(uri for uri in outputs or [] if inside(uri, self.store.out))
+                doomed.update(uri for uri in (resolve_output(self.store.out, o) for o in outputs or [])
+                              if inside(uri, self.store.out))
         if not doomed:
             return
         for number, (_, table) in enumerate(self.store.iter_tables(["outputs"], self.readable)):
             named = table.column("outputs").filter(pa.array(self.masks[number])).combine_chunks()
-            doomed.difference_update(pc.list_flatten(named).to_pylist())
+            doomed.difference_update(resolve_output(self.store.out, o) for o in pc.list_flatten(named).to_pylist())
         samples = sorted(uri for uri in doomed if "#" in uri)
         for uri in sorted(doomed - set(samples)):
             self.store.storage.delete(uri)

@@ -25,6 +25,7 @@ from ipaflow.tasks.compile import resolve_setting
 from ipaflow.tasks.counts import RowCounts
 from ipaflow.tasks.inputs import InputFetcher, RowInputs
 from ipaflow.tasks.metadata import MetadataStore
+from ipaflow.tasks.model_files import ModelFileError
 from ipaflow.tasks.pipelines import PIPELINES
 from ipaflow.tasks.render import batch_key, render_rows
 from ipaflow.tasks.shards import ShardPlan
@@ -141,8 +142,10 @@ def _build(shard: ShardPlan, settings: RunSettings, redact):
     except Exception as exc:  # noqa: BLE001 - a spec that cannot load fails its rows, with the reason
         if isinstance(exc, TransientStorageError) or is_transient(exc):
             raise
-        log.exception("cannot build the pipeline of spec %s", shard.spec.name)
-        problem = describe_exception("pipeline", exc, redact)
+        problem = Problem("pipeline", redact(str(exc))) if isinstance(exc, ModelFileError) else \
+            describe_exception("pipeline", exc, redact)
+        log.warning("cannot build the pipeline of spec %s: %s", shard.spec.name, problem.reason)
+        log.debug("the pipeline of spec %s failed to build", shard.spec.name, exc_info=True)  # the traceback
         _BROKEN[(settings.run_id, shard.spec.fingerprint())] = problem
         return problem
 
