@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ipaflow.core.hashing import hash_strings, members
-from ipaflow.core.lease import OutputLease
+from ipaflow.core.lease import FencedStorage, OutputLease
 from ipaflow.core.storage import Storage, join
 from ipaflow.specs.outputs import CONTAINERS, member_uri, split_member
 from ipaflow.tasks.card import write_card
@@ -212,8 +212,8 @@ def verify_folder(out: str, storage: Storage | None = None, deep: bool = False, 
         for line in found.lines:
             say(line)
         return len(found.lines)
-    with OutputLease(storage, out, run="verify --repair"):
-        _repair(storage, out, found)
+    with OutputLease(storage, out, run="verify --repair") as lease:  # its writes fenced like a render's
+        _repair(FencedStorage(options=storage.options, timeouts=storage.timeouts, fence=lease.fence()), out, found)
     left = Check(storage, out, deep).run()
     for line in found.lines:
         if line not in set(left.lines):
