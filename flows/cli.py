@@ -110,7 +110,22 @@ class _OneLineFailures(logging.Filter):
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, (KeyboardInterrupt, UserError)) or (error and _one_line(error)):
             return False
-        return not str(record.msg).startswith(_PREFECT_NOISE) and _CANCELLED_TASK not in record.getMessage()
+        message = record.getMessage()
+        return (not str(record.msg).startswith(_PREFECT_NOISE) and _CANCELLED_TASK not in message
+                and not _ends_in_a_user_error(message))
+
+
+def _ends_in_a_user_error(message: str) -> bool:
+    """Prefect's "Finished in state Failed('Task run encountered an exception LeaseLost: ...')" of a task run
+    stopped by an error the CLI says in its own line."""
+    if not message.startswith("Finished in state Failed("):
+        return False
+    kinds, names = [UserError], set()
+    while kinds:
+        kind = kinds.pop()
+        names.add(kind.__name__)
+        kinds.extend(kind.__subclasses__())
+    return any(f"exception {name}:" in message for name in names)
 
 
 _api_blinks = APIBlinks()  # one for the process: the API's blink is said once, whichever handler sees it

@@ -119,3 +119,16 @@ def test_validate_names_a_duplicate_id_once_with_both_rows(tmp_path, capsys):
     from ipaflow.specs.rows import duplicate_problem
 
     assert duplicate_problem([0, 2]).shared  # said once because of this field, whatever its wording
+
+
+@pytest.mark.parametrize("message, kept", [
+    ("Finished in state Failed('Task run encountered an exception LeaseLost: lost the lease on o to run b')", False),
+    ("Finished in state Failed('Task run encountered an exception StorageUnreachable: s3://b/r unreachable')", False),
+    ("Finished in state Failed('Task run encountered an exception RuntimeError: boom')", True),
+    ("Finished in state Completed('2 ok, 0 failed')", True),
+])
+def test_the_console_keeps_prefects_task_end_unless_the_cli_says_it_in_its_own_line(message, kept):
+    import logging
+
+    record = logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, message, None, None)
+    assert cli._OneLineFailures().filter(record) is kept
