@@ -15,7 +15,7 @@ from typing import Any
 
 from ipaflow.core.problems import FailedRow
 from ipaflow.flows import progress
-from ipaflow.flows.progress import RateMeter, Snapshot
+from ipaflow.flows.progress import ProgressEstimator, Snapshot
 from ipaflow.flows.summary import FailureLine, LiveUpdates, RunSummary, RunTimes, ShardLine
 from ipaflow.tasks.counts import RowCounts
 from ipaflow.tasks.worker import ShardProgress, ShardStats
@@ -93,14 +93,14 @@ class RunCounter:
         self.api_writes = 0  # live-update rounds written, and the flow-thread seconds they took (the monitor's)
         self.api_seconds = 0.0
         self._lock = threading.Lock()
-        self._inbox: list[ShardProgress] = []
+        self._inbox: list[tuple[float, ShardProgress | dict]] = []
         self._live: dict[str, ShardProgress] = {}  # running shards' latest reports
         self._finished: set[str] = set()
         self._seen: set[tuple[str, int | None]] = set()
         self._logged: dict[str, int] = {}  # WARNING lines per shard
         self._unlogged: dict[str, int] = {}
-        self._meter = RateMeter()
-        self._worker_rows = 0  # rows rendered or failed by shards (the rate's count)
+        self.estimator = ProgressEstimator()  # the one rate and ETA (the terminal's and the UI's)
+        self._instant = 0  # rows failed without a worker (planning, lost shards): not in the rate
 
     def planned(self, total: int) -> None:
         """The rows the run will judge (rows already done are counted as the manifest streams)."""
@@ -133,13 +133,14 @@ class RunCounter:
         """A row that failed outside a finished shard: before reaching a worker (validation, missing input),
         or in a shard task that failed after its retries or never started."""
         self.counts.failed += 1
+        self._instant += 1
         self.per_spec.setdefault(failed.spec or UNKNOWN_SPEC, RowCounts()).add(RowCounts(rows=1, failed=1))
         self._record_failure(failed, "planning")
 
     def report(self, report: ShardProgress | dict) -> None:
         """A running shard's report (any thread: a task's thread, or the Dask client's)."""
         with self._lock:
-            self._inbox.append(report)
+            self._inbox.append((time.monotonic(), report))  # the batch's time, for the estimator
 
     def shard_finished(self, stats: ShardStats) -> None:
         self._drain()
@@ -167,7 +168,6 @@ class RunCounter:
     def _add_shard(self, counted: RowCounts, shard: ShardStats | ShardProgress) -> None:
         """A shard's rows into the run's counts (not its rows: the run counts manifest rows, ``planned``)."""
         self.counts.add(counted.model_copy(update={"rows": 0, "seconds": 0.0}))
-        self._worker_rows += shard.ok + shard.failed
 
     def close_log(self, where: str) -> None:
         """One line for the failed rows of ``where`` that were not logged one by one."""
@@ -199,7 +199,7 @@ class RunCounter:
         with self._lock:
             reports, self._inbox = self._inbox, []
         self.reports += len(reports)
-        for report in reports:
+        for arrived, report in reports:
             if isinstance(report, dict):
                 report = ShardProgress.model_validate(report)
             if report.shard in self._finished:  # a late report; the shard's stats count
@@ -207,8 +207,16 @@ class RunCounter:
             self._live[report.shard] = report
             for failed in report.new_failures:
                 self._record_failure(failed, report.shard)
+            if self.total is not None:
+                self.estimator.observe(self._worker_done(), arrived)
 
-    def snapshot(self) -> Snapshot:
+    def _worker_done(self) -> int:
+        """Rows the workers have finished in this run (rendered or failed): the estimator's count."""
+        live = sum((p.run_counts() for p in self._live.values()), RowCounts())
+        return self.counts.ok + self.counts.failed + live.ok + live.failed - self._instant
+
+    def snapshot(self, now: float | None = None) -> Snapshot:
+        now = time.monotonic() if now is None else now
         live = list(self._live.values())
         now_counts = sum((p.run_counts() for p in live), self.counts.counts())
         ok, failed = now_counts.ok, now_counts.failed
@@ -216,19 +224,18 @@ class RunCounter:
         phase = self.phase
         if phase == RENDERING and live and all(p.phase == "loading pipeline" for p in live):
             phase = f"loading pipeline {live[0].spec}"
-        remaining = self.total - done if self.total is not None else 0
-        now = time.monotonic()
+        known = self.total is not None
         return Snapshot(phase=phase, total=self.total, done=done, ok=ok, failed=failed, skipped=self.counts.skipped,
-                        rate=self._meter.rate(), eta=self._meter.eta(remaining) if self.total is not None else None,
+                        rate=self.estimator.rate(now), eta=self.estimator.eta(self.total - done, now) if known else None,
                         elapsed=progress.elapsed_since_start(now, fallback=self.started))
 
     def update(self) -> Snapshot:
         """Apply the shards' reports, feed the rate meter and tell the listeners (``flows.progress``)."""
         self._drain()
+        now = time.monotonic()
         if self.total is not None:
-            live_rows = sum(p.ok + p.failed for p in self._live.values())
-            self._meter.add(self._worker_rows + live_rows)
-        snapshot = self.snapshot()
+            self.estimator.observe(self._worker_done(), now)  # a finished shard's last rows
+        snapshot = self.snapshot(now)
         progress.publish(snapshot)
         return snapshot
 

@@ -141,13 +141,13 @@ def test_failed_rows_and_progress_are_live(watched_run):
     early = [seen for at, seen in observer.readings if failing.started_at < at < failing.finished_at]
     assert any("bad-decode" in json.dumps(seen.get("table")) for seen in early), "no live failed-rows artifact"
     descriptions = [seen["progress"][1] for _, seen in observer.readings if "progress" in seen]
-    pattern = re.compile(r"rendering: (\d+)/12 rows, (\d+) ok, (\d+) failed, 0 skipped, ([\d.]+) rows/s, "
-                         r"ETA (\d+m)?\d+s, elapsed")
+    pattern = re.compile(r"^ETA (\d+m)?\d+s, rendering: (\d+)/12 rows \([\d.]+%\), (\d+) ok, (\d+) failed, 0 skipped, "
+                         r"([\d.]+) rows/s, elapsed")
     live = [match for text in descriptions if (match := pattern.search(text.replace("\\", "")))]
     assert live, descriptions
-    done_counts = {int(match.group(1)) for match in live}
+    done_counts = {int(match.group(2)) for match in live}
     assert done_counts - {4, 8, 12}, f"progress moved only at shard boundaries: {sorted(set(descriptions))}"
-    assert all(float(match.group(4)) > 0 for match in live)
+    assert all(float(match.group(5)) > 0 for match in live)
     assert [float(seen["progress"][0]) for _, seen in observer.readings if "progress" in seen][-1] == 100
 
 
@@ -322,7 +322,8 @@ def test_progress_on_a_terminal_and_off_it(monkeypatch):
     assert lines and all(line.startswith("ipaflow: ") for line in lines if "r-7" not in line)
     shown = "\n".join(lines)
     assert re.search(r"^ipaflow: importing torch, diffusers and Prefect, elapsed \ds$", shown, re.M)  # no rows yet
-    assert re.search(r"^ipaflow: rendering: 12/40 rows, 9 ok, 3 failed, 0 skipped, 2.5 rows/s, ETA 11s, elapsed \ds$",
+    assert re.search(r"^ipaflow: ETA 11s, rendering: 12/40 rows \(30.0%\), 9 ok, 3 failed, 0 skipped, 2.5 rows/s, "
+                     r"elapsed \ds$",
                      shown, re.M)
 
 

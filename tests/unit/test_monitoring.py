@@ -1,5 +1,5 @@
 """The rules of the run monitor, without Prefect or models: markdown escaping (checked by rendering it), failed
-rows grouped by reason, rows/s and ETA, counting shards' live reports (retries, late reports, lost shards),
+rows grouped by reason, counting shards' live reports (retries, late reports, lost shards),
 labelled preview sheets within their byte budget."""
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 from ipaflow.core.problems import FailedRow, Problem
 from ipaflow.flows.monitoring import MAX_REASONS, RunMonitor, failure_table, markdown_text
 from ipaflow.flows.previews import PREVIEW_BUDGET, Thumb, labelled_grid, preview_jpeg, preview_uris
-from ipaflow.flows.progress import RateMeter, Snapshot, status_line
 from ipaflow.flows.run_counter import FailureGroups
 from ipaflow.tasks.counts import RowCounts
 from ipaflow.tasks.worker import ShardProgress, ShardStats
@@ -84,26 +83,6 @@ def test_the_reasons_table_is_capped():
     table = failure_table(groups)
     assert len(table) == MAX_REASONS + 1 and table[-1]["rows"] == 5 and table[-1]["reason (first row's)"] == (
         "5 other reasons")
-
-
-def test_rate_over_a_sliding_window_and_eta():
-    now = [0.0]
-    meter = RateMeter(window=60, clock=lambda: now[0])
-    meter.add(0)
-    assert meter.rate() is None and meter.eta(100) is None  # nothing done yet
-    for second in range(1, 121):  # 1 row/s for a minute, then 4 rows/s
-        now[0] = second
-        meter.add(second if second <= 60 else 60 + 4 * (second - 60))
-    assert meter.rate() == pytest.approx(4.0)  # the first minute has left the window
-    assert meter.eta(400) == pytest.approx(100.0) and meter.eta(0) == 0.0
-
-
-def test_status_line():
-    assert status_line(Snapshot(phase="rendering", total=1000, done=120, ok=100, failed=10, skipped=10, rate=3.21,
-                                eta=275, elapsed=62)) == (
-        "rendering: 120/1000 rows, 100 ok, 10 failed, 10 skipped, 3.21 rows/s, ETA 4m35s, elapsed 1m02s")
-    assert status_line(Snapshot(phase="planning rows", elapsed=3)) == "planning rows, elapsed 3s"
-    assert "? rows/s, ETA ?" in status_line(Snapshot(phase="rendering", total=5))
 
 
 def _report(shard: str, ok: int, failed: int = 0, new: tuple = (), skipped: int = 0) -> ShardProgress:
