@@ -76,11 +76,11 @@ def failure_table(groups: FailureGroups) -> list[dict]:
     """The failed-rows artifact's rows, most frequent reason first, every text cell escaped."""
     ranked = sorted(groups.groups.values(), key=lambda g: (-g.rows, g.column, g.example))
     table = [{"rows": g.rows, "column": markdown_text(g.column), "reason (first row's)": markdown_text(g.example),
-              "specs": markdown_text(", ".join(sorted(g.specs))), "sample ids": markdown_text(", ".join(g.sample))}
+              "specs": markdown_text(", ".join(sorted(g.specs))), "sample rows": markdown_text(", ".join(g.sample))}
              for g in ranked[:MAX_REASONS]]
     if rest := ranked[MAX_REASONS:]:
         table.append({"rows": sum(g.rows for g in rest), "column": "",
-                      "reason (first row's)": f"{len(rest)} other reasons", "specs": "", "sample ids": ""})
+                      "reason (first row's)": f"{len(rest)} other reasons", "specs": "", "sample rows": ""})
     return table
 
 

@@ -48,14 +48,28 @@ class FailureGroups:
     def __init__(self) -> None:
         self.groups: dict[tuple[str, str], ReasonGroup] = {}
 
-    def add(self, failed: FailedRow, redact: Callable[[str], str]) -> None:
+    def add(self, failed: FailedRow, redact: Callable[[str], str], label: str | None = None) -> None:
+        """Count ``failed`` under each of its problems; ``label`` names it in the samples (default: its id)."""
         for problem in failed.problems:
             key = (problem.column, _VARYING.sub("…", problem.reason))
             group = self.groups.setdefault(key, ReasonGroup(problem.column, redact(problem.reason)))
             group.rows += 1
             group.specs.add(failed.spec or UNKNOWN_SPEC)
             if len(group.sample) < SAMPLE_IDS:
-                group.sample.append(failed.row)
+                group.sample.append(label or failed.row)
+
+    def discard(self, failed: FailedRow, label: str | None = None) -> None:
+        """Take back a row ``add`` counted (a retried shard rendered it after all)."""
+        for problem in failed.problems:
+            key = (problem.column, _VARYING.sub("…", problem.reason))
+            group = self.groups.get(key)
+            if group is None:
+                continue
+            group.rows -= 1
+            if (label or failed.row) in group.sample:
+                group.sample.remove(label or failed.row)
+            if group.rows <= 0:
+                del self.groups[key]
 
 
 def artifact_key(text: str) -> str:
@@ -83,8 +97,10 @@ class RunCounter:
         self.total: int | None = None
         # finished shards, rows failed outside shards, rows already done (and updated) before this run
         self.counts = RowCounts()
-        self.failures: list[FailedRow] = []  # the first FAILURES_KEPT failed rows, in the order seen
+        self.failures: list[FailureLine] = []  # the first FAILURES_KEPT failed rows, in the order seen
         self.recorded = 0  # every failed row, counted once
+        self.without_record = 0  # failed rows with no record of their own (an unusable id, a duplicate id's second)
+        self.place: Callable[[int], str | None] = lambda index: None  # a folder manifest's file and row
         self.groups = FailureGroups()
         self.per_spec: dict[str, RowCounts] = {}
         self.shards: list[ShardLine] = []  # per finished shard: where, when, how many rows
@@ -96,7 +112,9 @@ class RunCounter:
         self._inbox: list[tuple[float, ShardProgress | dict]] = []
         self._live: dict[str, ShardProgress] = {}  # running shards' latest reports
         self._finished: set[str] = set()
-        self._seen: set[tuple[str, int | None]] = set()
+        self._seen: set[tuple[str, int | None]] = set()  # failed rows of shards, counted
+        self._reported: dict[str, dict[tuple[str, int | None], FailedRow]] = {}  # running shards' failed rows
+        self._duplicate_ids: set[str] = set()  # ids of rows failed as duplicates (the first one's record stands)
         self._logged: dict[str, int] = {}  # WARNING lines per shard
         self._unlogged: dict[str, int] = {}
         self.estimator = ProgressEstimator()  # the one rate and ETA (the terminal's and the UI's)
@@ -151,19 +169,32 @@ class RunCounter:
         self._add_shard(counted, stats)
         for failed in stats.failures:
             self._record_failure(failed, stats.name)
+        self._take_back(stats.name, {(f.row, f.index) for f in stats.failures})
         self.shards.append(ShardLine.model_validate(stats.model_dump(include=set(ShardLine.model_fields))))
         self.log.info("%s on %s: %d ok, %d failed in %.1fs", stats.name, stats.worker, stats.ok, stats.failed,
                       stats.seconds)
         self.close_log(stats.name)
         self.tick()
 
-    def shard_lost(self, name: str) -> None:
-        """A shard task that failed after its retries: its last report's counts stand (its journaled rows
-        are done; the flow fails the others, ``row_failed``)."""
+    def shard_lost(self, name: str, ok: set[str], failed: set[str]) -> None:
+        """A shard task that failed after its retries: the rows it journaled count, ``ok`` and ``failed`` ids
+        (its reports may name rows whose records were never written: the flow fails those, ``row_failed``)."""
         self._drain()
         self._finished.add(name)
-        if last := self._live.pop(name, None):
-            self._add_shard(last.run_counts(), last)
+        self._live.pop(name, None)
+        self._take_back(name, None, keep=failed - ok)
+        self.counts.add(RowCounts(ok=len(ok), failed=len(failed - ok)))
+
+    def _take_back(self, shard: str, final: set[tuple[str, int | None]] | None, keep: set[str] = frozenset()) -> None:
+        """Failed rows a shard reported that are not failed in the end: not in its ``final`` failures (a retry
+        rendered them), or, for a lost shard, not journaled failed (``keep``; the flow fails them again)."""
+        for key, failed in self._reported.pop(shard, {}).items():
+            if key not in final if final is not None else failed.row not in keep:
+                self._seen.discard(key)
+                self.recorded -= 1
+                self.without_record -= self._has_no_record(failed, taking_back=True)
+                self.groups.discard(failed, self._label(failed))
+                self.failures = [line for line in self.failures if (line.id, line.index) != key]
 
     def _add_shard(self, counted: RowCounts, shard: ShardStats | ShardProgress) -> None:
         """A shard's rows into the run's counts (not its rows: the run counts manifest rows, ``planned``)."""
@@ -177,16 +208,41 @@ class RunCounter:
 
     # -- counting -------------------------------------------------------------------------------------------
 
+    def _label(self, failed: FailedRow) -> str:
+        """A failed row as the artifacts list it: its id and where it lies in the manifest (``a (manifest row
+        3)``, ``a (part-0.parquet row 3)``); a row whose id is unusable by where it lies alone."""
+        if failed.index is None:
+            return failed.row
+        where = self.place(failed.index) or f"manifest row {failed.index}"
+        return where if failed.row.startswith("#") else f"{failed.row} ({where})"
+
+    def _has_no_record(self, failed: FailedRow, taking_back: bool = False) -> bool:
+        """An unusable id has no record; of rows sharing an id, the first one failed holds it. (Shards never
+        fail a row for its id: taking one of their rows back is about unusable ids alone.)"""
+        if failed.row.startswith("#"):
+            return True
+        if not taking_back and any(p.column == "id" and p.reason.startswith("duplicate id") for p in failed.problems):
+            if failed.row in self._duplicate_ids:
+                return True
+            self._duplicate_ids.add(failed.row)
+        return False
+
     def _record_failure(self, failed: FailedRow, where: str) -> None:
         if where != "planning":  # a retried shard reports its failed rows again (planning reports each row once)
             key = (failed.row, failed.index)
             if key in self._seen:
                 return
             self._seen.add(key)
+            if where not in self._finished:  # reported by a running shard: taken back if a retry renders it
+                self._reported.setdefault(where, {})[key] = failed
         self.recorded += 1
+        label = self._label(failed)
+        unrecorded = self._has_no_record(failed)
+        self.without_record += unrecorded
         if len(self.failures) < FAILURES_KEPT:  # all are counted and grouped; the first ones are kept whole
-            self.failures.append(failed)
-        self.groups.add(failed, self.redact)
+            self.failures.append(FailureLine(id=failed.row, spec=failed.spec, error=self.redact(failed.error),
+                                             index=failed.index, row=label, recorded=not unrecorded))
+        self.groups.add(failed, self.redact, label)
         logged = self._logged.get(where, 0)
         if logged < FAILURE_LOG_LIMIT:
             self._logged[where] = logged + 1
@@ -256,7 +312,7 @@ class RunCounter:
             **where, rows=self.counts.rows, rendered=rendered, skipped=self.counts.skipped,
             updated=self.counts.updated, failed=self.counts.failed, images=self.counts.images, seconds=seconds,
             times=RunTimes(**times, render_rate=rate),
-            failures=[FailureLine(id=f.row, spec=f.spec, error=f.error) for f in self.failures],
+            without_record=self.without_record, failures=self.failures,
             shards=self.shards,
             live_updates=LiveUpdates(shard_reports=self.reports, api_writes=self.api_writes,
                                      api_seconds=round(self.api_seconds, 3)))

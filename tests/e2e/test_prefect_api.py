@@ -166,7 +166,8 @@ def test_artifacts_as_the_api_holds_them(watched_run):
         assert artifacts["table"].description.startswith("5 failed rows, 4 reasons")
         failed = json.loads(artifacts["table"].data)
         assert [row["rows"] for row in failed] == [2, 1, 1, 1]  # both unknown specs under one reason
-        by_sample = {_shown_text(row["sample ids"]).strip(): row for row in failed}
+        by_sample = {re.sub(r" \(manifest row \d+\)", "", _shown_text(row["sample rows"])).strip(): row
+                     for row in failed}
         assert by_sample["bad-decode"]["specs"].replace("\\", "") == "sdxl-text2img"
         assert by_sample["html-spec, dash"]["specs"] == "(unknown spec)"
         assert f"unknown spec '{HOSTILE_SPEC}'" in _shown_text(by_sample["html-spec, dash"]["reason (first row's)"])
