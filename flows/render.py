@@ -148,7 +148,7 @@ def render_manifest(
     monitor = RunMonitor(name=name, redact=storage.redact)
     monitor.start()
     storage.clean_staging()  # partial files of a run that was killed mid-write
-    run = open_run(manifest, options, storage=storage)
+    run = open_run(absolute_uri(manifest), options, storage=storage)  # records name the manifest file absolute
     monitor.place = run.manifest.where  # failed rows named by file and row in a folder manifest
     for line in renamed_columns(run.passthrough):
         logger.warning("manifest: %s", line)

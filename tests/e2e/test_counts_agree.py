@@ -1,7 +1,8 @@
 """One run's figures, read everywhere an operator reads them: the command line's summary, the flow run's state
 message, the progress, failed-rows and summary artifacts (from a real Prefect API), the gallery and
 ``ipaflow records``. The manifest holds rows without a usable id and a duplicate id, which have no record of
-their own: counted failed, and named by manifest row. Rendered twice: the re-run skips what is done."""
+their own: counted failed, and named by manifest row. Rendered twice: the re-run skips what is done. Every record
+names its manifest file, absolute though the manifest was given relative."""
 
 from __future__ import annotations
 
@@ -63,18 +64,20 @@ def _everywhere(state, out, capsys):
     return said, listed, records
 
 
-def test_counts_agree_everywhere(tmp_path, inputs_dir, models_env, prefect_api, capsys):
+def test_counts_agree_everywhere(tmp_path, inputs_dir, models_env, prefect_api, capsys, monkeypatch):
     from ipaflow.flows.render import render_manifest
 
     manifest = write_manifest(tmp_path / "counted.parquet", _rows(inputs_dir, tmp_path))
     out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)  # the manifest given relative: records name it absolute
     for rendered, skipped in ((3, 0), (0, 3)):  # the run, then a re-run: done rows skipped, failed rows again
-        state = render_manifest(str(manifest), out=str(out), options={"shard_size": 2}, return_state=True)
+        state = render_manifest("counted.parquet", out=str(out), options={"shard_size": 2}, return_state=True)
         said, listed, records = _everywhere(state, out, capsys)
         figures = {place: value for place, value in said.items() if isinstance(value, tuple)}
         assert set(figures.values()) == {(rendered, skipped, 5)}, said
         assert {said["failed-rows artifact"], said["gallery"], said["records"]} == {5}, said
         assert sorted(r["id"] for r in records if r["status"] == "ok") == ["ok-0", "ok-1", "ok-2"]
+        assert {r["manifest"] for r in records} == {str(manifest)}  # rendered and failed records name the file
         for place, text in listed.items():  # the rows without a record, by manifest row
             for name in ("manifest row 1", "manifest row 4", "dup (manifest row 5)"):
                 assert name in str(text), (place, name, text)
