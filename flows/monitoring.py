@@ -14,15 +14,16 @@ flow's thread turns them into API writes in ``tick``, at most one round every ``
 so the API load does not grow with the number of rows, batches or workers (a SQLite-backed server refuses
 writes that come too fast: "database is locked").
 
-Manifest text reaches artifacts as escaped markdown (``markdown_text``): the UI renders table cells and
-markdown artifacts as markdown with HTML, and manifests are untrusted.
+Manifest text reaches artifacts as escaped markdown (``markdown_text``), in markdown artifacts and descriptions
+only: both of Prefect 3.9's UIs render those as markdown, so the escaped text shows as written in each, and no
+manifest HTML becomes an element. A table artifact is not used: the classic UI renders its cells as markdown, the
+new one as plain text, so no one cell text shows right in both (``scripts/ui_check.py`` checks both in Chromium).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
 import logging
 import os
 import re
@@ -72,6 +73,9 @@ def markdown_text(value: Any) -> str:
     return "\\" + text if text[:1] in ("-", "+", "=") else text
 
 
+FAILURE_COLUMNS = ("rows", "column", "reason (first row's)", "specs", "sample rows")
+
+
 def failure_table(groups: FailureGroups) -> list[dict]:
     """The failed-rows artifact's rows, most frequent reason first, every text cell escaped."""
     ranked = sorted(groups.groups.values(), key=lambda g: (-g.rows, g.column, g.example))
@@ -83,6 +87,12 @@ def failure_table(groups: FailureGroups) -> list[dict]:
                       "reason (first row's)": f"{len(rest)} other reasons", "specs": "", "sample rows": ""})
     return table
 
+
+def failure_markdown(groups: FailureGroups) -> str:
+    """The failed-rows artifact: ``failure_table`` as a markdown table (its cells escaped already)."""
+    lines = ["| " + " | ".join(FAILURE_COLUMNS) + " |", "| ---: | --- | --- | --- | --- |"]
+    lines += ["| " + " | ".join(str(row[name]) for name in FAILURE_COLUMNS) + " |" for row in failure_table(groups)]
+    return "\n".join(lines)
 
 
 # -- the run ----------------------------------------------------------------------------------------------------
@@ -188,7 +198,7 @@ class RunMonitor(RunCounter):
         self._written = (snapshot.phase, snapshot.done, snapshot.failed, snapshot.total)
 
     def _write_failed_rows(self, client, final: bool) -> None:
-        from prefect.artifacts import create_table_artifact
+        from prefect.artifacts import create_markdown_artifact
         from prefect.client.schemas.actions import ArtifactUpdate
 
         count = self.recorded
@@ -196,12 +206,12 @@ class RunMonitor(RunCounter):
         when = "" if final else f" so far (at {datetime.now(timezone.utc):%H:%M:%S} UTC)"
         description = (f"{count} failed row{'s' if count != 1 else ''}{when}, {reasons} "
                        f"reason{'s' if reasons != 1 else ''}; every row's reason is in the metadata and the gallery")
-        table = failure_table(self.groups)
+        table = failure_markdown(self.groups)
         if self._failed_id is None:
-            self._failed_id = create_table_artifact(table=table, key=artifact_key(f"{self.name}-failed-rows"),
-                                                    description=description)
+            self._failed_id = create_markdown_artifact(markdown=table, key=artifact_key(f"{self.name}-failed-rows"),
+                                                       description=description)
         else:
-            client.update_artifact(self._failed_id, ArtifactUpdate(data=json.dumps(table), description=description))
+            client.update_artifact(self._failed_id, ArtifactUpdate(data=table, description=description))
         self._failures_written = count
 
     @contextlib.contextmanager

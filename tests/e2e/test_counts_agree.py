@@ -10,7 +10,7 @@ import io
 import json
 import re
 
-from util import write_manifest
+from util import artifact_role, markdown_table, write_manifest
 
 
 def _rows(inputs_dir, folder):
@@ -44,15 +44,15 @@ def _everywhere(state, out, capsys):
         match = re.fullmatch(r"(\d+) ok, (\d+) failed, (\d+) skipped", run.state.message)
         said["state"] = tuple(int(match.group(i)) for i in (1, 3, 2))
         runs = FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
-        artifacts = {a.type: a for a in client.read_artifacts(flow_run_filter=runs)}
+        artifacts = {artifact_role(a): a for a in client.read_artifacts(flow_run_filter=runs)}
     match = re.search(r"8/8 rows \(100\.0%\), (\d+) ok, (\d+) failed, (\d+) skipped", artifacts["progress"].description)
     said["progress"] = tuple(int(match.group(i)) for i in (1, 3, 2))
-    summary_text = artifacts["markdown"].data.replace("\\", "")
+    summary_text = artifacts["summary"].data.replace("\\", "")
     match = re.search(r"rows: 8 = (\d+) rendered \+ (\d+) skipped \(already done\) \+ (\d+) failed", summary_text)
     said["summary artifact"] = tuple(int(match.group(i)) for i in (1, 2, 3))
     said["summary"] = (summary.rendered, summary.skipped, summary.failed)
-    failed_table = json.loads(artifacts["table"].data)
-    said["failed-rows artifact"] = int(re.match(r"(\d+) failed rows", artifacts["table"].description).group(1))
+    failed_table = markdown_table(artifacts["failed-rows"].data)
+    said["failed-rows artifact"] = int(re.match(r"(\d+) failed rows", artifacts["failed-rows"].description).group(1))
     gallery = (out / "index.html").read_text()
     said["gallery"] = int(re.search(r"(\d+) failed</a>", gallery).group(1))
     lines = io.StringIO()

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ipaflow.core.problems import FailedRow, Problem
-from ipaflow.flows.monitoring import MAX_REASONS, RunMonitor, failure_table, markdown_text
+from ipaflow.flows.monitoring import MAX_REASONS, RunMonitor, failure_markdown, failure_table, markdown_text
 from ipaflow.flows.previews import PREVIEW_BUDGET, Thumb, labelled_grid, preview_jpeg, preview_uris
 from ipaflow.flows.run_counter import FailureGroups
 from ipaflow.tasks.counts import RowCounts
@@ -74,6 +74,21 @@ def test_failures_are_grouped_by_reason_with_counts_and_samples():
     assert table[0]["reason (first row's)"] == "not found: /data/in/0.png"
     assert table[1]["specs"] == "(unknown spec)"
     assert "&lt;b&gt;" in table[2]["reason (first row's)"]
+
+
+def test_the_failed_rows_artifact_is_a_markdown_table_that_shows_the_text_as_written():
+    """A markdown artifact, not a table artifact: Prefect's classic UI renders table cells as markdown and its new
+    UI as plain text, while both render a markdown artifact as markdown (scripts/ui_check.py checks both)."""
+    groups = FailureGroups()
+    for number, text in enumerate(HOSTILE):
+        groups.add(FailedRow(row=f"r{number}", problems=(Problem(f"col{number:02d}", text),), index=number,
+                             spec=text), str, label=text)
+    rendered = _render(failure_markdown(groups))
+    assert set(re.findall(r"<(\w+)", rendered)) == {"table", "thead", "tbody", "tr", "th", "td"}
+    rows = re.findall(r"<tr>(.*?)</tr>", rendered, re.S)[1:]
+    cells = [[_shown(cell) for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)] for row in rows]
+    assert sorted(cells) == sorted(["1", f"col{n:02d}", " ".join(t.split()), " ".join(t.split()), " ".join(t.split())]
+                                   for n, t in enumerate(HOSTILE))
 
 
 def test_the_reasons_table_is_capped():
