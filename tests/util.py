@@ -164,3 +164,14 @@ def markdown_table(markdown: str) -> list[dict]:
     lines = [line.strip() for line in markdown.splitlines() if line.strip().startswith("|")]
     split = [re.split(r"(?<!\\) \| ", line[2:-2]) for line in lines]
     return [dict(zip(split[0], cells)) for cells in split[2:]]
+
+
+def load_script(relative: str):
+    """A script of the repository (``benchmarks/eta.py``, ``scripts/ui_check.py``) as a module, for its tests."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(f"ipaflow_script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -5,23 +5,12 @@ stall, and follows a run whose speed changes; measured on synthetic runs with a 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from util import load_script
 
 from ipaflow.flows.progress import ProgressEstimator, Snapshot, status_line
 
-
-def _benchmark():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "eta.py"
-    spec = importlib.util.spec_from_file_location("ipaflow_benchmark_eta", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-eta = _benchmark()
+eta = load_script("benchmarks/eta.py")
 
 
 def test_a_steady_run_gives_a_steady_rate_and_an_eta_that_counts_down():

@@ -3,20 +3,11 @@ that it skips cleanly where Chromium is absent."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
+from util import load_script
 
-def _script():
-    path = Path(__file__).resolve().parents[2] / "scripts" / "ui_check.py"
-    spec = importlib.util.spec_from_file_location("ipaflow_ui_check", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ui_check = _script()
+ui_check = load_script("scripts/ui_check.py")
 
 
 def test_elements_count_as_injected_text_does_not():
