@@ -420,6 +420,7 @@ def summary_markdown(summary: RunSummary, per_spec: dict[str, RowCounts], previe
         + (f"; {summary.updated} records updated" if summary.updated else "")
         + f") + {summary.failed} failed" + (" (the failed-rows artifact groups them by reason)" if summary.failed
                                           else ""),
+        *([_without_record_line(summary)] if summary.without_record else []),
         f"- time: {format_duration(summary.seconds)} in all = {format_duration(times.startup)} start-up"
         f" (before the flow: Prefect's API, imports, the first pipeline) + {format_duration(times.planning)}"
         f" planning + {format_duration(times.rendering)} rendering + {format_duration(times.finishing)}"
@@ -442,6 +443,17 @@ def summary_markdown(summary: RunSummary, per_spec: dict[str, RowCounts], previe
         for spec, uri in previews.items():
             lines += [f"### {md(spec)}", "", f"![{md(spec)}]({uri})", ""]
     return "\n".join(lines)
+
+
+UNRECORDED_NAMED = 20  # rows without a record named in the summary artifact
+
+
+def _without_record_line(summary: RunSummary) -> str:
+    """The failed rows that have no record of their own, by manifest row (the first ``UNRECORDED_NAMED``)."""
+    named = [line.row for line in summary.failures if not line.recorded][:UNRECORDED_NAMED]
+    more = f", and {summary.without_record - len(named)} more" if summary.without_record > len(named) else ""
+    return (f"- of them without a record of their own (an unusable id, a second row of an id): "
+            f"{summary.without_record}: {markdown_text(', '.join(named))}{more}")
 
 
 def _by_worker(shards: list[ShardLine]) -> dict[str, list[ShardLine]]:

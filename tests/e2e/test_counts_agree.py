@@ -59,7 +59,7 @@ def _everywhere(state, out, capsys):
     export_records(str(out), stdout=lines)
     records = [json.loads(line) for line in lines.getvalue().splitlines()]
     said["records"] = sum(r["status"] == "failed" for r in records) + summary.without_record
-    listed = {"summary": [f.row for f in summary.failures], "gallery": gallery,
+    listed = {"summary": [f.row for f in summary.failures], "gallery": gallery, "summary artifact": summary_text,
               "failed-rows artifact": " ".join(row["sample rows"] for row in failed_table).replace("\\", "")}
     return said, listed, records
 
