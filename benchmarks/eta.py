@@ -2,6 +2,7 @@
 on synthetic runs: batches that end as the workers finish them, a clock of their own, no models.
 
     python benchmarks/eta.py [--rows 2000] [--seeds 5]
+    python benchmarks/eta.py --render 160 [--steps 4]
 
 Each run: ``--rows`` rows in batches, taken in turn by the workers (each loads its pipeline first, 5-10 s), every
 batch's time +/-20% at random. Three speeds: steady (2 rows/s), halving at 50% of the rows (2 then 1 rows/s) and
@@ -18,6 +19,12 @@ A speed that changes cannot be foreseen: before a halving at 50% any estimator t
 far is short by ``(1 - f) / (1.5 - f) - 1`` at ``f`` done (-38% at 20%, -50% at 50%), and before a doubling long by
 ``(1 - f) / (0.75 - f) - 1`` (+45% at 20%, +100% at 50%); this script shows how soon after the change the ETA
 follows.
+
+``--render N`` measures the same on a real run instead: ``render_manifest`` of N rows of the tiny model zoo
+(sdxl-text2img, built in a temporary folder; Prefect's temporary API server), the first half at ``--steps``
+denoising steps, the second at twice as many (so the rows take about twice as long from the middle on), batches
+of 4, shards of 8. Every snapshot the flow publishes (once a second, as the terminal and the UI get them) is
+compared with the time rendering actually took to end.
 """
 
 from __future__ import annotations
@@ -84,11 +91,57 @@ def worst(errors: list[tuple[float, float | None]], low: float, high: float) -> 
     return max((abs(e) for done, e in errors if low <= done < high and e is not None), default=0.0)
 
 
+def render_errors(rows: int, steps: int) -> list[tuple[float, float | None]]:
+    """(fraction done, relative ETA error) of every snapshot of a real tiny-zoo render, 20% to 90% done."""
+    import os
+    import tempfile
+    import time
+
+    import pandas as pd
+
+    from ipaflow.flows import progress
+    from ipaflow.flows.demo import draw_inputs
+    from ipaflow.flows.render import render_manifest
+    from ipaflow.tasks.zoo.build import build_zoo
+
+    work = Path(tempfile.mkdtemp(prefix="ipaflow-eta-"))
+    os.environ["IPAFLOW_MODELS"] = str(build_zoo(work / "zoo"))
+    draw_inputs()["diner"].save(work / "diner.png")
+    pd.DataFrame([{"id": f"r{i:04d}", "spec": "sdxl-text2img", "prompt": f"picture {i}", "ip_image": str(work / "diner.png"),
+                   "num_inference_steps": steps if i < rows // 2 else 2 * steps, "width": 64, "height": 64}
+                  for i in range(rows)]).to_parquet(work / "slower.parquet")
+    seen: list[tuple[float, int, int, float | None]] = []
+
+    def listener(snapshot) -> None:
+        if snapshot.total and snapshot.phase.startswith("rendering"):
+            seen.append((time.monotonic(), snapshot.done, snapshot.total, snapshot.eta))
+
+    progress.add_listener(listener)
+    try:
+        render_manifest(str(work / "slower.parquet"), out=str(work / "out"),
+                        options={"batch_size": 4, "shard_size": 8})
+    finally:
+        progress.remove_listener(listener)
+    end = min(at for at, done, total, _ in seen if done == total)
+    return [(done / total, None if eta is None else (eta - (end - at)) / (end - at))
+            for at, done, total, eta in seen if 0.2 * total <= done <= 0.9 * total and at < end]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--render", type=int, default=0, help="rows of a real tiny-zoo render (0: synthetic runs)")
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps of the first half (--render)")
     args = parser.parse_args()
+    if args.render:
+        errors = render_errors(args.render, args.steps)
+        known = [e for _, e in errors if e is not None]
+        print(f"{args.render} rows, {args.steps} then {2 * args.steps} steps: {len(errors)} snapshots from 20% to 90% "
+              f"done; largest |error| 20-50% {worst(errors, 0.2, 0.5):.0%}, 60-90% {worst(errors, 0.6, 0.91):.0%}; "
+              f"median |error| {statistics.median(abs(e) for e in known):.0%}; within 30% from "
+              f"{within_from(errors, after=0.2):.0%} done")
+        return
     print("speed            workers x batch  max|err| 20-50%  max|err| 60-90%  within 30% from")
     for name, rate_of in SPEEDS.items():
         for workers, batch in SHAPES:

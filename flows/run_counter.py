@@ -166,7 +166,7 @@ class RunCounter:
         self._live.pop(stats.name, None)
         counted = stats.run_counts()
         self.per_spec.setdefault(stats.spec, RowCounts()).add(counted)
-        self._add_shard(counted, stats)
+        self._add_shard(counted)
         for failed in stats.failures:
             self._record_failure(failed, stats.name)
         self._take_back(stats.name, {(f.row, f.index) for f in stats.failures})
@@ -183,7 +183,7 @@ class RunCounter:
         self._finished.add(name)
         self._live.pop(name, None)
         self._take_back(name, None, keep=failed - ok)
-        self.counts.add(RowCounts(ok=len(ok), failed=len(failed - ok)))
+        self._add_shard(RowCounts(ok=len(ok), failed=len(failed - ok)))
 
     def _take_back(self, shard: str, final: set[tuple[str, int | None]] | None, keep: set[str] = frozenset()) -> None:
         """Failed rows a shard reported that are not failed in the end: not in its ``final`` failures (a retry
@@ -196,7 +196,7 @@ class RunCounter:
                 self.groups.discard(failed, self._label(failed))
                 self.failures = [line for line in self.failures if (line.id, line.index) != key]
 
-    def _add_shard(self, counted: RowCounts, shard: ShardStats | ShardProgress) -> None:
+    def _add_shard(self, counted: RowCounts) -> None:
         """A shard's rows into the run's counts (not its rows: the run counts manifest rows, ``planned``)."""
         self.counts.add(counted.model_copy(update={"rows": 0, "seconds": 0.0}))
 
@@ -286,7 +286,7 @@ class RunCounter:
                         elapsed=progress.elapsed_since_start(now, fallback=self.started))
 
     def update(self) -> Snapshot:
-        """Apply the shards' reports, feed the rate meter and tell the listeners (``flows.progress``)."""
+        """Apply the shards' reports, feed the progress estimator and tell the listeners (``flows.progress``)."""
         self._drain()
         now = time.monotonic()
         if self.total is not None:
