@@ -123,6 +123,9 @@ def render_errors(rows: int, steps: int) -> list[tuple[float, float | None]]:
     finally:
         progress.remove_listener(listener)
     end = min(at for at, done, total, _ in seen if done == total)
+    first = min(at for at, done, _, _ in seen if done > 0)
+    middle = min(at for at, done, total, _ in seen if done >= total / 2)
+    print(f"rendering: first rows done to half {middle - first:.1f}s, half to all {end - middle:.1f}s")
     return [(done / total, None if eta is None else (eta - (end - at)) / (end - at))
             for at, done, total, eta in seen if 0.2 * total <= done <= 0.9 * total and at < end]
 

@@ -78,17 +78,17 @@ class ProgressEstimator:
     Fed the rows the workers have finished so far (``observe``), as their shards report after every batch. Each
     increase is a batch completed at a time; the rows of a batch are spread over the interval since the one
     before it (a piecewise-constant rate), and the rate is that curve's exponentially weighted mean. Its time
-    constant is an eighth of the time rendered so far, at least ``TAU_BATCHES`` mean intervals between batches
-    and ``TAU_MIN`` seconds, at most ``TAU_MAX``: recent batches weigh most, one batch more or less moves it
+    constant is an eighth of the time rendered so far, at least ``TAU_BATCHES`` mean intervals between the latest
+    batches and ``TAU_MIN`` seconds, at most ``TAU_MAX``: recent batches weigh most, one batch more or less moves it
     little, and a run whose speed changed is followed within a few time constants (``benchmarks/eta.py``). The
     first batch only starts the clock (it carries the pipeline's load).
 
     The rate is read at the last batch, not at ``now``, so it does not sag between batches; once the wait since
-    the last batch is longer than the mean interval between batches (a stall), the wait counts as time without
-    rows and the rate falls. The ETA counts down from the last batch: ``last + remaining / rate - now``.
+    the last batch is longer than twice the mean interval between the latest ``TAU_BATCHES`` batches (a stall),
+    the wait counts as time without rows and the rate falls. The ETA counts down from the last batch: ``last + remaining / rate - now``.
     """
 
-    TAU_SHARE, TAU_BATCHES, TAU_MIN, TAU_MAX = 1 / 8, 8, 20.0, 600.0
+    TAU_SHARE, TAU_BATCHES, TAU_MIN, TAU_MAX = 1 / 8, 8, 5.0, 600.0
 
     def __init__(self) -> None:
         self.start: float | None = None  # the first batch
@@ -115,11 +115,11 @@ class ProgressEstimator:
         if not self.events or self.start is None:
             return None
         last = self.events[-1][0]
-        span = last - self.start
-        if span <= 0:
+        if last <= self.start:
             return None
-        gap = span / len(self.events)  # the mean interval between batches
-        end = max(last, now - gap)  # a wait past the usual interval is time without rows
+        recent = min(len(self.events), self.TAU_BATCHES)  # the mean interval between the latest batches
+        gap = (last - (self.events[-recent - 1][0] if recent < len(self.events) else self.start)) / recent
+        end = max(last, now - 2 * gap)  # a wait past twice the usual interval is time without rows
         tau = min(max((end - self.start) * self.TAU_SHARE, self.TAU_MIN, self.TAU_BATCHES * gap), self.TAU_MAX)
         weighted, before = 0.0, self.start
         for at, rows in self.events:
