@@ -85,7 +85,8 @@ class ProgressEstimator:
 
     The rate is read at the last batch, not at ``now``, so it does not sag between batches; once the wait since
     the last batch is longer than twice the mean interval between the latest ``TAU_BATCHES`` batches (a stall),
-    the wait counts as time without rows and the rate falls. The ETA counts down from the last batch: ``last + remaining / rate - now``.
+    the wait counts as time without rows and the rate falls. The ETA counts down from the last batch:
+    ``last + remaining / rate - now``.
     """
 
     TAU_SHARE, TAU_BATCHES, TAU_MIN, TAU_MAX = 1 / 8, 8, 5.0, 600.0
