@@ -400,6 +400,7 @@ def print_summary(summary: RunSummary) -> None:
 
 
 def cmd_render(args) -> int:
+    from ipaflow.flows.open_run import NothingJudged
     from ipaflow.specs.manifest import ManifestError
     from ipaflow.specs.registry import SpecError
 
@@ -416,6 +417,8 @@ def cmd_render(args) -> int:
             out = absolute_uri(fill_template(args.out, datetime.now(timezone.utc)))
             return print_estimate(estimate_manifest(args.manifest, out, options))
         summary = _render(args.manifest, args.out, options, api_server)
+    except NothingJudged:  # the manifest changed before the run judged a row: nothing ran (exit 2)
+        raise
     except (ManifestError, SpecError) as exc:  # once the run started: what ran is recorded
         raise RunStopped(str(exc)) from exc
     print_summary(summary)

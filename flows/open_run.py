@@ -28,7 +28,7 @@ from ipaflow.core.problems import FailedRow, Problem, RowFailed
 from ipaflow.core.storage import Storage
 from ipaflow.specs.census import Census, take_census
 from ipaflow.specs.checks import VouchedRow
-from ipaflow.specs.manifest import Manifest, open_manifest
+from ipaflow.specs.manifest import Manifest, ManifestError, open_manifest
 from ipaflow.specs.options import RenderOptions
 from ipaflow.specs.outputs import layout_of
 from ipaflow.specs.registry import SpecRegistry
@@ -198,7 +198,8 @@ def judge_rows(run: OpenedRun, records: OutputRecords | None = None,
         One ``JudgedRows`` per piece.
     """
     cache = cache if cache is not None else IdentityCache()
-    for resolved in resolve_stream(run.manifest, run.registry, run.census, limit=run.options.limit):
+    for resolved in _first_rows_judged(resolve_stream(run.manifest, run.registry, run.census,
+                                                      limit=run.options.limit)):
         judged = JudgedRows(rows=resolved.num_rows)
         judged.rejected = [Rejected(failed, extra=resolved.extras.get(failed.index)) for failed in resolved.failed]
         jobs = resolved.jobs
@@ -211,6 +212,24 @@ def judge_rows(run: OpenedRun, records: OutputRecords | None = None,
             _judge_against(run, records, jobs, cache, judged)
         judged.rejected.sort(key=lambda rejected: rejected.failed.index)
         yield judged
+
+
+class NothingJudged(ManifestError):
+    """The manifest became unusable (a file changed underneath: ``specs.manifest_files``) before the run judged
+    its first row: nothing of it ran (exit 2)."""
+
+
+def _first_rows_judged(pieces: Iterator) -> Iterator:
+    """``pieces``, with a ManifestError raised before the first one as ``NothingJudged``."""
+    try:
+        first = next(pieces, None)
+    except NothingJudged:
+        raise
+    except ManifestError as exc:
+        raise NothingJudged(str(exc)) from None
+    if first is not None:
+        yield first
+        yield from pieces
 
 
 def _judge_against(run: OpenedRun, records: OutputRecords, jobs: list, cache: IdentityCache,

@@ -20,6 +20,9 @@ import posixpath
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
@@ -29,7 +32,7 @@ from prefect.states import State
 from pydantic import Field
 
 from ipaflow.core import thread_logs
-from ipaflow.core.lease import OutputLease
+from ipaflow.core.lease import LeaseLost, OutputLease
 from ipaflow.core.outages import StorageUnreachable
 from ipaflow.core.problems import Problem
 from ipaflow.core.storage import Storage, is_local, is_out_unwritable
@@ -88,11 +91,30 @@ def _run_name() -> str:
     return f"{manifest_name(flow_run.parameters.get('manifest', 'manifest'))}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
 
+# The lease the flow body runs under, for its RunSettings; reached through the two functions below only, so that
+# the flow's functions, pickled by value for Dask workers, never refer to the ContextVar itself (not picklable).
+_LEASE: ContextVar[OutputLease | None] = ContextVar("ipaflow_lease", default=None)
+
+
+@contextmanager
+def _running_under(lease: OutputLease) -> Iterator[None]:
+    held = _LEASE.set(lease)
+    try:
+        yield
+    finally:
+        _LEASE.reset(held)
+
+
+def _current_lease() -> OutputLease | None:
+    return _LEASE.get()
+
+
 def _holding_output_lease(body):
     """The flow body runs holding the lease on its ``--out`` (ipaflow.core.lease), taken before anything is
     written there: a second run into the same folder is refused (OutputInUse), an unusable folder said in one
     line (OutputUnusable). A dead run's lease taken over: that run, still Running in Prefect, is marked Crashed
-    (``monitoring.mark_crashed``). The body gets ``out`` already resolved."""
+    (``monitoring.mark_crashed``). The body gets ``out`` already resolved, and the lease (``_current_lease``): its token
+    fences every write of the run (``ipaflow.core.lease.FencedStorage``)."""
 
     @functools.wraps(body)
     def run(manifest: str, out: str, options: RenderOptions = RenderOptions()) -> State:
@@ -107,7 +129,8 @@ def _holding_output_lease(body):
                 if lease.taken_over is not None and lease.taken_over.flow_run:
                     mark_crashed(lease.taken_over.flow_run, f"{lease.taken_over.run or 'the run'} died without "
                                  f"a word; run {flow_run.name} took over its --out")
-                return body(manifest, out, options)
+                with _running_under(lease):
+                    return body(manifest, out, options)
         except StorageUnreachable as exc:  # said of --out (the flow run's state and the command's one line)
             raise exc.at(storage.redact(out)) from exc
 
@@ -137,12 +160,16 @@ def render_manifest(
 
     Raises:
         OutputInUse: another run holds ``out``.
+        LeaseLost: another run took ``out`` over while this one was paused past the lease's ttl; this one
+            stopped before writing again.
         ManifestError, SpecError: the manifest or a spec folder is unusable.
     """
     logger = get_run_logger()
     started = time.perf_counter()
     run_id = new_run_id()
-    settings = RunSettings(run_id=run_id, out=out, options=options)
+    lease = _current_lease()
+    settings = RunSettings(run_id=run_id, out=out, options=options, lease_token=lease.token if lease else 0,
+                           lease_holder=lease.id if lease else "")
     storage = settings.storage()
     name = manifest_name(manifest)
     monitor = RunMonitor(name=name, redact=storage.redact)
@@ -159,17 +186,21 @@ def render_manifest(
     monitor.tag_flow_run(["ipaflow", f"manifest:{name}", *sorted({f"spec:{spec}" for spec in census.specs})])
     planner = RowPlanner(run, records, metadata, run_id, monitor)
     del records
-    stats = _run_shards(planner, settings, monitor, started)
-    planner.flush()
-    monitor.close_log("planning")
-    counts = monitor.counts
-    logger.info("%d rows: %d rendered or tried, %d already done (%d records updated), %d failed before rendering",
-                planner.rows, sum(s.rows for s in stats), counts.skipped, counts.updated, planner.rejected)
-
-    monitor.set_phase(FINISHING)
-    folded = metadata.fold(run_id, planner.records.index, drop_outputs=lambda uris: drop_members(storage, uris))
-    gallery, contact_sheet, previews = _gallery(storage, out, metadata, logger, monitor)
-    write_card(storage, out, metadata)
+    try:
+        stats = _run_shards(planner, settings, monitor, started)
+        planner.flush()
+        monitor.close_log("planning")
+        counts = monitor.counts
+        logger.info("%d rows: %d rendered or tried, %d already done (%d records updated), %d failed before "
+                    "rendering", planner.rows, sum(s.rows for s in stats), counts.skipped, counts.updated,
+                    planner.rejected)
+        monitor.set_phase(FINISHING)
+        folded = metadata.fold(run_id, planner.records.index, drop_outputs=lambda uris: drop_members(storage, uris),
+                               lease_token=settings.lease_token)
+        gallery, contact_sheet, previews = _gallery(storage, out, metadata, logger, monitor)
+        write_card(storage, out, metadata)
+    except LeaseLost as exc:  # counted as an outage is: rows done before, or journaled by a finished shard
+        raise exc.at(exc.where, monitor.counts.ok + monitor.counts.skipped) from exc
     summary = monitor.summary(run_id=run_id, manifest=storage.redact(absolute_uri(manifest)), out=storage.redact(out),
                               gallery=storage.redact(gallery),
                               contact_sheet=contact_sheet and storage.redact(contact_sheet),
@@ -283,6 +314,7 @@ def _run_shards(planner: RowPlanner, settings: RunSettings, monitor: RunMonitor,
                 pass
             monitor.tick()
             _unless_unreachable(planner.storage, settings.out, monitor)
+            planner.storage.check_lease()  # LeaseLost once another run took --out over
     if max_failures is not None and monitor.counts.failed >= max_failures:
         logger.warning("stopped after %d failed rows (--max-failures)", monitor.counts.failed)
     return results
@@ -301,7 +333,7 @@ def _finished(future, shard: ShardPlan, planner: RowPlanner, monitor: RunMonitor
     try:
         stats = future.result().stats
     except Exception as exc:  # noqa: BLE001 - the task failed after its retries
-        if is_out_unwritable(exc):  # every later shard would fail the same way: end the run in one line
+        if is_out_unwritable(exc) or isinstance(exc, LeaseLost):  # every later shard would fail the same way
             raise
         problem = Problem("worker", monitor.redact(f"{type(exc).__name__}: {exc}"))
         logger.error("%s failed: %s", shard.name, problem.reason)

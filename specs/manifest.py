@@ -24,7 +24,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from ipaflow.core.storage import Storage
-from ipaflow.specs.manifest_files import FORMATS, ManifestError, ManifestFile, check_unchanged, list_files, open_file
+from ipaflow.specs.manifest_files import FORMATS, ManifestError, ManifestFile, check_pass, list_files, open_file
 
 __all__ = ["FORMATS", "ManifestError", "ManifestFile", "Manifest", "RowBatch", "column_of", "open_manifest"]
 
@@ -179,8 +179,7 @@ class Manifest:
         redact = self.storage.redact
         partition = dict(file.partition)
         try:
-            check_unchanged(file, self.storage)
-            with open_file(file, self.storage) as handle:
+            with open_file(file, self.storage) as handle:  # the file as pinned (specs.manifest_files)
                 wanted = columns
                 if columns is not None and file.format == "parquet":
                     present = set(pq.ParquetFile(handle).schema_arrow.names)
@@ -193,6 +192,7 @@ class Manifest:
                         column = cols[name]
                         if isinstance(column, pa.Array) and pa.types.is_integer(column.type):
                             cols[name] = column.cast(pa.float64())
+                    check_pass(handle)  # every batch handed on was read from the file as pinned
                     yield count, cols
         except ManifestError:
             raise

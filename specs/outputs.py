@@ -13,7 +13,14 @@ layout (the spec's ``output.layout``, or ``render --layout``):
 - ``webdataset``: members ``<stem>.<ext>`` + ``<stem>.json`` of tar shards under ``webdataset/``;
 - ``parquet``: rows (image bytes + parameters) of Parquet shards under ``parquet/``.
 
-A container layout's record names each output as ``<container URI>#<member>``.
+A container layout's record names each output as ``<container>#<member>``.
+
+Records name their outputs relative to ``--out`` (``images/a.png``, ``webdataset/<container>.tar#a.png``), so a
+folder copied or moved elsewhere (another disk, bucket or machine) is still the same dataset. An output's *name*
+is its path from its layout's top folder (``images/``, ``videos/``, ``webdataset/``, ``parquet/``): a name read
+from a record is itself, and an absolute URI an older record holds is read by its path from the last top folder
+in it (``s3://old/run/images/a.png`` is ``images/a.png``), wherever the folder was when it was written.
+Readers get URIs from names in one place, ``resolve_output`` (``resolve_outputs`` for a column of records).
 Ids are checked before they get here (no separators, no leading dot, no reserved names), so these paths never
 leave the output folder.
 """
@@ -21,6 +28,7 @@ leave the output folder.
 from __future__ import annotations
 
 import hashlib
+import re
 import unicodedata
 from typing import TYPE_CHECKING
 
@@ -120,7 +128,58 @@ def layout_of(spec: Spec, chosen: str | None = None) -> str:
     return (spec.output.layout if spec.output is not None else None) or DEFAULT_LAYOUT
 
 
+TOP_FOLDERS = ("images", "videos", *CONTAINERS)  # every layout's top folder under --out
+# The path from the last top folder in a URI: greedy, so ``out/images/images/a.png`` (an --out under a folder
+# named images) names ``images/a.png``. Stems hold no '/', sharded folders are 3 hex digits, members no '/'.
+OUTPUT_NAME = "^(?:.*/)?((?:" + "|".join(TOP_FOLDERS) + ")/[^/].*)$"
+_NAME = "^(?:" + "|".join(TOP_FOLDERS) + ")/[^/]"  # a name already (what records hold): itself
+_OUTPUT_NAMED, _NAMED = re.compile(OUTPUT_NAME), re.compile(_NAME)
+
+
+def output_name(uri: str) -> str | None:
+    """An output's name relative to ``--out`` (see the module docstring), or None where ``uri`` lies in no
+    layout's top folder (nothing ipaflow wrote)."""
+    if _NAMED.match(uri):
+        return uri
+    found = _OUTPUT_NAMED.match(uri)
+    return found.group(1) if found else None
+
+
+def output_names(values: pa.Array) -> pa.Array:
+    """``output_name`` of every value of a string array, null where there is none; vectorised, and only the
+    absolute URIs of older records go through the longer pattern."""
+    named = pc.fill_null(pc.match_substring_regex(values, _NAME), False)
+    names = pc.if_else(named, values, pa.scalar(None, values.type))
+    others = values.filter(pc.invert(named))
+    if len(others):
+        found = pc.fill_null(pc.match_substring_regex(others, OUTPUT_NAME), False)
+        extracted = pc.if_else(found, pc.replace_substring_regex(others, OUTPUT_NAME, r"\1"),
+                               pa.scalar(None, values.type))
+        names = pc.replace_with_mask(names, pc.invert(named), extracted)
+    return names
+
+
+def resolve_output(out: str, name: str) -> str:
+    """The URI of a record's output under ``out``: its name (``output_name``) joined to ``out``; a value that
+    names no output is returned unchanged (never under ``out``, so nothing removes or rewrites it)."""
+    relative = output_name(name)
+    return name if relative is None else out.rstrip("/") + "/" + relative
+
+
+def resolve_outputs(table: pa.Table, out: str) -> pa.Table:
+    """``table`` with its ``outputs`` column resolved under ``out`` (``resolve_output``, vectorised)."""
+    if "outputs" not in table.column_names or not table.num_rows:
+        return table
+    column = table.column("outputs").combine_chunks()
+    flat = pc.list_flatten(column)
+    names = output_names(flat)
+    resolved = pc.if_else(pc.is_valid(names), pc.binary_join_element_wise(out.rstrip("/") + "/", names, ""), flat)
+    offsets = pc.subtract(column.offsets, column.offsets[0])  # a sliced column's offsets start past 0
+    rebuilt = pa.ListArray.from_arrays(offsets, resolved, type=column.type, mask=column.is_null())
+    return table.set_column(table.column_names.index("outputs"), "outputs", rebuilt)
+
+
 def relative_to(uri: str, out: str) -> str:
     """An output URI as a path relative to the output folder (for links in the gallery)."""
     prefix = out.rstrip("/") + "/"
-    return uri[len(prefix):] if uri.startswith(prefix) else uri.rsplit("/", 2)[-2] + "/" + uri.rsplit("/", 1)[-1]
+    return uri[len(prefix):] if uri.startswith(prefix) else output_name(uri) or uri.rsplit("/", 1)[-1]

@@ -3,7 +3,8 @@ holds the store of one output folder: the journal, the parts and reading them; t
 ``metadata_schema``, the fold in ``metadata_fold``, what a run learns from one scan in ``metadata_scans``.
 
 While a run is in flight, shard tasks append records to a journal (``_ipaflow/journal/<run>/*.parquet``), each
-file written atomically and only after the outputs it names exist. Folding (``MetadataStore.fold``) moves the
+file written atomically and only after the outputs it names exist, and named with the lease token it was
+written under (``-t<token>``: ``ipaflow.core.lease``). Folding (``MetadataStore.fold``) moves the
 journal into ``metadata/``:
 
 - the latest journal record of each id wins (``finished_at``);
@@ -13,6 +14,10 @@ journal into ``metadata/``:
   nothing is left), and so is every container (webdataset tar, Parquet shard) holding a superseded sample,
   first; parts much smaller than ``PART_ROWS`` are merged into the new parts as they are written;
 - then the journal files are removed.
+
+A run's own fold at its end (``fold(lease_token=T)``) removes unread the journal and update files named with an
+older token: it folded every journal there was when it started, so such a file was written after it took the
+lease over, by a run that had lost it (a write under way when that run was paused; ``docs/faults.md``).
 
 A run therefore writes the records it touched, plus the parts where touched ids lived. Plain readers stay exact:
 ``pandas.read_parquet(out / "metadata")`` gives one row per id. Arrow takes a folder's schema from its first file,
@@ -49,7 +54,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ipaflow.core.hashing import hash_strings, members, repeated
+from ipaflow.core.lease import lease_token, token_suffix
 from ipaflow.core.storage import Storage, join
+from ipaflow.specs.outputs import resolve_outputs
 from ipaflow.tasks.metadata_fold import Fold, FoldResult, latest_masks
 from ipaflow.tasks.metadata_rebuild import rebuild_records, set_aside
 from ipaflow.tasks.metadata_scans import RecordIndex
@@ -81,7 +88,7 @@ class MetadataStore:
     def journal(self, run_id: str, name: str, records: list[dict]) -> None:
         """Append records to the run's journal (one atomic file)."""
         if records:
-            uri = join(self.out, JOURNAL_DIR, run_id, f"{name}.parquet")
+            uri = join(self.out, JOURNAL_DIR, run_id, f"{name}{token_suffix(lease_token(self.storage))}.parquet")
             self.storage.write_atomic(uri, to_parquet_bytes(records_table(records)))
 
     def journal_files(self, run_id: str | None = None) -> list[str]:
@@ -94,7 +101,7 @@ class MetadataStore:
         ``names`` are all the manifest's passthrough columns (record names): each updated record holds exactly
         these. The next fold applies them (``fold``); until then readers see the old values."""
         if rows:
-            uri = join(self.out, UPDATES_DIR, run_id, f"{name}.parquet")
+            uri = join(self.out, UPDATES_DIR, run_id, f"{name}{token_suffix(lease_token(self.storage))}.parquet")
             self.storage.write_atomic(uri, to_parquet_bytes(updates_table(rows, names)))
 
     def update_files(self) -> list[str]:
@@ -186,7 +193,7 @@ class MetadataStore:
 
     # -- folding ------------------------------------------------------------------------------------------------
     def fold(self, run_id: str | None = None, index: RecordIndex | None = None,
-             drop_outputs: Callable[[list[str]], None] | None = None) -> FoldResult:
+             drop_outputs: Callable[[list[str]], None] | None = None, lease_token: int = 0) -> FoldResult:
         """Fold every journal file into ``metadata/`` (see the module docstring; the steps: ``tasks.metadata_fold``).
 
         Args:
@@ -194,11 +201,13 @@ class MetadataStore:
             index: the scan of the parts (``index``), when the caller has one.
             drop_outputs: handed the outputs of superseded records that live in containers, before any part
                 changes (``ipaflow.tasks.containers.drop_members``).
+            lease_token: a run's own fold at its end: its lease token; files named with an older one are
+                removed unread (see the module docstring). 0 (a fold of whatever is there): every file folded.
 
         Returns:
             What the fold did (``FoldResult``).
         """
-        return Fold(self, run_id, index, drop_outputs).run()
+        return Fold(self, run_id, index, drop_outputs, lease_token).run()
 
     def read_schema(self) -> pa.Schema | None:
         """The union schema ``00-schema.parquet`` holds, or None."""
@@ -247,7 +256,8 @@ class MetadataStore:
     # -- reading ------------------------------------------------------------------------------------------------
     def iter_current(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         """The current records, part by part: one per id, the latest, even while a fold was cut short (an id
-        in two parts) or a journal is still unfolded (a run in flight, or killed)."""
+        in two parts) or a journal is still unfolded (a run in flight, or killed); their outputs as URIs under
+        ``out`` (``specs.outputs.resolve_outputs``)."""
         sources = self.part_files() + self.journal_files()
         keys: list[np.ndarray] = []
         read: list[str] = []
@@ -263,8 +273,9 @@ class MetadataStore:
             if len(masks[number]) != table.num_rows:
                 continue  # changed since it was scanned
             chosen = table if masks[number].all() else table.filter(pa.array(masks[number]))
-            if chosen.num_rows:
-                yield chosen.select([c for c in columns if c in chosen.column_names]) if columns else chosen
+            if chosen.num_rows:  # outputs as URIs under this folder, wherever it was written (specs.outputs)
+                yield resolve_outputs(chosen.select([c for c in columns if c in chosen.column_names])
+                                      if columns else chosen, self.out)
 
     def load(self) -> dict[str, dict]:
         """Every id's current record as a dict: small output folders only (tests, tools)."""

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -22,7 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ipaflow.core.hashing import hash_strings, members
+from ipaflow.core.lease import token_in_name
 from ipaflow.core.storage import join
+from ipaflow.specs.outputs import resolve_output
 from ipaflow.tasks.counts import RowCounts
 from ipaflow.tasks.metadata_scans import RecordIndex
 from ipaflow.tasks.metadata_schema import (
@@ -39,6 +42,8 @@ from ipaflow.tasks.owners import inside
 
 if TYPE_CHECKING:
     from ipaflow.tasks.metadata import MetadataStore
+
+log = logging.getLogger("ipaflow.metadata")
 
 PART_ROWS = 2048  # records per part: a touched part costs at most this much to rewrite
 SMALL_PART_ROWS = PART_ROWS // 4  # parts below this are merged into a fold's new parts
@@ -94,11 +99,14 @@ class Fold:
     """One fold of ``store``'s journal and updates into its parts (``MetadataStore.fold``)."""
 
     def __init__(self, store: MetadataStore, run_id: str | None = None, index: RecordIndex | None = None,
-                 drop_outputs: Callable[[list[str]], None] | None = None):
+                 drop_outputs: Callable[[list[str]], None] | None = None, lease_token: int = 0):
         self.store, self.index, self.drop_outputs = store, index, drop_outputs
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.result = FoldResult()
-        self.files, self.updates = store.journal_files(), store.update_files()
+        files, updates = store.journal_files(), store.update_files()
+        self.stale = [uri for uri in files + updates if token_in_name(uri) < lease_token]  # after a lease was lost
+        self.files = [uri for uri in files if uri not in self.stale]
+        self.updates = [uri for uri in updates if uri not in self.stale]
 
     def run(self) -> FoldResult:
         if (self.files or self.updates) and self.pick_winners():
@@ -108,6 +116,10 @@ class Fold:
             self.rewrite_old_parts()
             self.recode_parts()
         for uri in self.files + self.updates:
+            self.store.storage.delete(uri)
+        for uri in self.stale:
+            log.warning("ignored %s: written under an older lease token, by a run that had lost its lease on --out",
+                        self.store.storage.redact(uri))
             self.store.storage.delete(uri)
         self.result.files = len(self.files)
         return self.result
@@ -152,12 +164,13 @@ class Fold:
                                                [index.parts[i] for i in sorted(index.parts_holding(self.rendered))]):
             gone = members(hash_strings(table.column("id")), self.rendered)
             for outputs in table.column("outputs").filter(pa.array(gone)).to_pylist():
-                doomed.update(uri for uri in outputs or [] if inside(uri, self.store.out))
+                doomed.update(uri for uri in (resolve_output(self.store.out, o) for o in outputs or [])
+                              if inside(uri, self.store.out))
         if not doomed:
             return
         for number, (_, table) in enumerate(self.store.iter_tables(["outputs"], self.readable)):
             named = table.column("outputs").filter(pa.array(self.masks[number])).combine_chunks()
-            doomed.difference_update(pc.list_flatten(named).to_pylist())
+            doomed.difference_update(resolve_output(self.store.out, o) for o in pc.list_flatten(named).to_pylist())
         samples = sorted(uri for uri in doomed if "#" in uri)
         for uri in sorted(doomed - set(samples)):
             self.store.storage.delete(uri)

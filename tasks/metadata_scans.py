@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from ipaflow.core.hashing import hash_combine, hash_joined, hash_strings, members
 from ipaflow.core.storage import Storage, join
-from ipaflow.specs.outputs import CONTAINERS
+from ipaflow.specs.outputs import TOP_FOLDERS, output_names
 from ipaflow.tasks.metadata_schema import is_json_text, value_text
 
 
@@ -84,7 +84,8 @@ def row_passthrough_hashes(ids: list[str], values: list[dict], names: list[str])
 
 def done_hashes(table: pa.Table, out: str, present: Callable[[pa.Array], np.ndarray]) -> np.ndarray:
     """``hash(id, key, layout)`` of the ok records of ``table`` whose outputs are all ``present`` (a vectorised
-    test over relative output paths, container members stripped)."""
+    test over output names relative to ``out``, container members stripped: ``specs.outputs.output_name``, so
+    a folder moved since its records were written is still done)."""
     ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy(zero_copy_only=False)
     if not ok.any():
         return np.zeros(0, np.uint64)
@@ -93,10 +94,9 @@ def done_hashes(table: pa.Table, out: str, present: Callable[[pa.Array], np.ndar
     flat = pc.list_flatten(outputs)
     parents = pc.list_parent_indices(outputs).to_numpy(zero_copy_only=False)
     relative = pc.replace_substring_regex(flat, "#.*$", "")
-    prefix = out.rstrip("/") + "/"
-    inside = pc.starts_with(relative, prefix).to_numpy(zero_copy_only=False)
-    relative = pc.utf8_slice_codeunits(relative, len(prefix))
-    missing = ~(present(relative) & inside)
+    names = output_names(relative)  # also of the absolute URIs older records hold
+    named = pc.is_valid(names).to_numpy(zero_copy_only=False)
+    missing = ~(present(pc.fill_null(names, "")) & named)
     absent = np.zeros(table.num_rows, dtype=bool)
     np.logical_or.at(absent, parents, missing)
     empty = pc.fill_null(pc.list_value_length(outputs), 0).to_numpy(zero_copy_only=False) == 0
@@ -106,7 +106,7 @@ def done_hashes(table: pa.Table, out: str, present: Callable[[pa.Array], np.ndar
     return hash_joined(table.column("id"), table.column("key"), layout)[good]
 
 
-OUTPUT_FOLDERS = ("images", "videos", *CONTAINERS)  # every layout's top folders (specs.outputs)
+OUTPUT_FOLDERS = TOP_FOLDERS  # every layout's top folders (specs.outputs)
 FOLDER_METADATA = "metadata.parquet"  # the dataset card's file for the image/video folder builder (tasks.card)
 
 

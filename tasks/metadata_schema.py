@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ipaflow.core.redaction import Redactor, redact_url
+from ipaflow.specs.outputs import output_name
 
 METADATA_DIR = "metadata"
 SCHEMA_FILE = "metadata/00-schema.parquet"  # sorts before every part: readers take its (union) schema
@@ -66,14 +67,15 @@ def make_record(
 ) -> dict[str, Any]:
     """One metadata record; ``error`` goes through ``redact`` (the storage's redactor; by default one that
     knows the environment's credentials only), output URIs lose the credentials a URI may carry and otherwise
-    stay usable."""
+    stay usable; an output under a layout's top folder is kept by its name relative to ``--out``
+    (``specs.outputs.output_name``: ``images/a.png``), so the folder can move."""
     redact = redact or Redactor().redact
     record = {
         "id": job_id,
         "spec": spec,
         "status": status,
         "error": redact(error) if error else None,
-        "outputs": [redact_url(uri) for uri in outputs or []],  # usable URIs: see redact_url
+        "outputs": [output_name(uri) or redact_url(uri) for uri in outputs or []],  # names, else usable URIs
         "seed": seed,
         "params": json.dumps(params, sort_keys=True, ensure_ascii=False) if params is not None else None,
         "key": key,

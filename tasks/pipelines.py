@@ -26,6 +26,7 @@ from ipaflow.specs.spec import Spec
 from ipaflow.tasks.compile import Compiler
 from ipaflow.tasks.embeddings import EmbeddingCache
 from ipaflow.tasks.memory import MemoryPlan, RowShape, available_bytes, decide_offload, pipeline_bytes
+from ipaflow.tasks.model_files import explain
 from ipaflow.tasks.models import LIBRARY_IMPORTS, models_root, pick_device, pick_dtype, resolve_model
 from ipaflow.tasks.stages import StageClock
 
@@ -140,7 +141,22 @@ def quiet_libraries() -> None:
 
 
 def build_pipeline(spec: Spec, models_dir: str | None = None, device: torch.device | None = None) -> LoadedPipeline:
-    """Load the spec's pipeline with the real diffusers loaders."""
+    """Load the spec's pipeline with the real diffusers loaders. A model file that cannot load raises
+    ``ModelFileError``, naming the file and what is wrong with it (``tasks.model_files``)."""
+    try:
+        return _load_pipeline(spec, models_dir, device)
+    except Exception as exc:
+        try:
+            explained = explain(spec, models_dir, exc)
+        except Exception:  # noqa: BLE001 - the diagnosis is a courtesy: the build's own error stands
+            log.debug("could not tell which model file of spec %s failed", spec.name, exc_info=True)
+            explained = None
+        if explained is None:
+            raise
+        raise explained from exc
+
+
+def _load_pipeline(spec: Spec, models_dir: str | None, device: torch.device | None) -> LoadedPipeline:
     import diffusers
     from transformers import CLIPVisionModelWithProjection
 

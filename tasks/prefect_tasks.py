@@ -27,6 +27,7 @@ from prefect.states import Completed, State
 from pydantic import BaseModel
 
 from ipaflow.core import thread_logs
+from ipaflow.core.lease import LeaseLost
 from ipaflow.core.storage import is_out_unwritable
 from ipaflow.tasks.shards import ShardPlan
 from ipaflow.tasks.worker import ProgressCallback, RunSettings, ShardStats, run_shard
@@ -102,11 +103,12 @@ def thread_logs_of_this_run():
 
 def worth_retrying(task, task_run, state) -> bool:
     """The retry policy: a failed shard is tried again (twice, 5 s apart), unless --out cannot be written at all
-    now (disk full, over quota, read-only): every try would fail the same way, and the run ends instead."""
+    now (disk full, over quota, read-only) or the run lost its lease on it: every try would fail the same way,
+    and the run ends instead."""
     try:
         state.result()
     except Exception as exc:  # noqa: BLE001 - the task's own error, judged here
-        return not is_out_unwritable(exc)
+        return not (is_out_unwritable(exc) or isinstance(exc, LeaseLost))
     return True
 
 

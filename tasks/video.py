@@ -13,16 +13,19 @@ bundle FFmpeg with libx264 and libvpx), at the spec's fps (one frame per tick of
 
 Encoding is deterministic (the same frames and parameters give the same bytes): one encoder thread, and the
 muxers in FFmpeg's bit-exact mode, which writes no version string, no random Matroska segment id and no clock
-time. The moov atom of an MP4 stays at the end (``faststart`` needs a file to rewrite, and outputs are encoded
-in memory); browsers fetch it with a range request.
+time. An MP4's index (the ``moov`` box) comes before its frames (FFmpeg's ``faststart``, which rewrites the
+file once it is complete, so clips are encoded into a temporary file): a player or browser starts playing from
+the first bytes it receives instead of seeking to the end of the file first.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
@@ -40,13 +43,15 @@ class Codec:
     muxer: str
     encoder: str
     options: dict[str, str]
+    muxer_options: dict[str, str] = field(default_factory=dict)
 
 
 CODECS = {
     # mbtree=0: x264's macroblock tree, with one thread, still gave different bytes run to run at some small
     # sizes (64x48, 96x64: 4 outcomes in 10 encodes of the same frames; none at 64x64 or 512x512). Without it the
     # 512x512 clip of benchmarks/video_formats.py takes 142 kB instead of 67 kB at crf 18 (40.4 dB PSNR, not 40.1).
-    "mp4": Codec("mp4", "libx264", {"crf": "18", "preset": "medium", "x264-params": "mbtree=0"}),
+    "mp4": Codec("mp4", "libx264", {"crf": "18", "preset": "medium", "x264-params": "mbtree=0"},
+                 muxer_options={"movflags": "+faststart"}),
     "webm": Codec("webm", "libvpx-vp9", {"crf": "31", "b": "0", "deadline": "good", "cpu-used": "2", "row-mt": "0"}),
 }
 # The outputs that are films rather than pictures: a browser shows them in <video>, Hugging Face datasets as a
@@ -118,22 +123,25 @@ def _encode_ffmpeg(frames: Sequence[PIL.Image.Image], codec: Codec, fps: int, co
     width, height = frames[0].size
     if width % 2 or height % 2:
         raise ValueError(f"{codec.encoder} with {PIXEL_FORMAT} needs an even width and height, got {width}x{height}")
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format=codec.muxer, options={"fflags": "+bitexact"}) as container:
-        container.metadata[METADATA_TAG] = comment
-        stream = container.add_stream(codec.encoder, rate=fps, options=codec.options)
-        stream.width, stream.height, stream.pix_fmt = width, height, PIXEL_FORMAT
-        stream.time_base = Fraction(1, fps)
-        stream.codec_context.thread_count = 1  # one thread: the same bytes on every machine
-        stream.codec_context.flags |= av.codec.context.Flags.bitexact
-        for number, image in enumerate(frames):
-            if image.size != (width, height):
-                raise ValueError(f"frame {number} is {image.width}x{image.height}, the first {width}x{height}")
-            frame = av.VideoFrame.from_ndarray(np.asarray(image.convert("RGB")), format="rgb24")
-            frame.pts = number
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return buffer.getvalue()
+    with tempfile.TemporaryDirectory(prefix="ipaflow-video-") as folder:
+        path = os.path.join(folder, f"clip.{codec.muxer}")  # a file: faststart rewrites it once it is complete
+        options = {"fflags": "+bitexact", **codec.muxer_options}
+        with av.open(path, "w", format=codec.muxer, options=options) as container:
+            container.metadata[METADATA_TAG] = comment
+            stream = container.add_stream(codec.encoder, rate=fps, options=codec.options)
+            stream.width, stream.height, stream.pix_fmt = width, height, PIXEL_FORMAT
+            stream.time_base = Fraction(1, fps)
+            stream.codec_context.thread_count = 1  # one thread: the same bytes on every machine
+            stream.codec_context.flags |= av.codec.context.Flags.bitexact
+            for number, image in enumerate(frames):
+                if image.size != (width, height):
+                    raise ValueError(f"frame {number} is {image.width}x{image.height}, the first {width}x{height}")
+                frame = av.VideoFrame.from_ndarray(np.asarray(image.convert("RGB")), format="rgb24")
+                frame.pts = number
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+        with open(path, "rb") as clip:
+            return clip.read()
 
 
 def read_video(data: bytes) -> VideoInfo:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from pydantic import BaseModel
 
+from ipaflow.core.lease import Fence, FencedStorage
 from ipaflow.core.problems import FailedRow, Problem, describe_exception
 from ipaflow.core.storage import Storage, TransientStorageError, is_transient, join
 from ipaflow.specs.options import RenderOptions
@@ -24,6 +25,7 @@ from ipaflow.tasks.compile import resolve_setting
 from ipaflow.tasks.counts import RowCounts
 from ipaflow.tasks.inputs import InputFetcher, RowInputs
 from ipaflow.tasks.metadata import MetadataStore
+from ipaflow.tasks.model_files import ModelFileError
 from ipaflow.tasks.pipelines import PIPELINES
 from ipaflow.tasks.render import batch_key, render_rows
 from ipaflow.tasks.shards import ShardPlan
@@ -33,15 +35,21 @@ log = logging.getLogger("ipaflow.worker")
 
 
 class RunSettings(BaseModel):
-    """What every shard task of a run needs to know: the run, the output URI and the run's options (small,
-    picklable; the storage options stay a SecretStr, out of logs and the Prefect UI)."""
+    """What every shard task of a run needs to know: the run, the output URI, the run's options (small,
+    picklable; the storage options stay a SecretStr, out of logs and the Prefect UI) and the run's lease on the
+    output (``lease_token``, ``lease_holder``: 0 and "" for none): every write checks that the run still holds
+    it (``ipaflow.core.lease.FencedStorage``)."""
 
     run_id: str
     out: str
     options: RenderOptions = RenderOptions()
+    lease_token: int = 0
+    lease_holder: str = ""
 
-    def storage(self) -> Storage:
-        return Storage(options=self.options.storage_options_dict(), local_staging=join(self.out, "_ipaflow", "tmp"))
+    def storage(self) -> FencedStorage:
+        options = self.options.storage_options_dict()
+        fence = Fence(self.out, self.lease_token, self.lease_holder, Storage(options=options)) if self.lease_token else None
+        return FencedStorage(options=options, local_staging=join(self.out, "_ipaflow", "tmp"), fence=fence)
 
 
 class ShardCounts(RowCounts):
@@ -134,8 +142,10 @@ def _build(shard: ShardPlan, settings: RunSettings, redact):
     except Exception as exc:  # noqa: BLE001 - a spec that cannot load fails its rows, with the reason
         if isinstance(exc, TransientStorageError) or is_transient(exc):
             raise
-        log.exception("cannot build the pipeline of spec %s", shard.spec.name)
-        problem = describe_exception("pipeline", exc, redact)
+        problem = Problem("pipeline", redact(str(exc))) if isinstance(exc, ModelFileError) else \
+            describe_exception("pipeline", exc, redact)
+        log.warning("cannot build the pipeline of spec %s: %s", shard.spec.name, problem.reason)
+        log.debug("the pipeline of spec %s failed to build", shard.spec.name, exc_info=True)  # the traceback
         _BROKEN[(settings.run_id, shard.spec.fingerprint())] = problem
         return problem
 
@@ -190,6 +200,7 @@ def run_shard(shard: ShardPlan, settings: RunSettings, progress: ProgressCallbac
                 batchable = [job for job in rows if job.id in ready]
                 for batch in _batches(loaded, batchable, ready, batch_size):
                     for rendered in render_rows(loaded, batch, [ready[job.id] for job in batch], storage.redact):
+                        storage.check_lease()  # a run that lost its lease (paused past its ttl) stops here
                         writer.submit(rendered)
                     stats.batch_ends.append(time.perf_counter() - started)
                     stats.batch_rows.append(len(batch))

@@ -65,3 +65,12 @@ def inputs_dir() -> Path:
         image.save(path)
     return root
 
+
+@pytest.fixture(scope="module")
+def moto():
+    """moto's S3 server on loopback (``tests/s3.py``), one per test module."""
+    from s3 import MotoS3
+
+    server = MotoS3()
+    yield server
+    server.close()

@@ -59,6 +59,12 @@ class MotoS3:
         self._server.stop()
 
 
+def client_env(server: MotoS3) -> dict[str, str]:
+    """The environment that points boto3 and s3fs at ``server`` (test credentials, its endpoint)."""
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": server.endpoint}
+
+
 @dataclass
 class Fault:
     """Fail the requests that match (method, path substring): the first ``skip`` pass, then ``times`` fail,

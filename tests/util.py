@@ -46,9 +46,15 @@ def write_manifest(path: Path, rows: list[dict]) -> Path:
 
 
 def read_records(out) -> pandas.DataFrame:
+    """The records as ``pandas.read_parquet(out/metadata)`` reads them, their outputs (names relative to
+    ``out``) resolved to URIs under it, as ``ipaflow records`` shows them."""
     import pandas as pd
 
-    return pd.read_parquet(Path(out) / "metadata")
+    from ipaflow.specs.outputs import resolve_output
+
+    records = pd.read_parquet(Path(out) / "metadata")
+    records["outputs"] = [[resolve_output(str(out), name) for name in names] for names in records["outputs"]]
+    return records
 
 
 def header_only_png(width: int, height: int) -> bytes:

@@ -102,4 +102,6 @@ def _records(out: Path) -> dict[str, dict]:
 
     if not (out / "metadata").exists():
         return {}
-    return {record["id"]: record for record in pq.read_table(out / "metadata").to_pylist()}
+    from ipaflow.specs.outputs import resolve_outputs
+
+    return {record["id"]: record for record in resolve_outputs(pq.read_table(out / "metadata"), str(out)).to_pylist()}

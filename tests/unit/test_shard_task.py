@@ -1,5 +1,6 @@
-"""The shard task's Prefect side: its retry policy (no retry once --out cannot be written at all) and its
-threads' log lines naming the flow run (as in a Dask worker's process, where the flow's own stamp is not)."""
+"""The shard task's Prefect side: its retry policy (no retry once --out cannot be written at all, or the run lost
+its lease on it) and its threads' log lines naming the flow run (as in a Dask worker's process, where the flow's
+own stamp is not)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import threading
 import pytest
 from prefect import flow, task
 
+from ipaflow.core.lease import LeaseLost
 from ipaflow.tasks.prefect_tasks import render_shard, thread_logs_of_this_run, worth_retrying
 
 
@@ -17,6 +19,7 @@ from ipaflow.tasks.prefect_tasks import render_shard, thread_logs_of_this_run, w
     (OSError(errno.ENOSPC, "No space left on device"), 1),
     (OSError(errno.EDQUOT, "Disk quota exceeded"), 1),
     (OSError(errno.EROFS, "Read-only file system"), 1),
+    (LeaseLost("/out", "run b", 2), 1),  # another run took --out over: every try would stop alike
     (OSError(errno.EIO, "Input/output error"), 3),  # a worker's trouble: tried again
     (RuntimeError("CUDA error"), 3),
 ])

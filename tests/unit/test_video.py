@@ -57,6 +57,23 @@ def test_a_clip_decodes_with_its_frames_fps_size_and_parameters(fmt, codec, fps)
         assert np.abs(got.astype(int) - np.asarray(sent, dtype=int)).mean() < 4
 
 
+def mp4_boxes(data: bytes) -> list[str]:
+    """The top-level boxes of an MP4, in file order."""
+    boxes, offset = [], 0
+    while offset + 8 <= len(data):
+        size = int.from_bytes(data[offset:offset + 4], "big")
+        boxes.append(data[offset + 4:offset + 8].decode("ascii"))
+        if size < 8:
+            break
+        offset += size
+    return boxes
+
+
+def test_an_mp4_starts_with_its_index_so_players_stream_it():
+    boxes = mp4_boxes(encode_video(moving_frames(), "mp4", 8, PARAMS))
+    assert boxes.index("moov") < boxes.index("mdat"), boxes
+
+
 def test_gif_keeps_its_comment_and_frames():
     info = read_video(encode_video(moving_frames(8), "gif", 8, PARAMS))
     assert (info.frames, info.codec, info.params) == (8, "gif", PARAMS)
