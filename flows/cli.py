@@ -407,7 +407,7 @@ def print_summary(summary: RunSummary) -> None:
         + (f", {startup:.1f}s of it start-up)" if startup else ")")
     )
     for failure in summary.failures[:20]:
-        print(f"  failed: {failure.id}, {failure.error}")
+        print(f"  failed: {failure.row or failure.id}, {failure.error}")
     if summary.failed > 20:
         print(f"  ... and {summary.failed - 20} more (see the metadata)")
     print(f"outputs:  {summary.out}")

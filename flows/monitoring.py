@@ -14,15 +14,16 @@ flow's thread turns them into API writes in ``tick``, at most one round every ``
 so the API load does not grow with the number of rows, batches or workers (a SQLite-backed server refuses
 writes that come too fast: "database is locked").
 
-Manifest text reaches artifacts as escaped markdown (``markdown_text``): the UI renders table cells and
-markdown artifacts as markdown with HTML, and manifests are untrusted.
+Manifest text reaches artifacts as escaped markdown (``markdown_text``), in markdown artifacts and descriptions
+only: both of Prefect 3.9's UIs render those as markdown, so the escaped text shows as written in each, and no
+manifest HTML becomes an element. A table artifact is not used: the classic UI renders its cells as markdown, the
+new one as plain text, so no one cell text shows right in both (``scripts/ui_check.py`` checks both in Chromium).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
 import logging
 import os
 import re
@@ -72,17 +73,26 @@ def markdown_text(value: Any) -> str:
     return "\\" + text if text[:1] in ("-", "+", "=") else text
 
 
+FAILURE_COLUMNS = ("rows", "column", "reason (first row's)", "specs", "sample rows")
+
+
 def failure_table(groups: FailureGroups) -> list[dict]:
     """The failed-rows artifact's rows, most frequent reason first, every text cell escaped."""
     ranked = sorted(groups.groups.values(), key=lambda g: (-g.rows, g.column, g.example))
     table = [{"rows": g.rows, "column": markdown_text(g.column), "reason (first row's)": markdown_text(g.example),
-              "specs": markdown_text(", ".join(sorted(g.specs))), "sample ids": markdown_text(", ".join(g.sample))}
+              "specs": markdown_text(", ".join(sorted(g.specs))), "sample rows": markdown_text(", ".join(g.sample))}
              for g in ranked[:MAX_REASONS]]
     if rest := ranked[MAX_REASONS:]:
         table.append({"rows": sum(g.rows for g in rest), "column": "",
-                      "reason (first row's)": f"{len(rest)} other reasons", "specs": "", "sample ids": ""})
+                      "reason (first row's)": f"{len(rest)} other reasons", "specs": "", "sample rows": ""})
     return table
 
+
+def failure_markdown(groups: FailureGroups) -> str:
+    """The failed-rows artifact: ``failure_table`` as a markdown table (its cells escaped already)."""
+    lines = ["| " + " | ".join(FAILURE_COLUMNS) + " |", "| ---: | --- | --- | --- | --- |"]
+    lines += ["| " + " | ".join(str(row[name]) for name in FAILURE_COLUMNS) + " |" for row in failure_table(groups)]
+    return "\n".join(lines)
 
 
 # -- the run ----------------------------------------------------------------------------------------------------
@@ -188,7 +198,7 @@ class RunMonitor(RunCounter):
         self._written = (snapshot.phase, snapshot.done, snapshot.failed, snapshot.total)
 
     def _write_failed_rows(self, client, final: bool) -> None:
-        from prefect.artifacts import create_table_artifact
+        from prefect.artifacts import create_markdown_artifact
         from prefect.client.schemas.actions import ArtifactUpdate
 
         count = self.recorded
@@ -196,12 +206,12 @@ class RunMonitor(RunCounter):
         when = "" if final else f" so far (at {datetime.now(timezone.utc):%H:%M:%S} UTC)"
         description = (f"{count} failed row{'s' if count != 1 else ''}{when}, {reasons} "
                        f"reason{'s' if reasons != 1 else ''}; every row's reason is in the metadata and the gallery")
-        table = failure_table(self.groups)
+        table = failure_markdown(self.groups)
         if self._failed_id is None:
-            self._failed_id = create_table_artifact(table=table, key=artifact_key(f"{self.name}-failed-rows"),
-                                                    description=description)
+            self._failed_id = create_markdown_artifact(markdown=table, key=artifact_key(f"{self.name}-failed-rows"),
+                                                       description=description)
         else:
-            client.update_artifact(self._failed_id, ArtifactUpdate(data=json.dumps(table), description=description))
+            client.update_artifact(self._failed_id, ArtifactUpdate(data=table, description=description))
         self._failures_written = count
 
     @contextlib.contextmanager
@@ -410,6 +420,7 @@ def summary_markdown(summary: RunSummary, per_spec: dict[str, RowCounts], previe
         + (f"; {summary.updated} records updated" if summary.updated else "")
         + f") + {summary.failed} failed" + (" (the failed-rows artifact groups them by reason)" if summary.failed
                                           else ""),
+        *([_without_record_line(summary)] if summary.without_record else []),
         f"- time: {format_duration(summary.seconds)} in all = {format_duration(times.startup)} start-up"
         f" (before the flow: Prefect's API, imports, the first pipeline) + {format_duration(times.planning)}"
         f" planning + {format_duration(times.rendering)} rendering + {format_duration(times.finishing)}"
@@ -432,6 +443,17 @@ def summary_markdown(summary: RunSummary, per_spec: dict[str, RowCounts], previe
         for spec, uri in previews.items():
             lines += [f"### {md(spec)}", "", f"![{md(spec)}]({uri})", ""]
     return "\n".join(lines)
+
+
+UNRECORDED_NAMED = 20  # rows without a record named in the summary artifact
+
+
+def _without_record_line(summary: RunSummary) -> str:
+    """The failed rows that have no record of their own, by manifest row (the first ``UNRECORDED_NAMED``)."""
+    named = [line.row for line in summary.failures if not line.recorded][:UNRECORDED_NAMED]
+    more = f", and {summary.without_record - len(named)} more" if summary.without_record > len(named) else ""
+    return (f"- of them without a record of their own (an unusable id, a second row of an id): "
+            f"{summary.without_record}: {markdown_text(', '.join(named))}{more}")
 
 
 def _by_worker(shards: list[ShardLine]) -> dict[str, list[ShardLine]]:

@@ -72,13 +72,18 @@ class RowPlanner:
             job = as_job(job)
             record = make_record(job_id=job.id, spec=job.spec, status="failed", run_id=self.run_id, error=failed.error,
                                  seed=job.seed, params=job.params, key=key, extra=job.extra,
-                                 redact=self._redact, layout=self.layout(job.spec))
+                                 redact=self._redact, layout=self.layout(job.spec), manifest=self.manifest_file(job.index))
         else:
             record = make_record(job_id=failed.row, spec=failed.spec or "", status="failed", run_id=self.run_id,
-                                 error=failed.error, redact=self._redact, extra=extra)
+                                 error=failed.error, redact=self._redact, extra=extra,
+                                 manifest=self.manifest_file(failed.index))
         self._records.append(record)
         if len(self._records) >= JOURNAL_EVERY:
             self.flush()
+
+    def manifest_file(self, index: int | None) -> str:
+        """The manifest file a row came from (a folder manifest's own file), as its records name it."""
+        return self.run.manifest.uri if index is None else self.run.manifest.file_of(index)
 
     def fail_jobs(self, jobs: list, keys: dict[str, str], problem: Problem) -> None:
         for job in jobs:
@@ -125,7 +130,12 @@ class RowPlanner:
                     self.fail(FailedRow(row=job.id, problems=(self.broken[job.spec],), index=job.index,
                                         spec=job.spec), job, key)
                 else:
-                    yield from self.cutter.add(as_job(job), key)
+                    yield from self._with_manifests(self.cutter.add(as_job(job), key))
             yield None
-        yield from self.cutter.flush()
+        yield from self._with_manifests(self.cutter.flush())
         self.flush()
+
+    def _with_manifests(self, shards: list[ShardPlan]) -> list[ShardPlan]:
+        for shard in shards:
+            shard.manifests = {job.id: self.manifest_file(job.index) for job in shard.jobs}
+        return shards

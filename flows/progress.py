@@ -9,6 +9,7 @@ torch and diffusers, loading the first pipeline) before torch, diffusers or Pref
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import threading
 import time
@@ -17,7 +18,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 STATUS_EVERY_S = 30.0  # off a terminal
-RATE_WINDOW_S = 60.0  # rows/s over the last minute: a pipeline load or a slow first batch fades out
 
 
 @dataclass(frozen=True)
@@ -61,42 +61,89 @@ def format_rate(rate: float | None) -> str:
 
 
 def status_line(snapshot: Snapshot) -> str:
-    """One line, the same in the Prefect UI (the progress artifact's description), the logs and off a terminal:
-    ``rendering: 120/1000 rows, 110 ok, 10 failed, 0 skipped, 3.2 rows/s, ETA 4m35s, elapsed 1m02s``."""
+    """One line, the same in the Prefect UI (the progress artifact's description, whose card shows its start:
+    the ETA first), the logs and off a terminal:
+    ``ETA 4m35s, rendering 120/1000 rows (12.0%), 100 ok, 10 failed, 10 skipped, 3.21 rows/s, elapsed 1m02s``."""
     if snapshot.total is None:
         return f"{snapshot.phase}, elapsed {format_duration(snapshot.elapsed)}"
-    return (f"{snapshot.phase}: {snapshot.done}/{snapshot.total} rows, {snapshot.ok} ok, {snapshot.failed} failed, "
-            f"{snapshot.skipped} skipped, {format_rate(snapshot.rate)}, ETA {format_duration(snapshot.eta)}, "
-            f"elapsed {format_duration(snapshot.elapsed)}")
+    return (f"ETA {format_duration(snapshot.eta)}, {snapshot.phase}: {snapshot.done}/{snapshot.total} rows "
+            f"({snapshot.percent:.1f}%), {snapshot.ok} ok, {snapshot.failed} failed, {snapshot.skipped} skipped, "
+            f"{format_rate(snapshot.rate)}, elapsed {format_duration(snapshot.elapsed)}")
 
 
-class RateMeter:
-    """Rows per second over a sliding window of (time, rows done) samples, and the ETA it gives."""
+class ProgressEstimator:
+    """The one rate and ETA of a run, that the terminal and the Prefect UI both show (``Snapshot.rate``,
+    ``Snapshot.eta``).
 
-    def __init__(self, window: float = RATE_WINDOW_S, clock: Callable[[], float] = time.monotonic):
-        self.window, self.clock = window, clock
-        self.samples: deque[tuple[float, int]] = deque()
+    Fed the rows the workers have finished so far (``observe``), as their shards report after every batch. Each
+    increase is a batch completed at a time; the rows of a batch are spread over the interval since the one
+    before it (a piecewise-constant rate), and the rate is that curve's exponentially weighted mean. Its time
+    constant is an eighth of the time rendered so far, at least ``TAU_BATCHES`` mean intervals between the latest
+    batches and ``TAU_MIN`` seconds, at most ``TAU_MAX``: recent batches weigh most, one batch more or less moves it
+    little, and a run whose speed changed is followed within a few time constants (``benchmarks/eta.py``). The
+    first batch only starts the clock (it carries the pipeline's load).
 
-    def add(self, done: int) -> None:
-        now = self.clock()
-        self.samples.append((now, done))
-        while len(self.samples) > 2 and self.samples[1][0] <= now - self.window:
-            self.samples.popleft()  # keep one sample at or before the window's start
+    The rate is read at the last batch, not at ``now``, so it does not sag between batches; once the wait since
+    the last batch is longer than twice the mean interval between the latest ``TAU_BATCHES`` batches (a stall),
+    the wait counts as time without rows and the rate falls. The ETA counts down from the last batch:
+    ``last + remaining / rate - now``.
+    """
 
-    def rate(self) -> float | None:
-        """None until a row is done and a second has passed; 0.0 when nothing finished within the window."""
-        if len(self.samples) < 2:
+    TAU_SHARE, TAU_BATCHES, TAU_MIN, TAU_MAX = 1 / 8, 8, 5.0, 600.0
+
+    def __init__(self) -> None:
+        self.start: float | None = None  # the first batch
+        self.events: deque[tuple[float, int]] = deque()  # (time, rows) of every batch after the first
+        self.seen = 0  # rows finished so far (the largest count observed)
+
+    def observe(self, done: int, now: float) -> None:
+        """``done``: the rows the workers have finished (rendered or failed) in this run so far; a count lower
+        than one seen before (a retried shard starts again) is ignored until it passes it."""
+        if done <= self.seen:
+            return
+        if self.start is None or now <= self.start:
+            self.start = now  # the first batch (or one at the same instant) starts the clock
+        elif self.events and now <= self.events[-1][0]:
+            self.events[-1] = (self.events[-1][0], self.events[-1][1] + done - self.seen)
+        else:
+            self.events.append((now, done - self.seen))
+            while len(self.events) > 1 and now - self.events[0][0] > self.TAU_MAX * 8:  # weigh under e^-8
+                self.start = self.events.popleft()[0]
+        self.seen = done
+
+    def _read_at(self, now: float) -> tuple[float, float] | None:
+        """(rate, time of the last batch); None until two batches are done."""
+        if not self.events or self.start is None:
             return None
-        (t0, d0), (t1, d1) = self.samples[0], self.samples[-1]
-        if t1 - t0 < 1.0 or d1 == 0:
+        last = self.events[-1][0]
+        if last <= self.start:
             return None
-        return (d1 - d0) / (t1 - t0)
+        recent = min(len(self.events), self.TAU_BATCHES)  # the mean interval between the latest batches
+        gap = (last - (self.events[-recent - 1][0] if recent < len(self.events) else self.start)) / recent
+        end = max(last, now - 2 * gap)  # a wait past twice the usual interval is time without rows
+        tau = min(max((end - self.start) * self.TAU_SHARE, self.TAU_MIN, self.TAU_BATCHES * gap), self.TAU_MAX)
+        weighted, before = 0.0, self.start
+        for at, rows in self.events:
+            if at > before:  # rows spread over (before, at]: their weight is the integral of e^-(end-s)/tau there
+                weighted += rows / (at - before) * (math.exp(-(end - at) / tau) - math.exp(-(end - before) / tau))
+            before = at
+        window = 1.0 - math.exp(-(end - self.start) / tau)
+        return weighted / window, last
 
-    def eta(self, remaining: int) -> float | None:
-        rate = self.rate()
+    def rate(self, now: float) -> float | None:
+        """Rows per second; None until two batches are done."""
+        read = self._read_at(now)
+        return read[0] if read else None
+
+    def eta(self, remaining: int, now: float) -> float | None:
+        """Seconds until ``remaining`` more rows are done; 0 with none left; None while the rate is unknown."""
         if remaining <= 0:
             return 0.0
-        return remaining / rate if rate else None
+        read = self._read_at(now)
+        if read is None or read[0] <= 0:
+            return None
+        rate, last = read
+        return max(0.0, last + remaining / rate - now)
 
 
 # -- who hears about progress -------------------------------------------------------------------------------

@@ -175,7 +175,8 @@ def render_manifest(
     monitor = RunMonitor(name=name, redact=storage.redact)
     monitor.start()
     storage.clean_staging()  # partial files of a run that was killed mid-write
-    run = open_run(manifest, options, storage=storage)
+    run = open_run(absolute_uri(manifest), options, storage=storage)  # records name the manifest file absolute
+    monitor.place = run.manifest.where  # failed rows named by file and row in a folder manifest
     for line in renamed_columns(run.passthrough):
         logger.warning("manifest: %s", line)
     metadata = MetadataStore(storage, out)
@@ -196,7 +197,7 @@ def render_manifest(
         monitor.set_phase(FINISHING)
         folded = metadata.fold(run_id, planner.records.index, drop_outputs=lambda uris: drop_members(storage, uris),
                                lease_token=settings.lease_token)
-        gallery, contact_sheet, previews = _gallery(storage, out, metadata, logger)
+        gallery, contact_sheet, previews = _gallery(storage, out, metadata, logger, monitor)
         write_card(storage, out, metadata)
     except LeaseLost as exc:  # counted as an outage is: rows done before, or journaled by a finished shard
         raise exc.at(exc.where, monitor.counts.ok + monitor.counts.skipped) from exc
@@ -224,9 +225,11 @@ def _records_state(run: OpenedRun, metadata: MetadataStore, run_id: str, logger)
     return records
 
 
-def _gallery(storage: Storage, out: str, metadata: MetadataStore, logger) -> tuple[str, str | None, dict[str, str]]:
-    """``index.html``, the contact sheet and the UI's per-spec previews, from one bounded pass over the records;
-    containers that no record points into (an attempt killed after its upload) are removed on the way."""
+def _gallery(storage: Storage, out: str, metadata: MetadataStore, logger,
+             monitor: RunMonitor) -> tuple[str, str | None, dict[str, str]]:
+    """``index.html``, the contact sheet and the UI's per-spec previews, from one bounded pass over the records,
+    with this run's failed rows that have no record of their own (the monitor's); containers that no record
+    points into (an attempt killed after its upload) are removed on the way."""
     sample = GallerySample()
     referenced: set[str] = set()
     for table in metadata.iter_current(GallerySample.COLUMNS):
@@ -235,6 +238,8 @@ def _gallery(storage: Storage, out: str, metadata: MetadataStore, logger) -> tup
     drop_orphans(storage, out, referenced)
     sheet_thumbs, spec_thumbs = read_thumbnails(storage, sample.plain_files(), logger.warning)
     contact_sheet = write_contact_sheet(storage, out, sheet_thumbs)
+    sample.without_record(monitor.without_record,
+                          [line.model_dump() for line in monitor.failures if not line.recorded])
     return write_gallery(storage, out, sample, contact_sheet), contact_sheet, preview_uris(spec_thumbs)
 
 
@@ -332,8 +337,8 @@ def _finished(future, shard: ShardPlan, planner: RowPlanner, monitor: RunMonitor
             raise
         problem = Problem("worker", monitor.redact(f"{type(exc).__name__}: {exc}"))
         logger.error("%s failed: %s", shard.name, problem.reason)
-        monitor.shard_lost(shard.name)
         done = planner.metadata.journaled_ids(planner.run_id, f"{shard.name}-")
+        monitor.shard_lost(shard.name, planner.metadata.journaled_ids(planner.run_id, f"{shard.name}-", "ok"), done)
         planner.fail_jobs([job for job in shard.jobs if job.id not in done], shard.row_keys, problem)
         return ShardStats(name=shard.name, spec=shard.spec.name, rows=len(shard.jobs), problem=problem)
     if stats.pipeline_problem is not None and shard.spec.name not in planner.broken:

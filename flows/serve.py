@@ -164,7 +164,8 @@ class RunWatcher:
                     if run.state is not None and run.state.is_final() and not run.state.is_crashed():
                         continue
                     artifact, progress = last_progress(client, run_id)
-                    message = f"interrupted (ipaflow serve stopped) at {progress or 'its start'}"
+                    message = ("interrupted (ipaflow serve stopped); its last progress: " + progress if progress
+                               else "interrupted (ipaflow serve stopped) at its start")
                     if artifact is not None:
                         client.update_artifact(artifact.id, ArtifactUpdate(description=message))
                     close_flow_run(client, run_id, lambda message=message: Cancelled(message=message))

@@ -25,6 +25,11 @@ class FailureLine(BaseModel):
     id: str = Field(description="the row's id, or #<manifest index> when the id itself is unusable")
     spec: str | None = Field(None, description="the row's spec, when it names a known one")
     error: str = Field(description="every problem, 'column: reason; ...', as its record's error")
+    index: int | None = Field(None, description="its 0-based manifest row, when known")
+    row: str = Field("", description="how the artifacts and the gallery name it: id and manifest row (file and "
+                                     "row in a folder manifest); the manifest row alone for an unusable id")
+    recorded: bool = Field(True, description="False when it has no record of its own (an unusable id, or a second "
+                                             "row of a duplicate id): `ipaflow records` has no line for it")
 
 
 class ShardLine(BaseModel):
@@ -66,6 +71,8 @@ class RunSummary(BaseModel):
     skipped: int = Field(description="rows already done in --out, not rendered again")
     updated: int = Field(description="done rows whose records took new passthrough values (not rendered again)")
     failed: int = Field(description="rows that failed, before or while rendering")
+    without_record: int = Field(0, description="failed rows with no record of their own (an unusable id, or a "
+                                               "second row of a duplicate id): the records hold failed - this")
     images: int = Field(description="outputs written (images, or one video per row)")
     seconds: float = Field(description="the run's seconds, from the command's start when a command ran it")
     times: RunTimes

@@ -152,6 +152,13 @@ class Manifest:
             return self.files[position].name
         return f"{self.files[position].name} row {index - self._starts[position]}"
 
+    def file_of(self, index: int) -> str:
+        """The URI of the file a row lies in (the manifest's own for a one-file manifest), once a pass has
+        reached it."""
+        if not self.folder or not self._starts or index < self._starts[0]:
+            return self.uri
+        return self.files[bisect_right(self._starts, index) - 1].uri
+
     def iter_batches(self, batch_rows: int | None = None, columns: tuple[str, ...] | None = None) -> Iterator[RowBatch]:
         """The manifest as consecutive batches, file by file, read as they stream (never a whole file at once);
         ``columns`` limits what is read where the format allows (Parquet reads only those; absent ones are left

@@ -52,6 +52,13 @@ class GallerySample:
         self.samples: dict[str, list[dict]] = defaultdict(list)
         self.failures: list[dict] = []
         self.files: list[dict] = []  # the first ok records with plain files, for the contact sheet
+        self.unrecorded = 0  # the run's failed rows with no record of their own
+        self.unrecorded_rows: list[dict] = []  # the first of them: row (id and manifest row), spec, error
+
+    def without_record(self, count: int, rows: list[dict]) -> None:
+        """Failed rows that have no record to show (an unusable id, a second row of a duplicate id), as the run
+        counted them: in the failed count, and listed by manifest row."""
+        self.unrecorded, self.unrecorded_rows = count, rows[:self.failures_kept]
 
     def add(self, table: pa.Table) -> None:
         status = pc.fill_null(table.column("status"), "")
@@ -125,7 +132,8 @@ def render_gallery(records: list[dict] | GallerySample, out: str, title: str = "
                    contact_sheet: str | None = None) -> str:
     sample = records if isinstance(records, GallerySample) else GallerySample.of(records)
     ok = sum(sample.ok.values())
-    links = [f"<a href='#failed'>{sample.failed} failed</a>" if sample.failed else "0 failed"]
+    failed = sample.failed + sample.unrecorded
+    links = [f"<a href='#failed'>{failed} failed</a>" if failed else "0 failed"]
     if contact_sheet:
         links.append(f"<a href='{quote(contact_sheet)}'>contact sheet</a>")
     page = [
@@ -143,6 +151,18 @@ def render_gallery(records: list[dict] | GallerySample, out: str, title: str = "
         for record in sample.failures:
             page.append(f"<tr><td>{html.escape(str(record['id']))}</td><td>{html.escape(str(record['spec']))}</td>"
                         f"<td>{html.escape(str(record['error']))}</td></tr>")
+        page.append("</table></section>")
+    if sample.unrecorded:
+        shown = len(sample.unrecorded_rows)
+        more = f" (the first {shown})" if shown < sample.unrecorded else ""
+        anchor = "" if sample.failed else " id='failed'"
+        page.append(f"<section{anchor}><h2>Failed rows without a record: "
+                    f"{sample.unrecorded}{more}</h2><p>An unusable id, or a second row of an id: the run counts them "
+                    "failed; <code>metadata/</code> has no record of their own.</p>"
+                    "<table><tr><th>manifest row</th><th>spec</th><th>reason</th></tr>")
+        for row in sample.unrecorded_rows:
+            page.append(f"<tr><td>{html.escape(str(row['row']))}</td><td>{html.escape(str(row['spec'] or ''))}</td>"
+                        f"<td>{html.escape(str(row['error']))}</td></tr>")
         page.append("</table></section>")
     for spec in sorted(sample.ok):
         rows = sample.samples[spec]

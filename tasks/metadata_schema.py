@@ -35,6 +35,7 @@ CORE_SCHEMA = pa.schema(
         ("finished_at", pa.timestamp("us", tz="UTC")),
         ("run_id", pa.string()),
         ("layout", pa.string()),
+        ("manifest", pa.string()),  # the manifest file the row came from (absolute; a URI as given, redacted)
     ]
 )
 CORE_COLUMNS = frozenset(CORE_SCHEMA.names)
@@ -62,6 +63,7 @@ def make_record(
     extra: dict | None = None,
     redact: Callable[[str], str] | None = None,
     layout: str | None = None,
+    manifest: str | None = None,
 ) -> dict[str, Any]:
     """One metadata record; ``error`` goes through ``redact`` (the storage's redactor; by default one that
     knows the environment's credentials only), output URIs lose the credentials a URI may carry and otherwise
@@ -82,6 +84,7 @@ def make_record(
         "finished_at": now(),
         "run_id": run_id,
         "layout": layout,
+        "manifest": redact(manifest) if manifest else None,
     }
     for name, value in (extra or {}).items():
         record.setdefault(record_column(name), value)  # a manifest column never overwrites a record field

@@ -27,6 +27,7 @@ class ShardPlan(BaseModel):
     jobs: list[Job]
     row_keys: dict[str, str]  # id -> key (a field named `keys` would confuse dict(model))
     layout: str = DEFAULT_LAYOUT  # where its outputs go (specs.outputs)
+    manifests: dict[str, str] = {}  # id -> the manifest file the row came from (its records' ``manifest``)
 
 
 def auto_shard_size(num_rows: int, batch_size: int) -> int:

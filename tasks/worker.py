@@ -171,7 +171,7 @@ def run_shard(shard: ShardPlan, settings: RunSettings, progress: ProgressCallbac
     jobs = [job for job in shard.jobs if job.id not in done]
     stats.skipped = len(shard.jobs) - len(jobs)
     writer = ShardWriter(storage, settings.out, settings.run_id, shard.name, shard.spec, shard.row_keys,
-                         layout=shard.layout)
+                         layout=shard.layout, manifests=shard.manifests)
     fetcher = InputFetcher(storage, jobs, {shard.spec.name: shard.spec}, out=settings.out)
     report = _Reporter(stats, writer, progress)
     try:

@@ -39,9 +39,11 @@ class ShardWriter:
     """Encodes and uploads outputs off the render thread and journals the finished records."""
 
     def __init__(self, storage: Storage, out: str, run_id: str, shard: str, spec: Spec, keys: dict[str, str],
-                 threads: int = 4, flush_every_s: float = 10.0, max_pending: int = 64, layout: str = DEFAULT_LAYOUT):
+                 threads: int = 4, flush_every_s: float = 10.0, max_pending: int = 64, layout: str = DEFAULT_LAYOUT,
+                 manifests: dict[str, str] | None = None):
         self.storage, self.out, self.run_id, self.shard, self.spec, self.keys = storage, out, run_id, shard, spec, keys
         self.layout = layout
+        self.manifests = manifests or {}  # id -> the manifest file the row came from
         self.metadata = MetadataStore(storage, out)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ipaflow-write")
         self._pending: list[Future] = []
@@ -68,7 +70,7 @@ class ShardWriter:
     def _record(self, job: Job, status: str, **fields) -> dict:
         return make_record(job_id=job.id, spec=job.spec, status=status, run_id=self.run_id, seed=job.seed,
                            params=job.params, key=self.keys.get(job.id), extra=job.extra,
-                           redact=self.storage.redact, layout=self.layout, **fields)
+                           redact=self.storage.redact, layout=self.layout, manifest=self.manifests.get(job.id), **fields)
 
     def _write(self, rendered: Rendered) -> dict:
         job, spec = rendered.job, self.spec

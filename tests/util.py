@@ -153,3 +153,31 @@ def write_folder(out, layout: str, rows=(("a", 1), ("b", 2), ("c.d", 1)), run: s
     store = MetadataStore(Storage(), str(out))
     store.fold(run)
     return store
+
+
+def artifact_role(artifact) -> str:
+    """Which of a run's artifacts this is, from its key: progress, failed-rows, summary or contact-sheet."""
+    for role in ("failed-rows", "contact-sheet"):
+        if artifact.key.endswith(f"-{role}"):
+            return role
+    return artifact.key.rsplit("-", 1)[-1]
+
+
+def markdown_table(markdown: str) -> list[dict]:
+    """The rows of the first markdown table in ``markdown``, cells as written (escaped), by header."""
+    import re
+
+    lines = [line.strip() for line in markdown.splitlines() if line.strip().startswith("|")]
+    split = [re.split(r"(?<!\\) \| ", line[2:-2]) for line in lines]
+    return [dict(zip(split[0], cells)) for cells in split[2:]]
+
+
+def load_script(relative: str):
+    """A script of the repository (``benchmarks/eta.py``, ``scripts/ui_check.py``) as a module, for its tests."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(f"ipaflow_script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -19,7 +19,7 @@ from util import mounted_tmpfs, read_records, slow_manifest, start_until_first_i
 
 INTERRUPTED = "ipaflow: interrupted; re-run the same command to resume\n"
 # the status line off a terminal, every 30 s: the rows, or the phase before the first row (a loaded machine)
-PROGRESS = re.compile(r"ipaflow: ([^;]*: \d+/\d+ rows, |[A-Za-z' ]+, elapsed \d)")
+PROGRESS = re.compile(r"ipaflow: ([^;]*: \d+/\d+ rows \(|[A-Za-z' ]+, elapsed \d)")
 
 
 def _processes_with(marker: str) -> list[int]:

@@ -125,7 +125,7 @@ def test_ctrl_c_on_serve_leaves_its_run_cancelled(tmp_path, models_env, inputs_d
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(run.id)
         assert run.state.type.value == "CANCELLED", (run.state, stderr)
-        assert run.state.message.startswith("interrupted (ipaflow serve stopped) at "), run.state.message
-        assert "/40 rows, " in run.state.message, run.state.message  # the run's last progress line
+        assert run.state.message.startswith("interrupted (ipaflow serve stopped)"), run.state.message
+        assert "/40 rows (" in run.state.message, run.state.message  # the run's last progress line
         _task_runs(client, run)
     assert f"run {run.name} cancelled: interrupted" in stderr, stderr

@@ -19,7 +19,7 @@ import time
 
 import PIL.Image
 import pytest
-from util import write_manifest
+from util import artifact_role, markdown_table, write_manifest
 
 TAGS = {"ipaflow", "manifest:nightly-set", "spec:sdxl-text2img"}
 HOSTILE_SPEC = "<b>bold</b><script>alert(4)</script>"
@@ -87,7 +87,7 @@ class Observer:
         runs = FlowRunFilter(id=FlowRunFilterId(any_=[self.run_id]))
         with get_client(sync_client=True) as client:
             while not self.stop.wait(0.1):
-                seen = {a.type: (a.data, a.description) for a in client.read_artifacts(flow_run_filter=runs)}
+                seen = {artifact_role(a): (a.data, a.description) for a in client.read_artifacts(flow_run_filter=runs)}
                 self.readings.append((time.time(), seen))
 
 
@@ -139,15 +139,15 @@ def test_failed_rows_and_progress_are_live(watched_run):
     assert failing.rows == 4 and len(shards) == 2
 
     early = [seen for at, seen in observer.readings if failing.started_at < at < failing.finished_at]
-    assert any("bad-decode" in json.dumps(seen.get("table")) for seen in early), "no live failed-rows artifact"
+    assert any("bad-decode" in json.dumps(seen.get("failed-rows")) for seen in early), "no live failed-rows artifact"
     descriptions = [seen["progress"][1] for _, seen in observer.readings if "progress" in seen]
-    pattern = re.compile(r"rendering: (\d+)/12 rows, (\d+) ok, (\d+) failed, 0 skipped, ([\d.]+) rows/s, "
-                         r"ETA (\d+m)?\d+s, elapsed")
+    pattern = re.compile(r"^ETA (\d+m)?\d+s, rendering: (\d+)/12 rows \([\d.]+%\), (\d+) ok, (\d+) failed, 0 skipped, "
+                         r"([\d.]+) rows/s, elapsed")
     live = [match for text in descriptions if (match := pattern.search(text.replace("\\", "")))]
     assert live, descriptions
-    done_counts = {int(match.group(1)) for match in live}
+    done_counts = {int(match.group(2)) for match in live}
     assert done_counts - {4, 8, 12}, f"progress moved only at shard boundaries: {sorted(set(descriptions))}"
-    assert all(float(match.group(4)) > 0 for match in live)
+    assert all(float(match.group(5)) > 0 for match in live)
     assert [float(seen["progress"][0]) for _, seen in observer.readings if "progress" in seen][-1] == 100
 
 
@@ -159,21 +159,23 @@ def test_artifacts_as_the_api_holds_them(watched_run):
     run_id = state.state_details.flow_run_id
     runs = FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
     with get_client(sync_client=True) as client:
-        artifacts = {a.type: a for a in client.read_artifacts(flow_run_filter=runs)}
-        assert set(artifacts) == {"progress", "table", "markdown"}  # out is local: no image artifact
+        artifacts = {artifact_role(a): a for a in client.read_artifacts(flow_run_filter=runs)}
+        assert set(artifacts) == {"progress", "failed-rows", "summary"}  # out is local: no image artifact
         assert artifacts["progress"].key == "nightly-set-progress" and float(artifacts["progress"].data) == 100
-        assert artifacts["table"].key == "nightly-set-failed-rows"
-        assert artifacts["table"].description.startswith("5 failed rows, 4 reasons")
-        failed = json.loads(artifacts["table"].data)
-        assert [row["rows"] for row in failed] == [2, 1, 1, 1]  # both unknown specs under one reason
-        by_sample = {_shown_text(row["sample ids"]).strip(): row for row in failed}
+        assert artifacts["failed-rows"].key == "nightly-set-failed-rows"
+        assert {artifacts["failed-rows"].type, artifacts["summary"].type} == {"markdown"}  # shown alike in both UIs
+        assert artifacts["failed-rows"].description.startswith("5 failed rows, 4 reasons")
+        failed = markdown_table(artifacts["failed-rows"].data)
+        assert [int(row["rows"]) for row in failed] == [2, 1, 1, 1]  # both unknown specs under one reason
+        by_sample = {re.sub(r" \(manifest row \d+\)", "", _shown_text(row["sample rows"])).strip(): row
+                     for row in failed}
         assert by_sample["bad-decode"]["specs"].replace("\\", "") == "sdxl-text2img"
         assert by_sample["html-spec, dash"]["specs"] == "(unknown spec)"
         assert f"unknown spec '{HOSTILE_SPEC}'" in _shown_text(by_sample["html-spec, dash"]["reason (first row's)"])
         assert by_sample["width"]["specs"].replace("\\", "") == "sdxl-text2img"  # a failed check keeps its spec
         assert HOSTILE_PATH in _shown_text(by_sample["html-path"]["reason (first row's)"])
 
-        shown = _shown_text(artifacts["markdown"].data)
+        shown = _shown_text(artifacts["summary"].data)
         assert "ipaflow run" in shown and "Completed with failures" in shown
         assert "rows: 12 = 7 rendered + 0 skipped (already done) + 5 failed" in shown
         assert re.search(r"time: \S+ in all = \S+ start-up .* \S+ planning \+ \S+ rendering", shown), shown
@@ -194,7 +196,7 @@ def test_previews_are_embedded_labelled_sheets(watched_run):
     state, _, folder = watched_run
     runs = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
     with get_client(sync_client=True) as client:
-        markdown = next(a for a in client.read_artifacts(flow_run_filter=runs) if a.type == "markdown").data
+        markdown = next(a for a in client.read_artifacts(flow_run_filter=runs) if artifact_role(a) == "summary").data
     [uri] = re.findall(r"\((data:image/jpeg;base64,[A-Za-z0-9+/=]+)\)", markdown)
     jpeg = base64.b64decode(uri.split(",", 1)[1])
     assert len(jpeg) < 100_000
@@ -230,9 +232,9 @@ def test_manifest_text_is_escaped_in_every_artifact(watched_run):
     state, _, folder = watched_run
     runs = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
     with get_client(sync_client=True) as client:
-        artifacts = {a.type: a for a in client.read_artifacts(flow_run_filter=runs)}
-    texts = [artifacts["markdown"].data, artifacts["progress"].description, artifacts["table"].description]
-    texts += [str(cell) for row in json.loads(artifacts["table"].data) for cell in row.values()]
+        artifacts = {artifact_role(a): a for a in client.read_artifacts(flow_run_filter=runs)}
+    texts = [artifacts["summary"].data, artifacts["progress"].description, artifacts["failed-rows"].description,
+             artifacts["failed-rows"].data]
     shown = "\n".join(_rendered_html(text) for text in texts)
     tags = set(re.findall(r"<(\w+)", shown))
     assert tags <= {"p", "h1", "h2", "h3", "ul", "li", "table", "thead", "tbody", "tr", "th", "td", "img"}, tags
@@ -241,7 +243,7 @@ def test_manifest_text_is_escaped_in_every_artifact(watched_run):
     for written in (HOSTILE_SPEC, HOSTILE_PATH, HOSTILE_OUT, "(unknown spec)", "sdxl-text2img", "not a decodable image"):
         assert written in text, written
     cells = [html.unescape(re.sub(r"<[^>]+>", "", _rendered_html(row["specs"])).strip())
-             for row in json.loads(artifacts["table"].data)]
+             for row in markdown_table(artifacts["failed-rows"].data)]
     assert "(unknown spec)" in cells  # a spec that names no known spec
 
 
@@ -322,7 +324,8 @@ def test_progress_on_a_terminal_and_off_it(monkeypatch):
     assert lines and all(line.startswith("ipaflow: ") for line in lines if "r-7" not in line)
     shown = "\n".join(lines)
     assert re.search(r"^ipaflow: importing torch, diffusers and Prefect, elapsed \ds$", shown, re.M)  # no rows yet
-    assert re.search(r"^ipaflow: rendering: 12/40 rows, 9 ok, 3 failed, 0 skipped, 2.5 rows/s, ETA 11s, elapsed \ds$",
+    assert re.search(r"^ipaflow: ETA 11s, rendering: 12/40 rows \(30.0%\), 9 ok, 3 failed, 0 skipped, 2.5 rows/s, "
+                     r"elapsed \ds$",
                      shown, re.M)
 
 

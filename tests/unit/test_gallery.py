@@ -84,3 +84,16 @@ def test_failures_first_one_caption_per_image_and_bounded_size():
     captions = [text for text in parsed.text if text.startswith("r00-") and text.count("-") == 2]
     assert captions[:4] == ["r00-0001-0", "r00-0001-1", "r00-0002-0", "r00-0002-1"]  # one caption per image
     assert len([tag for tag, _ in parsed.tags if tag == "img"]) == 2 * SAMPLES_PER_SPEC
+
+
+def test_rows_without_a_record_are_counted_and_listed_by_manifest_row():
+    from ipaflow.tasks.gallery import GallerySample
+
+    sample = GallerySample.of([{"id": "dup", "spec": "s", "status": "failed", "error": "id: duplicate id",
+                                "outputs": [], "params": "{}"}])
+    sample.without_record(2, [{"row": "manifest row 1", "spec": None, "error": "id: '<b>a/b</b>' is not a valid id"},
+                              {"row": "dup (manifest row 5)", "spec": "s", "error": "id: duplicate id"}])
+    page = render_gallery(sample, OUT)
+    assert "3 failed</a>" in page and "Failed rows without a record: 2" in page
+    assert "<td>manifest row 1</td>" in page and "<td>dup (manifest row 5)</td>" in page
+    assert "&lt;b&gt;a/b&lt;/b&gt;" in page and "<b>a/b" not in page

@@ -1,5 +1,5 @@
 """The rules of the run monitor, without Prefect or models: markdown escaping (checked by rendering it), failed
-rows grouped by reason, rows/s and ETA, counting shards' live reports (retries, late reports, lost shards),
+rows grouped by reason, counting shards' live reports (retries, late reports, lost shards),
 labelled preview sheets within their byte budget."""
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ipaflow.core.problems import FailedRow, Problem
-from ipaflow.flows.monitoring import MAX_REASONS, RunMonitor, failure_table, markdown_text
+from ipaflow.flows.monitoring import MAX_REASONS, RunMonitor, failure_markdown, failure_table, markdown_text
 from ipaflow.flows.previews import PREVIEW_BUDGET, Thumb, labelled_grid, preview_jpeg, preview_uris
-from ipaflow.flows.progress import RateMeter, Snapshot, status_line
 from ipaflow.flows.run_counter import FailureGroups
 from ipaflow.tasks.counts import RowCounts
 from ipaflow.tasks.worker import ShardProgress, ShardStats
@@ -71,10 +70,25 @@ def test_failures_are_grouped_by_reason_with_counts_and_samples():
     groups.add(_failed("u", "spec", "unknown spec '<b>x</b>'; `ipaflow specs list` shows the known ones", None), str)
     table = failure_table(groups)
     assert [(row["rows"], row["column"]) for row in table] == [(7, "ip\\_image"), (3, "width"), (1, "spec")]
-    assert table[0]["sample ids"] == "m-0, m-1, m-2, m-3, m-4"  # five samples
+    assert table[0]["sample rows"] == "m-0, m-1, m-2, m-3, m-4"  # five samples
     assert table[0]["reason (first row's)"] == "not found: /data/in/0.png"
     assert table[1]["specs"] == "(unknown spec)"
     assert "&lt;b&gt;" in table[2]["reason (first row's)"]
+
+
+def test_the_failed_rows_artifact_is_a_markdown_table_that_shows_the_text_as_written():
+    """A markdown artifact, not a table artifact: Prefect's classic UI renders table cells as markdown and its new
+    UI as plain text, while both render a markdown artifact as markdown (scripts/ui_check.py checks both)."""
+    groups = FailureGroups()
+    for number, text in enumerate(HOSTILE):
+        groups.add(FailedRow(row=f"r{number}", problems=(Problem(f"col{number:02d}", text),), index=number,
+                             spec=text), str, label=text)
+    rendered = _render(failure_markdown(groups))
+    assert set(re.findall(r"<(\w+)", rendered)) == {"table", "thead", "tbody", "tr", "th", "td"}
+    rows = re.findall(r"<tr>(.*?)</tr>", rendered, re.S)[1:]
+    cells = [[_shown(cell) for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)] for row in rows]
+    assert sorted(cells) == sorted(["1", f"col{n:02d}", " ".join(t.split()), " ".join(t.split()), " ".join(t.split())]
+                                   for n, t in enumerate(HOSTILE))
 
 
 def test_the_reasons_table_is_capped():
@@ -84,26 +98,6 @@ def test_the_reasons_table_is_capped():
     table = failure_table(groups)
     assert len(table) == MAX_REASONS + 1 and table[-1]["rows"] == 5 and table[-1]["reason (first row's)"] == (
         "5 other reasons")
-
-
-def test_rate_over_a_sliding_window_and_eta():
-    now = [0.0]
-    meter = RateMeter(window=60, clock=lambda: now[0])
-    meter.add(0)
-    assert meter.rate() is None and meter.eta(100) is None  # nothing done yet
-    for second in range(1, 121):  # 1 row/s for a minute, then 4 rows/s
-        now[0] = second
-        meter.add(second if second <= 60 else 60 + 4 * (second - 60))
-    assert meter.rate() == pytest.approx(4.0)  # the first minute has left the window
-    assert meter.eta(400) == pytest.approx(100.0) and meter.eta(0) == 0.0
-
-
-def test_status_line():
-    assert status_line(Snapshot(phase="rendering", total=1000, done=120, ok=100, failed=10, skipped=10, rate=3.21,
-                                eta=275, elapsed=62)) == (
-        "rendering: 120/1000 rows, 100 ok, 10 failed, 10 skipped, 3.21 rows/s, ETA 4m35s, elapsed 1m02s")
-    assert status_line(Snapshot(phase="planning rows", elapsed=3)) == "planning rows, elapsed 3s"
-    assert "? rows/s, ETA ?" in status_line(Snapshot(phase="rendering", total=5))
 
 
 def _report(shard: str, ok: int, failed: int = 0, new: tuple = (), skipped: int = 0) -> ShardProgress:
@@ -129,7 +123,7 @@ def test_live_reports_count_until_the_shard_finishes():
     monitor.tick()
     snapshot = monitor.snapshot()
     assert (snapshot.done, snapshot.ok, snapshot.failed) == (6, 3, 1) and monitor.failed_so_far == 1
-    assert [f.row for f in monitor.failures] == ["x"]
+    assert [(f.id, f.row) for f in monitor.failures] == [("x", "x (manifest row 0)")]
 
     # a retried shard starts its counts again and reports its failed row again: counted once
     monitor.report(_report("a", ok=0, skipped=1, failed=1, new=[_failed("x", "ip_image", "bad")]))
@@ -139,7 +133,7 @@ def test_live_reports_count_until_the_shard_finishes():
     monitor.shard_finished(ShardStats(name="a", spec="s", rows=4, ok=2, skipped=1, failed=1, images=2,
                                       failures=[_failed("x", "ip_image", "bad")]))
     monitor.report(_report("a", ok=1))  # late: the shard's stats count
-    monitor.shard_lost("b")  # its task failed after retries: its last counts stand
+    monitor.shard_lost("b", ok={"b1", "b2"}, failed={"b1", "b2"})  # failed after retries: its journaled rows count
     monitor.tick()
     snapshot = monitor.snapshot()
     assert (snapshot.done, snapshot.ok, snapshot.failed) == (8, 5, 1) and len(monitor.failures) == 1
@@ -147,6 +141,53 @@ def test_live_reports_count_until_the_shard_finishes():
     # one count: the run's is the sum of its specs' (a lost shard's last report counts for the run only)
     assert monitor.per_spec["s"].counts() == RowCounts(rows=4, ok=3, failed=1, images=2)
     assert (monitor.counts.ok, monitor.counts.failed, monitor.counts.skipped, monitor.counts.rows) == (5, 1, 2, 10)
+
+
+def test_a_lost_shard_counts_what_it_journaled_once():
+    """Seen as "48/40 rows": a shard's reports counted rows whose records were never journaled (a full disk),
+    then the flow failed those same rows again. A lost shard counts its journal; the flow fails the rest."""
+    monitor = _monitor()
+    monitor.planned(total=10)
+    monitor.report(ShardProgress(shard="a", spec="s", rows=10, phase="rendering", ok=6, failed=2,
+                                 new_failures=[_failed(f"f{i}", "write", "disk full") for i in range(2)]))
+    monitor.tick()
+    assert monitor.snapshot().done == 8
+    monitor.shard_lost("a", ok={"r0", "r1"}, failed={"r0", "r1", "f0"})  # two ok and one failed row journaled
+    for row in [f"r{i}" for i in range(2, 8)] + ["f1"]:  # the flow fails the rows without a record
+        monitor.row_failed(FailedRow(row=row, problems=(Problem("worker", "lost"),), index=0, spec="s"))
+    monitor.tick()
+    snapshot = monitor.snapshot()
+    assert (snapshot.done, snapshot.ok, snapshot.failed) == (10, 2, 8)
+    assert monitor.recorded == 8 == len(monitor.failures) and sum(g.rows for g in monitor.groups.groups.values()) == 8
+
+
+def test_a_row_a_retry_rendered_is_not_failed():
+    monitor = _monitor()
+    monitor.planned(total=4)
+    monitor.report(_report("a", ok=1, failed=1, new=[_failed("y", "ip_image", "timed out")]))
+    monitor.tick()
+    assert monitor.recorded == 1
+    monitor.report(_report("a", ok=1, skipped=1))  # the retry: y rendered this time
+    monitor.shard_finished(ShardStats(name="a", spec="s", rows=4, ok=3, skipped=1, images=3))
+    assert (monitor.counts.ok, monitor.counts.failed, monitor.recorded, monitor.failures) == (4, 0, 0, [])
+    assert not monitor.groups.groups
+
+
+def test_rows_without_a_usable_id_or_with_a_duplicate_are_counted_and_named_by_manifest_row():
+    monitor = _monitor()
+    monitor.planned(total=5)
+    monitor.place = lambda index: f"part-1.parquet row {index - 2}" if index >= 2 else None
+    duplicate = Problem("id", "duplicate id (manifest rows 0, 3)")
+    monitor.row_failed(FailedRow(row="d", problems=(duplicate,), index=0, spec="s"))
+    monitor.row_failed(FailedRow(row="#1", problems=(Problem("id", "'bad/slash' is not a valid id"),), index=1))
+    monitor.row_failed(FailedRow(row="d", problems=(duplicate,), index=3, spec="s"))
+    summary = monitor.summary(run_id="r", manifest="m", out="o", gallery=None, contact_sheet=None,
+                              metadata_bytes_written=0, first_shard_s=None)
+    assert (summary.failed, summary.without_record) == (3, 2)
+    assert [(f.row, f.recorded) for f in summary.failures] == [
+        ("d (manifest row 0)", True), ("manifest row 1", False), ("d (part-1.parquet row 1)", False)]
+    samples = [row["sample rows"] for row in failure_table(monitor.groups)]
+    assert samples == ["d (manifest row 0), d (part-1.parquet row 1)", "manifest row 1"]
 
 
 def test_row_counts_add_up():
