@@ -105,6 +105,9 @@ def test_a_folder_written_before_the_score_reads_and_takes_new_records(tmp_path,
     assert frame.loc["c", "ip_similarity"] == 0.25 and frame[["ip_similarity"]].loc[["a", "b"]].isna().all().all()
     assert sorted(store.load()) == ["a", "b", "c"]
     assert export_records(str(out), where="ip_similarity < 0.3") == 1
+    store.journal_updates("r3", "u0", [{"id": "a", "note": "edited"}], ["note"])  # a passthrough edit of an old record
+    store.fold("r3")
+    assert store.load()["a"]["note"] == "edited" and store.load()["a"]["ip_similarity"] is None
 
 
 def test_the_gallery_shows_the_score_and_sorts_weakest_first_without_script():
