@@ -13,7 +13,9 @@
    SD1.5 at 512x512 (25 steps, CFG; CLIP ViT-H/14, its adapters' encoder) and SDXL at 1024x1024 (30 steps, CFG;
    ViT-H/14 for the ``vit-h`` adapters, OpenCLIP ViT-bigG/14 for ``ip-adapter_sdxl``). The image prompt's own
    embedding is computed once per distinct content (and is the render's own for plain adapters), so per output
-   the score adds one pass.
+   the score adds one pass. A GPU does that pass; the image processor (resize to 224x224, crop, normalise) stays
+   on the host, so it is timed here on a 512x512 image, and both are set against the SD1.5 row measured on an
+   H200 (``H200_*``: docs/performance.md) for the GPU-shaped share.
 
     python benchmarks/score_cost.py                       # both parts, about 2 minutes on 2 cores
     python benchmarks/score_cost.py --skip-flops --pairs 5
@@ -90,19 +92,44 @@ def measured(spec_name: str, rows: int, batch: int, steps: int, pairs: int) -> l
         start = time.perf_counter()
         score_rows(loaded, inputs[:batch], outputs)
         alone.append(time.perf_counter() - start)
-    ratios = [b / a for a, b in zip(off, on)]
-    off_s, on_s = statistics.median(off), statistics.median(on)
+    ratio = statistics.median(b / a for a, b in zip(off, on))
+    off_s, on_s, alone_s = statistics.median(off), statistics.median(on), statistics.median(alone) / batch
     return [
         f"tiny zoo, {spec_name}, {rows} rows in batches of {batch}, {steps} steps, {torch.get_num_threads()} threads, "
         f"medians of {pairs} pairs:",
-        f"  score off: {off_s * 1000:.1f} ms/row   score on: {on_s * 1000:.1f} ms/row   on/off: "
-        f"{statistics.median(ratios):.3f}x   the score's share of render time: {100 * (on_s - off_s) / on_s:.1f}%",
-        f"  score_rows alone for a batch of {batch}: {statistics.median(alone) * 1000:.1f} ms "
-        f"({statistics.median(alone) * 1000 / batch:.1f} ms/row)",
+        f"  score off: {off_s * 1000:.1f} ms/row   score on: {on_s * 1000:.1f} ms/row   on/off (median of the "
+        f"pairs' ratios): {ratio:.3f}x, so the score's share of render time: {100 * (1 - 1 / ratio):.1f}%",
+        f"  score_rows alone: {alone_s * 1000:.1f} ms/row = {100 * alone_s / on_s:.1f}% of a scored row",
     ]
 
 
-def counted() -> list[str]:
+def preprocessing(pairs: int, threads: int) -> float:
+    """Host seconds per output of the real encoders' image processor (CLIP's, 224x224) on a batch of 16 512x512
+    images, through ``tasks.scores.preprocess`` in ``threads`` threads: the part of the score a GPU does not take."""
+    import numpy as np
+    import PIL.Image
+    from transformers import CLIPImageProcessor
+
+    from ipaflow.tasks.scores import preprocess
+
+    processor = CLIPImageProcessor()
+    images = [PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (512, 512, 3), np.uint8))
+              for i in range(16)]
+    times = []
+    for _ in range(pairs):
+        start = time.perf_counter()
+        preprocess(processor, images, threads)
+        times.append((time.perf_counter() - start) / len(images))
+    return statistics.median(times)
+
+
+# Measured on one H200 (docs/performance.md, "On a GPU"): the eager UNet's rate at batch 32, and the shard worker's
+# seconds per shape-true SD1.5 512x512 row (25 steps, CFG) at batch 16.
+H200_UNET_FLOPS = 262e12
+H200_SD15_ROW_S = 0.220
+
+
+def counted(pairs: int) -> list[str]:
     sys.path.insert(0, str(Path(__file__).parent))
     from cpu_costs import image_encoder, text_encoder, unet_step, vae_decode
 
@@ -121,6 +148,16 @@ def counted() -> list[str]:
         for name, flops in encoders:
             lines.append(f"  {model}: row {row / 1e12:.1f} TFLOP, {name} pass {flops / 1e12:.3f} TFLOP = "
                          f"{100 * flops / row:.2f}% of the row")
+    from ipaflow.tasks.scores import PREPROCESS_THREADS
+
+    device = vit_h / H200_UNET_FLOPS
+    for threads in sorted({1, PREPROCESS_THREADS}):
+        host = preprocessing(pairs, threads)
+        lines += [f"image processor on the host, 512x512 -> 224x224, {threads} thread(s): {host * 1000:.2f} ms per "
+                  f"output; SD1.5 row on an H200 ({H200_SD15_ROW_S * 1000:.0f} ms at batch 16, measured): ViT-H pass "
+                  f"at the eager UNet's {H200_UNET_FLOPS / 1e12:.0f} TFLOP/s {device * 1000:.2f} ms + host "
+                  f"{host * 1000:.2f} ms = {100 * (device + host) / (H200_SD15_ROW_S + device + host):.1f}% of a "
+                  "scored row"]
     return lines
 
 
@@ -130,7 +167,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--pairs", type=int, default=7)
     parser.add_argument("--skip-flops", action="store_true")
     args = parser.parse_args()
     from ipaflow.tasks.pipelines import quiet_libraries
@@ -138,7 +175,7 @@ def main() -> None:
     quiet_libraries()
     lines = measured(args.spec, args.rows, args.batch, args.steps, args.pairs)
     if not args.skip_flops:
-        lines += counted()
+        lines += counted(args.pairs)
     print("\n".join(lines))
 
 

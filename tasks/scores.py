@@ -8,7 +8,8 @@ several images (a style folder, a list) is the mean of their normalised embeddin
 first, middle and last frames, and the three cosines averaged.
 
 The outputs of a batch are encoded in one pass of the image encoder, under ``torch.inference_mode()`` on the
-pipeline's device and dtype, after the pipeline call (the pixels are already made). The image prompts' embeddings
+pipeline's device and dtype, after the pipeline call (the pixels are already made); the image processor prepares
+them on the host first, in a few threads (``preprocess``). The image prompts' embeddings
 come from the pipeline's embedding cache (``tasks.embeddings``), keyed by content: a plain adapter's are the very
 tensors the render used; a plus adapter's projection is encoded once per distinct content.
 
@@ -19,12 +20,15 @@ A spec with ``score: false``, or a pipeline without an image encoder and its fea
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import PIL.Image
 import torch
 
 log = logging.getLogger("ipaflow.scores")
+PREPROCESS_THREADS = min(8, os.cpu_count() or 1)  # threads preparing a batch's outputs for the encoder
 DIGITS = 6  # the score as recorded: rounded, so that it reads the same on every reader
 
 
@@ -48,6 +52,19 @@ def cosines(outputs: torch.Tensor, directions: torch.Tensor) -> list[list[float]
     unit = torch.nn.functional.normalize(outputs.float(), dim=-1)
     values = (unit @ directions.float().T).mean(1)  # (n_outputs, n_adapters)
     return [[round(float(v), DIGITS) for v in row] for row in values]
+
+
+def preprocess(processor, images: Sequence[PIL.Image.Image], threads: int | None = None) -> torch.Tensor:
+    """The encoder's input for ``images``, by the pipeline's own image processor (what ``encode_image`` would run),
+    in a few threads at once: resizing a full-size output is host work the GPU waits for, and Pillow resizes
+    without the GIL. The result is the processor's, in order, whatever the threads."""
+    threads = max(1, min(len(images), threads or PREPROCESS_THREADS))
+    if threads == 1:
+        return processor(list(images), return_tensors="pt").pixel_values
+    size = -(-len(images) // threads)
+    chunks = [list(images[i:i + size]) for i in range(0, len(images), size)]
+    with ThreadPoolExecutor(max_workers=len(chunks), thread_name_prefix="ipaflow-score") as pool:
+        return torch.cat(list(pool.map(lambda chunk: processor(chunk, return_tensors="pt").pixel_values, chunks)))
 
 
 def can_score(pipe) -> bool:
@@ -81,8 +98,9 @@ def _score(loaded, inputs: Sequence, results: Sequence[Sequence[PIL.Image.Image]
     video = loaded.spec.profile.output == "video"
     shown = [[sampled_frames(frames)] if video else [[image] for image in frames] for frames in results]
     flat = [frame for row in shown for output in row for frame in output]
+    pixels = preprocess(pipe.feature_extractor, flat)  # host work, outside the pipeline's lock
     with loaded.lock, torch.inference_mode():
-        embeds, _ = pipe.encode_image(flat, device, 1, False)  # one encoder pass for the batch's outputs
+        embeds, _ = pipe.encode_image(pixels, device, 1, False)  # one encoder pass for the batch's outputs
         prompts = [[loaded.embeddings.get(pipe, False, key, images, device)[1] for key, images in row.adapters]
                    for row in inputs]
     scores, start = [], 0

@@ -43,6 +43,20 @@ def test_the_arithmetic():
     assert record_similarities([{"ip_similarities": [0.5]}, {}]) is None  # one output without: none
 
 
+def test_the_outputs_are_prepared_in_threads_exactly_as_by_the_processor():
+    import numpy as np
+    import PIL.Image
+    from transformers import CLIPImageProcessor
+
+    from ipaflow.tasks.scores import preprocess
+
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
+    images = [PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), np.uint8)) for i in range(5)]
+    whole = processor(images, return_tensors="pt").pixel_values
+    assert torch.equal(preprocess(processor, images, threads=3), whole)
+    assert torch.equal(preprocess(processor, images, threads=1), whole)
+
+
 def _records(store) -> dict[str, dict]:
     return {row_id: {k: r[k] for k in ("ip_similarity", "ip_similarities")} for row_id, r in store.load().items()}
 
