@@ -74,6 +74,10 @@ def test_files_carry_the_score_in_records_embedded_parameters_and_the_image_fold
     folder = pq.read_table(out / "images" / "metadata.parquet").to_pylist()
     assert {(r["file_name"], r["ip_similarity"]) for r in folder} == {("a.png", 0.9), ("b-0.png", 0.5),
                                                                        ("b-1.png", 0.1), ("c.d.png", 0.3)}
+    from datasets import load_dataset
+
+    dataset = load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf"))
+    assert sorted(dataset.filter(lambda row: row["ip_similarity"] >= 0.3)["ip_similarity"]) == [0.3, 0.5, 0.9]
 
 
 def test_samples_carry_their_own_score(tmp_path):
