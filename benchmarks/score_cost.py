@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -55,14 +56,13 @@ def _rows(spec_name: str, rows: int, steps: int, inputs: Path):
     return registry.get(spec_name), jobs, loaded_inputs
 
 
-def measured(spec_name: str, rows: int, batch: int, steps: int, pairs: int) -> list[str]:
+def measured(spec_name: str, rows: int, batch: int, steps: int, pairs: int, work: Path) -> list[str]:
     from ipaflow.flows.demo import draw_inputs
     from ipaflow.tasks.pipelines import PIPELINES
     from ipaflow.tasks.render import render_rows
     from ipaflow.tasks.scores import score_rows
     from ipaflow.tasks.zoo import build_zoo
 
-    work = Path(tempfile.mkdtemp(prefix="ipaflow-score-cost-"))
     if not os.environ.get("IPAFLOW_MODELS"):  # the tiny zoo, built here unless given
         build_zoo(work / "zoo")
         os.environ["IPAFLOW_MODELS"] = str(work / "zoo")
@@ -173,7 +173,11 @@ def main() -> None:
     from ipaflow.tasks.pipelines import quiet_libraries
 
     quiet_libraries()
-    lines = measured(args.spec, args.rows, args.batch, args.steps, args.pairs)
+    work = Path(tempfile.mkdtemp(prefix="ipaflow-score-cost-"))
+    try:
+        lines = measured(args.spec, args.rows, args.batch, args.steps, args.pairs, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     if not args.skip_flops:
         lines += counted(args.pairs)
     print("\n".join(lines))
