@@ -465,12 +465,12 @@ def cmd_demo(args) -> int:
 
 
 def cmd_records(args) -> int:
-    """``ipaflow records OUT [--output PATH]``: see ipaflow.flows.records."""
+    """``ipaflow records OUT [--output PATH] [--where FILTER]``: see ipaflow.flows.records."""
     from ipaflow.core.storage import Storage
     from ipaflow.flows.records import export_records
 
     storage = Storage(options=args.options.storage_options_dict())
-    count = export_records(args.out, args.output, storage)
+    count = export_records(args.out, args.output, storage, where=args.where)
     print(f"{count} records" + (f" written to {storage.redact(args.output)}" if args.output else ""), file=sys.stderr)
     return 0
 

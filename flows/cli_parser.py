@@ -101,6 +101,9 @@ def command_parser() -> argparse.ArgumentParser:
     records.add_argument("out", help="the output folder or URI (what --out was)")
     records.add_argument("--output", metavar="PATH", help="write .parquet, .csv or .jsonl there (default: JSON Lines "
                                                           "on stdout)")
+    records.add_argument("--where", metavar="FILTER", help="only the records FILTER matches: comparisons <column> "
+                         "<op> <literal> (op: < <= > >= == !=; a number, 'text' or null) joined by and / or, "
+                         "e.g. 'ip_similarity < 0.2'")
     records.set_defaults(command_parser=records)
     add_render_options(records, only=("storage_options",))
 

@@ -3,7 +3,7 @@ a ``.parquet``, ``.csv`` or ``.jsonl`` file (local or any fsspec URI).
 
 ``pandas.read_parquet(OUT/metadata)`` gives the same rows; this also holds while a run is in flight or after one
 was killed (unfolded journal records count, the latest record of an id wins) and streams part by part, so it
-works at any size.
+works at any size. ``--where`` keeps the records a filter matches (``ipaflow.flows.record_filter``), part by part.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from ipaflow.core.errors import UserError
 from ipaflow.core.storage import Storage
+from ipaflow.flows.record_filter import RecordFilter
 from ipaflow.tasks.metadata import MetadataStore
 from ipaflow.tasks.metadata_schema import canonical_schema, conform, is_json_text
 
@@ -26,8 +27,10 @@ FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "
 
 
 def _schema(store: MetadataStore, tables: list[pa.Table]) -> pa.Schema:
+    """The folder's union schema, with every record field (a folder written before a field existed reads it
+    as null)."""
     schema = store.read_schema()
-    return schema if schema is not None else canonical_schema(t.schema for t in tables)
+    return canonical_schema([schema] if schema is not None else [t.schema for t in tables])
 
 
 def _text_lists(table: pa.Table) -> pa.Table:
@@ -52,15 +55,16 @@ def _decoded_rows(table: pa.Table) -> list[dict]:
 
 
 def export_records(out: str, destination: str | None = None, storage: Storage | None = None,
-                   stdout: TextIO | None = None) -> int:
-    """Write the current records; returns how many (JSON Lines on ``stdout``, by default the ``sys.stdout`` of
-    the call, not of the import)."""
+                   stdout: TextIO | None = None, where: str | None = None) -> int:
+    """Write the current records (those ``where`` matches, when given); returns how many (JSON Lines on
+    ``stdout``, by default the ``sys.stdout`` of the call, not of the import)."""
     stdout = stdout or sys.stdout
     storage = storage or Storage()
     store = MetadataStore(storage, out)
     tables = store.iter_current()
     first = next(tables, None)
     schema = _schema(store, [first] if first is not None else [])
+    matching = RecordFilter(where, schema) if where else None
     fmt = "jsonl"
     if destination:
         suffix = "." + destination.rsplit(".", 1)[-1].lower() if "." in destination else ""
@@ -73,6 +77,8 @@ def export_records(out: str, destination: str | None = None, storage: Storage | 
     csv_writer = None
     for table in _chain(first, tables):
         table = conform(table, schema)
+        if matching is not None:
+            table = matching.apply(table)
         count += table.num_rows
         if fmt == "parquet":
             writer.write_table(table)

@@ -69,8 +69,9 @@ def _adapter_scale(value: Any) -> AdapterScale:
 # Output sizes must be multiples of this: the SD-family pipelines reject others (their `check_inputs`), since
 # the VAE scales by 8. Checked here so that a bad spec default and a bad row cell get the same message.
 SIZE_FACTOR = 8
-# Spec fields that say how a row is run, not what it renders (left out of the fingerprint).
-RUNTIME_FIELDS = ("memory", "compile")
+# Spec fields that say how a row is run or what is measured of it, not what it renders (left out of the
+# fingerprint, so switching them renders nothing again).
+RUNTIME_FIELDS = ("memory", "compile", "score")
 
 
 class StrictModel(BaseModel):
@@ -179,6 +180,8 @@ class Spec(StrictModel):
     memory: MemorySpec = MemorySpec()
     # The compiled mode of the denoiser (and the VAE decoder where it pays); `render --compile` overrides it.
     compile: Switch = "auto"
+    # The curation score ip_similarity of each output (tasks.scores); false: recorded as null, no encoder pass.
+    score: bool = True
     defaults: Params = Params()
     # Every manifest row of this spec renders each combination (``specs.sweeps``): parameter -> values.
     sweep: dict[str, list[SweepValue]] = Field(default={}, max_length=len(SWEEPABLE))
@@ -264,8 +267,8 @@ class Spec(StrictModel):
     def fingerprint(self) -> str:
         """A content hash of everything in the spec that decides an output: not its name or description, nor how
         fast or in how much memory it runs (``memory``, ``compile``: their effect on pixels stays within the
-        float tolerance that batching already has), nor where outputs go (``output.layout``), so switching them
-        does not render a finished dataset again."""
+        float tolerance that batching already has), nor whether the outputs are scored (``score``), nor where
+        outputs go (``output.layout``), so switching them does not render a finished dataset again."""
         payload = self.model_dump(mode="json", exclude={"name", "description", *RUNTIME_FIELDS})
         if payload.get("output"):
             payload["output"].pop("layout", None)

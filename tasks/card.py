@@ -9,7 +9,8 @@ both image files and Parquet shards) is named under ``ipaflow.other_layouts`` wi
 - ``images`` (the ``files`` and ``sharded`` layouts) and ``videos``: ``images/**`` or ``videos/**``, read by the
   image (or video) folder builder through ``metadata.parquet`` beside the outputs: one row per output of the
   current ``ok`` records (``file_name`` relative to the folder, ``id``, ``spec``, ``seed``, ``key``, ``prompt``,
-  ``params`` as JSON text), so the rows are the current records' outputs and nothing else;
+  ``params`` as JSON text, and the output's own ``ip_similarity`` and ``ip_similarities``, per adapter), so the
+  rows are the current records' outputs and nothing else;
 - ``webdataset``: ``webdataset/*.tar``; ``parquet``: ``parquet/*.parquet`` (their samples carry the same
   fields themselves).
 
@@ -33,14 +34,16 @@ from ipaflow.core.storage import Storage, join
 from ipaflow.specs.outputs import CONTAINERS
 from ipaflow.tasks.metadata import MetadataStore
 from ipaflow.tasks.metadata_scans import FOLDER_METADATA
+from ipaflow.tasks.metadata_schema import output_fields
 from ipaflow.tasks.owners import inside
 from ipaflow.tasks.video import is_film
 
 CARD = "README.md"
 FOLDERS = ("images", "videos")
-COLUMNS = ["id", "status", "outputs", "spec", "seed", "key", "params"]
+COLUMNS = ["id", "status", "outputs", "spec", "seed", "key", "params", "ip_similarities"]
 SCHEMA = pa.schema([("file_name", pa.string()), ("id", pa.string()), ("spec", pa.string()), ("seed", pa.int64()),
-                    ("key", pa.string()), ("prompt", pa.string()), ("params", pa.string())])
+                    ("key", pa.string()), ("prompt", pa.string()), ("params", pa.string()),
+                    ("ip_similarity", pa.float64()), ("ip_similarities", pa.list_(pa.float64()))])
 
 
 def _version() -> str:
@@ -96,14 +99,15 @@ def write_card(storage: Storage, out: str, store: MetadataStore | None = None) -
             specs.add(record["spec"])
             fields = {"id": record["id"], "spec": record["spec"], "seed": record["seed"], "key": record["key"],
                       "prompt": _prompt(record["params"]), "params": record["params"]}
-            for uri in record["outputs"] or []:
+            scores = output_fields(record.get("ip_similarities"), len(record["outputs"] or []))
+            for uri, score in zip(record["outputs"] or [], scores):
                 if not inside(uri, root):
                     continue
                 top, _, rest = uri[len(root) + 1:].partition("/")
                 if "#" in rest:
                     containers[top] += 1
                 elif top in rows:
-                    rows[top].append({"file_name": rest, **fields})
+                    rows[top].append({"file_name": rest, **fields, **score})
         for name, found in rows.items():
             folders[name].add(found)
     found = []  # (outputs, name, pattern, builder)
@@ -143,5 +147,6 @@ def _card(front: dict) -> str:
         "(`pandas.read_parquet(\"metadata\")`).\n\n"
         f"Configs: {shown}. `datasets.load_dataset(\"<this folder>\")` loads the default (the one with the most "
         "outputs), `load_dataset(\"<this folder>\", \"<config>\")` another. Each output comes with its row's `id`, "
-        "`spec`, `seed`, `key`, `prompt` and `params`.\n"
+        "`spec`, `seed`, `key`, `prompt`, `params` and its `ip_similarity` (by the spec's image encoder, against the "
+        "image prompt).\n"
         + (f"\nLayouts another builder reads (one folder's configs share one builder):{others}\n" if others else ""))

@@ -10,6 +10,10 @@ Every manifest value is HTML-escaped (prompts are untrusted input); links are re
 browsed from disk, copied, or served from a bucket. Images and GIFs are shown as ``<img>``, MP4 and WebM as a
 muted, looping ``<video>``. Outputs inside containers (webdataset, parquet layouts) are
 named rather than shown: a browser cannot open a member of a tar or a Parquet row.
+
+Each caption shows the output's ``ip_similarity`` where it was scored; the page's "weakest first" link
+(``index.html#weakest``) shows each spec's samples in the order of that score, weakest first, unscored last: CSS
+alone (``:target`` and each figure's rank as ``order``), no script.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import pyarrow.compute as pc
 
 from ipaflow.core.storage import Storage, join
 from ipaflow.specs.outputs import relative_to, split_member
+from ipaflow.tasks.metadata_schema import output_fields
 from ipaflow.tasks.video import is_film
 
 SAMPLES_PER_SPEC = 24
@@ -37,13 +42,14 @@ figure{margin:0;background:#fff;border:1px solid #ddd;border-radius:6px;padding:
 figure img,figure video{width:100%;image-rendering:pixelated;border-radius:4px}
 figcaption{font-size:.8rem;overflow-wrap:anywhere}.id{font-weight:600}.prompt{color:#444}
 table{border-collapse:collapse;font-size:.85rem}td,th{border:1px solid #ddd;padding:.3rem .5rem;text-align:left}
+#weakest:target .grid figure{order:var(--rank)}.score{color:#666}
 """
 
 
 class GallerySample:
     """Counts per spec and status, the first rows by id of each spec and the first failures: bounded."""
 
-    COLUMNS = ["id", "spec", "status", "error", "outputs", "params"]
+    COLUMNS = ["id", "spec", "status", "error", "outputs", "params", "ip_similarities"]
 
     def __init__(self, per_spec: int = SAMPLES_PER_SPEC, failures: int = FAILURES_SHOWN):
         self.per_spec, self.failures_kept = per_spec, failures
@@ -95,7 +101,8 @@ class GallerySample:
         if records:
             rows = [{c: r.get(c) for c in cls.COLUMNS} for r in records]
             schema = pa.schema([("id", pa.string()), ("spec", pa.string()), ("status", pa.string()),
-                                ("error", pa.string()), ("outputs", pa.list_(pa.string())), ("params", pa.string())])
+                                ("error", pa.string()), ("outputs", pa.list_(pa.string())), ("params", pa.string()),
+                                ("ip_similarities", pa.list_(pa.list_(pa.float64())))])
             sample.add(pa.Table.from_pylist(rows, schema=schema))
         return sample
 
@@ -112,20 +119,34 @@ def _stem(uri: str) -> str:
     return name.rsplit(".", 1)[0].replace("%2E", ".")
 
 
-def _figure(record: dict, uri: str, out: str, prompt: str) -> str:
+def _ranks(records: list[dict]) -> list[int]:
+    """Each output's place when the outputs of ``records`` are sorted by ip_similarity, weakest first (unscored
+    last, in id order)."""
+    scores = [score.get("ip_similarity") for record in records
+              for score in output_fields(record.get("ip_similarities"), len(record["outputs"] or []))]
+    order = sorted(range(len(scores)), key=lambda i: (scores[i] is None, scores[i] or 0.0, i))
+    ranks = [0] * len(scores)
+    for rank, index in enumerate(order):
+        ranks[index] = rank
+    return ranks
+
+
+def _figure(record: dict, uri: str, out: str, prompt: str, rank: int, score: float | None) -> str:
     container, member = split_member(uri)
+    shown_score = f"<div class='score'>ip_similarity {score:.3f}</div>" if score is not None else ""
     caption = (f"<figcaption><div class='id'>{html.escape(_stem(uri))}</div>"
-               f"<div class='prompt'>{html.escape(prompt[:300])}</div>")
+               f"<div class='prompt'>{html.escape(prompt[:300])}</div>{shown_score}")
+    opening = f"<figure style='--rank:{rank}'>"
     if member is not None:
         where = html.escape(relative_to(container, out))
-        return f"<figure>{caption}<div class='meta'>in {where}</div></figcaption></figure>"
+        return f"{opening}{caption}<div class='meta'>in {where}</div></figcaption></figure>"
     link = _link(uri, out)
     label = html.escape(record["id"], quote=True)
     if is_film(uri):
         shown = f"<video src='{link}' autoplay loop muted playsinline preload='metadata' aria-label='{label}'></video>"
     else:
         shown = f"<img loading='lazy' src='{link}' alt='{label}'>"
-    return f"<figure><a href='{link}'>{shown}</a>{caption}</figcaption></figure>"
+    return f"{opening}<a href='{link}'>{shown}</a>{caption}</figcaption></figure>"
 
 
 def render_gallery(records: list[dict] | GallerySample, out: str, title: str = "ipaflow renders",
@@ -140,7 +161,9 @@ def render_gallery(records: list[dict] | GallerySample, out: str, title: str = "
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1><div class='meta'>{ok} rendered &middot; " + " &middot; ".join(links)
-        + " &middot; every record: <code>metadata/</code> (<code>ipaflow records OUT</code>)</div>",
+        + " &middot; every record: <code>metadata/</code> (<code>ipaflow records OUT</code>)"
+        + " &middot; samples <a href='#weakest'>weakest ip_similarity first</a> or <a href='#'>by id</a></div>",
+        "<div id='weakest'>",
     ]
     if sample.failed:
         shown = len(sample.failures)
@@ -169,12 +192,14 @@ def render_gallery(records: list[dict] | GallerySample, out: str, title: str = "
         count = sample.ok[spec]
         more = f" (the first {len(rows)} by id)" if len(rows) < count else ""
         page.append(f"<section><h2>{html.escape(spec)}: {count} rendered{more}</h2><div class='grid'>")
+        ranks = iter(_ranks(rows))
         for record in rows:
             prompt = json.loads(record["params"] or "{}").get("prompt", "")
-            for uri in record["outputs"] or []:
-                page.append(_figure(record, uri, out, prompt))
+            scores = output_fields(record.get("ip_similarities"), len(record["outputs"] or []))
+            for uri, score in zip(record["outputs"] or [], scores):
+                page.append(_figure(record, uri, out, prompt, next(ranks), score.get("ip_similarity")))
         page.append("</div></section>")
-    page.append("</body></html>")
+    page.append("</div></body></html>")
     return "\n".join(page)
 
 

@@ -287,7 +287,7 @@ class Fold:
                 continue
             old = old.filter(pa.array(hit))
             rows = order[np.searchsorted(ordered, old_hashes[hit])]
-            core = old.select(CORE_SCHEMA.names).set_column(
+            core = conform(old, CORE_SCHEMA).set_column(  # a part written before a field existed: null there
                 CORE_SCHEMA.get_field_index("finished_at"), finished, pa.array([stamp] * old.num_rows, type=finished.type))
             patch = values.take(pa.array(rows))
             writer.add(pa.Table.from_arrays(core.columns + patch.columns,

@@ -10,11 +10,11 @@ readable rows: its records are rebuilt instead.
 ``rebuild_records`` reads the outputs no current record names (``images/``, ``videos/`` in the file layouts, and
 the samples of the container layouts) and rebuilds a record for each id whose outputs are all there: every
 output embeds its row's parameters (``tasks.writers.embedded_params``: id, spec, seed, key, layout, the call's
-parameters and the passthrough values). The records are journaled like a shard's, so the run folds them and
-rows whose outputs are intact are not rendered again. An id that still has a record, an output whose
-parameters were shortened to fit (a JPEG's EXIF, ``truncated``), or an id missing one of its outputs is left
-alone: that row renders again. Outputs are read one at a time: memory stays one output and the records of one
-journal file.
+parameters and the passthrough values; and its own ``ip_similarity``). The records are journaled like a
+shard's, so the run folds them and rows whose outputs are intact are not rendered again. An id that still has a
+record, an output whose parameters were shortened to fit (a JPEG's EXIF, ``truncated``), or an id missing one of
+its outputs is left alone: that row renders again. Outputs are read one at a time: memory stays one output and the
+records of one journal file.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from ipaflow.core.storage import join
 from ipaflow.specs.outputs import CONTAINERS, member_uri, output_stems, sample_key
 from ipaflow.tasks.media import TRUNCATED, read_parameters
 from ipaflow.tasks.metadata_scans import iter_listing
-from ipaflow.tasks.metadata_schema import make_record
+from ipaflow.tasks.metadata_schema import make_record, record_similarities
 from ipaflow.tasks.owners import inside
 from ipaflow.tasks.video import is_film
 
@@ -47,7 +47,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("ipaflow.metadata")
 UNREADABLE_DIR = "_ipaflow/unreadable"
 FILE_FOLDERS = ("images", "videos")
-IDENTITY = ("id", "spec", "model", "seed", "key", "layout", "extra", "stem", TRUNCATED)  # not call parameters
+# not call parameters: the row's identity, and each output's own score (tasks.scores.output_fields)
+IDENTITY = ("id", "spec", "model", "seed", "key", "layout", "extra", "stem", TRUNCATED, "ip_similarity",
+            "ip_similarities")
 REBUILT_BATCH = 2048  # records per journal file
 
 
@@ -144,6 +146,7 @@ def _record(row_id: str, found: list[tuple[str, str, dict]], run_id: str) -> dic
     first = found[0][2]
     count = 1 if len(found) == 1 and found[0][1] == row_id else int(first.get("num_images") or 1)
     stems = {stem: uri for uri, stem, _ in found}
+    carried = {stem: params for _, stem, params in found}
     wanted = [sample_key(stem) if "#" in found[0][0] else stem for stem in output_stems(row_id, count)]
     if sorted(stems) != sorted(wanted) or not first.get("key") or not first.get("spec"):
         return None
@@ -153,7 +156,8 @@ def _record(row_id: str, found: list[tuple[str, str, dict]], run_id: str) -> dic
               (first.get("extra") or {})}
     return make_record(job_id=row_id, spec=first["spec"], status="ok", run_id=run_id, seed=first.get("seed"),
                        outputs=[stems[stem] for stem in wanted], params=params, key=first["key"],
-                       extra=first.get("extra") or {}, layout=first.get("layout") or "files")
+                       extra=first.get("extra") or {}, layout=first.get("layout") or "files",
+                       ip_similarities=record_similarities([carried[stem] for stem in wanted]))
 
 
 def rebuild_records(store: MetadataStore) -> int:

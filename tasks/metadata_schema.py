@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -36,11 +36,37 @@ CORE_SCHEMA = pa.schema(
         ("run_id", pa.string()),
         ("layout", pa.string()),
         ("manifest", pa.string()),  # the manifest file the row came from (absolute; a URI as given, redacted)
+        ("ip_similarity", pa.float64()),  # the row's weakest score (tasks.scores); null when not scored
+        ("ip_similarities", pa.list_(pa.list_(pa.float64()))),  # per output, per adapter
     ]
 )
 CORE_COLUMNS = frozenset(CORE_SCHEMA.names)
 RENAMED_PREFIX = "manifest_"  # a passthrough column named like a record field is kept as manifest_<name>
 JSON_TEXT = {b"ipaflow": b"json"}  # field metadata: a passthrough column whose values mix types, as JSON text
+
+
+def weakest(similarities: list[list[float]] | None) -> float | None:
+    """A row's ``ip_similarity``: the weakest of its scores over outputs and adapters (None when unscored), so
+    that ``ip_similarity < x`` finds every row with a weak output."""
+    values = [v for output in similarities or [] for v in output]
+    return min(values) if values else None
+
+
+def output_fields(similarities: list[list[float]] | None, outputs: int) -> list[dict]:
+    """What each output carries about its own score (in its embedded parameters and its sample's JSON):
+    ``ip_similarities`` per adapter and ``ip_similarity``, their weakest; nothing when unscored."""
+    if similarities is None or len(similarities) != outputs:
+        return [{} for _ in range(outputs)]
+    return [{"ip_similarity": weakest([values]), "ip_similarities": values} for values in similarities]
+
+
+def record_similarities(per_output: Sequence[dict]) -> list[list[float]] | None:
+    """A row's per-output, per-adapter scores from what its outputs carry (``output_fields``), or None unless
+    every output carries them."""
+    found = [fields.get("ip_similarities") for fields in per_output]
+    if not found or any(not isinstance(values, list) for values in found):
+        return None
+    return found
 
 
 def now() -> datetime:
@@ -64,11 +90,13 @@ def make_record(
     redact: Callable[[str], str] | None = None,
     layout: str | None = None,
     manifest: str | None = None,
+    ip_similarities: list[list[float]] | None = None,
 ) -> dict[str, Any]:
     """One metadata record; ``error`` goes through ``redact`` (the storage's redactor; by default one that
     knows the environment's credentials only), output URIs lose the credentials a URI may carry and otherwise
     stay usable; an output under a layout's top folder is kept by its name relative to ``--out``
-    (``specs.outputs.output_name``: ``images/a.png``), so the folder can move."""
+    (``specs.outputs.output_name``: ``images/a.png``), so the folder can move. ``ip_similarities``: per output,
+    per adapter (``tasks.scores``); ``ip_similarity`` is their weakest."""
     redact = redact or Redactor().redact
     record = {
         "id": job_id,
@@ -85,6 +113,8 @@ def make_record(
         "run_id": run_id,
         "layout": layout,
         "manifest": redact(manifest) if manifest else None,
+        "ip_similarity": weakest(ip_similarities),
+        "ip_similarities": ip_similarities,
     }
     for name, value in (extra or {}).items():
         record.setdefault(record_column(name), value)  # a manifest column never overwrites a record field

@@ -7,7 +7,8 @@ of several passes lists and per-row generators, which gives the same pixels row 
 Around the call: the VAE savers the batch needs (``ipaflow.tasks.memory``), the compiled mode where it runs or
 pays (``ipaflow.tasks.compile``; a compile failure renders the batch again eagerly and never fails a row), and
 the images come back as one tensor, turned into 8-bit pixels on the device in one step (the rounding of
-diffusers' own ``numpy_to_pil``, so the pixels are the same) and copied to the host once per batch.
+diffusers' own ``numpy_to_pil``, so the pixels are the same) and copied to the host once per batch. Then the
+batch's outputs are scored against their image prompts (``ipaflow.tasks.scores``: ``ip_similarity``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ipaflow.tasks.compile import Plan
 from ipaflow.tasks.embeddings import batch_embeds
 from ipaflow.tasks.inputs import RowInputs
 from ipaflow.tasks.pipelines import LoadedPipeline
+from ipaflow.tasks.scores import score_rows
 
 log = logging.getLogger("ipaflow.render")
 
@@ -40,6 +42,7 @@ class Rendered:
     problem: Problem | None = None  # why the row failed
     batch_size: int = 1
     seconds: float = 0.0
+    similarities: list[list[float]] | None = None  # per output, per adapter: ip_similarity (tasks.scores)
 
 
 def batch_key(job: Job, inputs: RowInputs) -> tuple:
@@ -216,9 +219,10 @@ def output_shape(job: Job) -> tuple:
 
 
 def render_rows(loaded: LoadedPipeline, jobs: Sequence[Job], inputs: Sequence[RowInputs],
-                redact: Callable[[str], str] = str) -> Iterator[Rendered]:
+                redact: Callable[[str], str] = str, score: bool = True) -> Iterator[Rendered]:
     """Render a batch; on out-of-memory split it in halves and retry (and remember the smaller size for the
-    shape); if a batch fails otherwise, retry its rows one by one so that only the row at fault fails."""
+    shape); if a batch fails otherwise, retry its rows one by one so that only the row at fault fails. With
+    ``score`` (the spec's), each output's ``ip_similarity`` is computed after the call (``tasks.scores``)."""
     start = time.perf_counter()
     try:
         results = render_batch(loaded, jobs, inputs)
@@ -240,12 +244,13 @@ def render_rows(loaded: LoadedPipeline, jobs: Sequence[Job], inputs: Sequence[Ro
             half = len(jobs) // 2 if oom else 1
             parts = [(jobs[i:i + half], inputs[i:i + half]) for i in range(0, len(jobs), half)]
             for part_jobs, part_inputs in parts:
-                yield from render_rows(loaded, part_jobs, part_inputs, redact)
+                yield from render_rows(loaded, part_jobs, part_inputs, redact, score)
             return
         if oom:
             problem = Problem("render", "out of GPU memory even as a batch of one")
         yield Rendered(job=jobs[0], problem=problem)
         return
+    scores = score_rows(loaded, inputs, results, score)
     seconds = (time.perf_counter() - start) / len(jobs)
-    for job, images in zip(jobs, results):
-        yield Rendered(job=job, images=images, batch_size=len(jobs), seconds=seconds)
+    for job, images, similarities in zip(jobs, results, scores):
+        yield Rendered(job=job, images=images, batch_size=len(jobs), seconds=seconds, similarities=similarities)

@@ -199,7 +199,8 @@ def run_shard(shard: ShardPlan, settings: RunSettings, progress: ProgressCallbac
                 report("rendering")
                 batchable = [job for job in rows if job.id in ready]
                 for batch in _batches(loaded, batchable, ready, batch_size):
-                    for rendered in render_rows(loaded, batch, [ready[job.id] for job in batch], storage.redact):
+                    for rendered in render_rows(loaded, batch, [ready[job.id] for job in batch], storage.redact,
+                                                shard.spec.score):
                         storage.check_lease()  # a run that lost its lease (paused past its ttl) stops here
                         writer.submit(rendered)
                     stats.batch_ends.append(time.perf_counter() - started)

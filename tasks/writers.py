@@ -22,7 +22,7 @@ from ipaflow.tasks.containers import ContainerBuilder
 from ipaflow.tasks.counts import RowCounts
 from ipaflow.tasks.media import encode_image
 from ipaflow.tasks.metadata import MetadataStore
-from ipaflow.tasks.metadata_schema import make_record
+from ipaflow.tasks.metadata_schema import make_record, output_fields
 from ipaflow.tasks.render import Rendered
 from ipaflow.tasks.video import encode_video
 
@@ -76,23 +76,27 @@ class ShardWriter:
         job, spec = rendered.job, self.spec
         params = embedded_params(job, spec, self.keys.get(job.id), self.layout)
         paths = output_paths(job, spec, self.layout)
+        scores = output_fields(rendered.similarities, len(paths))  # each output's own ip_similarity
         if spec.profile.output == "video":
-            blobs = [encode_video(rendered.images, spec.output_format, spec.output.fps if spec.output else 8, params)]
+            blobs = [encode_video(rendered.images, spec.output_format, spec.output.fps if spec.output else 8,
+                                  {**params, **scores[0]})]
         else:
             quality = spec.output.quality if spec.output else 95
-            blobs = [encode_image(image, spec.output_format, params, quality) for image in rendered.images]
+            blobs = [encode_image(image, spec.output_format, {**params, **score}, quality)
+                     for image, score in zip(rendered.images, scores)]
         if self._container is not None:
             info = {**params, **{k: v for k, v in job.extra.items() if k not in params}}
             with self._lock:
                 uri, builder = self._container
-                for path, blob in zip(paths, blobs):
-                    builder.add(path, blob, {**info, "stem": path.rsplit(".", 1)[0]})
+                for path, blob, score in zip(paths, blobs, scores):
+                    builder.add(path, blob, {**info, **score, "stem": path.rsplit(".", 1)[0]})
                 uris = [member_uri(uri, path) for path in paths]
         else:
             uris = [join(self.out, path) for path in paths]
             for uri, blob in zip(uris, blobs):
                 self.storage.write_atomic(uri, blob)
-        return self._record(job, "ok", outputs=uris, elapsed_s=rendered.seconds, batch_size=rendered.batch_size)
+        return self._record(job, "ok", outputs=uris, elapsed_s=rendered.seconds, batch_size=rendered.batch_size,
+                            ip_similarities=rendered.similarities)
 
     def _done(self, future: Future, job: Job) -> None:
         self._slots.release()

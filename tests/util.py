@@ -128,9 +128,10 @@ def alias_bomb() -> str:
     return SPEC_HEAD + f"x-anchors:\n{bomb}\nip_adapters: [{{model: h94/IP-Adapter, weight_name: a.bin, scale: {{up: *a8}}}}]\n"
 
 
-def write_folder(out, layout: str, rows=(("a", 1), ("b", 2), ("c.d", 1)), run: str = "r1"):
+def write_folder(out, layout: str, rows=(("a", 1), ("b", 2), ("c.d", 1)), run: str = "r1", scores=None):
     """An output folder as a run leaves it, without a model: rows (id, images) written by a shard writer in
-    ``layout`` (8x8 images, passthrough column ``note``), then folded. Returns its ``MetadataStore``."""
+    ``layout`` (8x8 images, passthrough column ``note``; ``scores``: id -> its outputs' ip_similarities), then
+    folded. Returns its ``MetadataStore``."""
     import numpy as np
     import PIL.Image
 
@@ -148,7 +149,7 @@ def write_folder(out, layout: str, rows=(("a", 1), ("b", 2), ("c.d", 1)), run: s
         job = Job(id=row_id, spec=spec.name, index=number, seed=number, params={"prompt": f"p {row_id}",
                   "num_images": count}, inputs={}, extra={"note": f"n-{row_id}"})
         images = [PIL.Image.fromarray(np.full((8, 8, 3), 40 * number + k, np.uint8)) for k in range(count)]
-        writer.submit(Rendered(job=job, images=images))
+        writer.submit(Rendered(job=job, images=images, similarities=(scores or {}).get(row_id)))
     writer.close()
     store = MetadataStore(Storage(), str(out))
     store.fold(run)
