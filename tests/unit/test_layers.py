@@ -71,3 +71,10 @@ def test_the_python_api_works_beside_a_users_own_tasks_and_flows(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_test_files_have_unique_names():
+    """pytest imports test files by their base name (no __init__.py in tests/): two files of one name in
+    tests/unit and tests/e2e stop the whole suite at collection."""
+    names = [path.name for path in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted({name for name in names if names.count(name) > 1}) == []
