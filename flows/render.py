@@ -199,7 +199,8 @@ def render_manifest(
                                lease_token=settings.lease_token)
         gallery, contact_sheet, previews = _gallery(storage, out, metadata, logger, monitor)
         write_card(storage, out, metadata)
-    except LeaseLost as exc:  # counted as an outage is: rows done before, or journaled by a finished shard
+    except (LeaseLost, StorageUnreachable) as exc:  # the rows that are safe: done before, or journaled by a
+        # finished shard (an outage met by a worker's write or the fence's read of the lease, not by the tick)
         raise exc.at(exc.where, monitor.counts.ok + monitor.counts.skipped) from exc
     summary = monitor.summary(run_id=run_id, manifest=storage.redact(absolute_uri(manifest)), out=storage.redact(out),
                               gallery=storage.redact(gallery),

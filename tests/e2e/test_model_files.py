@@ -61,4 +61,4 @@ def test_a_truncated_weights_file_fails_its_rows_saying_so_without_a_traceback(t
     records = read_records(tmp_path / "out")
     reason = f"pipeline: {zoo / UNET}: truncated ("
     assert set(records["status"]) == {"failed"} and all(error.startswith(reason) for error in records["error"])
-    assert f"failed: r0, {reason}" in done.stdout
+    assert f"failed: r0 (manifest row 0), {reason}" in done.stdout  # named as the artifacts name it
