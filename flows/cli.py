@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
@@ -14,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from ipaflow.core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, EXIT_TERMINATED, UserError
 from ipaflow.flows.cli_parser import DEFAULT_ZOO, command_parser, options_from_args
-from ipaflow.flows.prefect_api import APIBlinks, APIServerError, TemporaryAPIServer
+from ipaflow.flows.console import one_line, quiet_console
+from ipaflow.flows.prefect_api import TemporaryAPIServer
 from ipaflow.specs.options import RenderOptions, default_models_folder
 
 if TYPE_CHECKING:
@@ -62,87 +62,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ipaflow: {exc}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:
-        if (line := _one_line(exc, getattr(args, "out", None))) is None:
+        if (line := one_line(exc, getattr(args, "out", None))) is None:
             raise
         print(f"ipaflow: {line}", file=sys.stderr)
         return EXIT_ROWS_FAILED
 
 
-# -- failures said in one line, and Ctrl-C -----------------------------------------------------------------------
-
-# OS errors that mean the output (or another place ipaflow must write) cannot be written; inputs never raise
-# them this far (a row's input problem fails the row).
-_UNWRITABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
-                         errno.EISDIR, errno.EFBIG})
-
+# -- a run stopped by its manifest, and Ctrl-C ------------------------------------------------------------------
 
 class RunStopped(UserError):
     """A manifest or spec found unusable once the run had started (a later file of a manifest folder): the rows
     done so far are recorded; re-run once it is fixed."""
 
     exit_code = EXIT_ROWS_FAILED
-
-
-def _one_line(exc: BaseException, out: str | None = None) -> str | None:
-    """The one line a failure that is not a ``UserError`` is told in (the Prefect API server failing to start,
-    an output that cannot be written); None for the others (a traceback then helps whoever fixes ipaflow)."""
-    if isinstance(exc, APIServerError):
-        return str(exc)
-    if isinstance(exc, OSError) and exc.errno in _UNWRITABLE:
-        where = f" to --out {out}" if out else f" {exc.filename}" if exc.filename else ""
-        return f"cannot write{where}: {os.strerror(exc.errno)}"
-    return None
-
-
-# Prefect's console lines that repeat what the CLI says: an interrupted run's crash, and the notice of its
-# event queue draining at exit after a run that ended early.
-# Also a task run cancelled by the task runner as a run that stops leaves it (an unreachable store).
-_PREFECT_NOISE = ("Crash detected! Execution was aborted by an interrupt signal", "Still processing items:")
-_CANCELLED_TASK = "Task run cancelled by the task runner"
-
-
-class _OneLineFailures(logging.Filter):
-    """Keeps off the terminal what the CLI says itself in one line: Prefect's traceback of a flow that failed
-    that way (an unusable or busy --out, a bad manifest or spec), and its "Crash detected!" of an interrupted
-    one, and the notice of its event queue draining at exit. The Prefect API (the UI) still gets the first two."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, (KeyboardInterrupt, UserError)) or (error and _one_line(error)):
-            return False
-        message = record.getMessage()
-        return (not str(record.msg).startswith(_PREFECT_NOISE) and _CANCELLED_TASK not in message
-                and not _ends_in_a_user_error(message))
-
-
-def _ends_in_a_user_error(message: str) -> bool:
-    """Prefect's "Finished in state Failed('Task run encountered an exception LeaseLost: ...')" of a task run
-    stopped by an error the CLI says in its own line."""
-    if not message.startswith("Finished in state Failed("):
-        return False
-    kinds, names = [UserError], set()
-    while kinds:
-        kind = kinds.pop()
-        names.add(kind.__name__)
-        kinds.extend(kind.__subclasses__())
-    return any(f"exception {name}:" in message for name in names)
-
-
-_api_blinks = APIBlinks()  # one for the process: the API's blink is said once, whichever handler sees it
-
-
-def _quiet_console() -> None:
-    """Add the filter to Prefect's console handlers (Prefect configures its logging when first imported)."""
-    import prefect.logging.handlers  # noqa: F401 - configures Prefect's logging first
-
-    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
-                                       if name.startswith("prefect")]
-    for logger in loggers:
-        for handler in logger.handlers:
-            if isinstance(handler, logging.StreamHandler) and not any(
-                    isinstance(f, _OneLineFailures) for f in handler.filters):
-                handler.addFilter(_OneLineFailures())
-                handler.addFilter(_api_blinks)
 
 
 class _Interrupt:
@@ -350,7 +282,7 @@ def _render(manifest: str, out: str, options: RenderOptions, api_server=None) ->
         if api_server is not None:
             set_phase("waiting for Prefect's API server")
             api_server.wait_until_ready()
-        _quiet_console()
+        quiet_console()
         set_phase("starting the flow run")
         # The ~800k objects of torch, diffusers and Prefect outlive the run: keep them out of the collector's
         # full passes (0.3-0.5 s each, several per run on a CPU box).
@@ -376,7 +308,6 @@ def _start_loading_first_pipeline(manifest: str, options: RenderOptions):
     """With the in-process runner, load the first shard's pipeline (the spec of the manifest's first rows) while
     Prefect starts its API server (both take seconds, on different resources); the shard task then finds it in
     the per-process cache. Any problem is left for the render itself to report."""
-    import logging
     import threading
 
     def load() -> None:

@@ -8,7 +8,7 @@ import argparse
 import pytest
 import yaml
 
-from ipaflow.flows import cli
+from ipaflow.flows import cli, console
 from ipaflow.flows.cli import main
 from ipaflow.flows.cli_parser import command_parser
 
@@ -131,4 +131,4 @@ def test_the_console_keeps_prefects_task_end_unless_the_cli_says_it_in_its_own_l
     import logging
 
     record = logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, message, None, None)
-    assert cli._OneLineFailures().filter(record) is kept
+    assert console.OneLineFailures().filter(record) is kept
