@@ -90,6 +90,7 @@ class ProgressEstimator:
     """
 
     TAU_SHARE, TAU_BATCHES, TAU_MIN, TAU_MAX = 1 / 8, 8, 5.0, 600.0
+    MAX_EVENTS = 2048  # past this, the older half of the batches is merged pairwise: each read stays O(2048)
 
     def __init__(self) -> None:
         self.start: float | None = None  # the first batch
@@ -109,7 +110,17 @@ class ProgressEstimator:
             self.events.append((now, done - self.seen))
             while len(self.events) > 1 and now - self.events[0][0] > self.TAU_MAX * 8:  # weigh under e^-8
                 self.start = self.events.popleft()[0]
+            if len(self.events) > self.MAX_EVENTS:  # many workers' batches: two old ones read as one longer one
+                self._merge_older_half()
         self.seen = done
+
+    def _merge_older_half(self) -> None:
+        """Merge the older half of the batches pairwise: two batches ending at t1 < t2 become one of their rows
+        ending at t2, spread over both intervals. The recent half, which weighs most, stays as it was."""
+        events = list(self.events)
+        half = len(events) // 2 // 2 * 2
+        merged = [(events[i + 1][0], events[i][1] + events[i + 1][1]) for i in range(0, half, 2)]
+        self.events = deque(merged + events[half:])
 
     def _read_at(self, now: float) -> tuple[float, float] | None:
         """(rate, time of the last batch); None until two batches are done."""

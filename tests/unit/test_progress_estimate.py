@@ -67,3 +67,19 @@ def test_the_status_line_starts_with_the_eta_and_rounds_the_percentage():
     assert Snapshot(total=71, done=32).percent == 45.1
     assert status_line(Snapshot(phase="planning rows", elapsed=3)) == "planning rows, elapsed 3s"
     assert status_line(Snapshot(phase="rendering", total=5)).startswith("ETA ?, ")
+
+
+def test_many_workers_batches_are_held_in_bounded_memory_and_read_the_same():
+    """32 workers reporting a batch every 0.2 s for an hour: the estimator holds at most MAX_EVENTS batches (each
+    read walks them all, every second), and reads the rate and ETA of one that keeps every batch within 1%."""
+    bounded, whole = ProgressEstimator(), ProgressEstimator()
+    whole.MAX_EVENTS = 10**9
+    done, now = 0, 0.0
+    for step in range(18_000):
+        now += 0.2
+        done += 8 if step < 12_000 else 4  # the speed halves two-thirds of the way
+        bounded.observe(done, now)
+        whole.observe(done, now)
+    assert len(bounded.events) <= ProgressEstimator.MAX_EVENTS < len(whole.events)
+    assert bounded.rate(now) == pytest.approx(whole.rate(now), rel=0.01)
+    assert bounded.eta(50_000, now) == pytest.approx(whole.eta(50_000, now), rel=0.01)
