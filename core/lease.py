@@ -156,17 +156,19 @@ def parse_holder(data: bytes) -> Holder:
                   flow_run=str(fields.get("flow_run", "")), **values)
 
 
-def read_holder(storage: Storage, uri: str) -> Holder | None:
-    """The holder of the lease at ``uri`` as ipaflow's own file (bounded, one GET), None when there is none;
-    a damaged one is ``DAMAGED`` (token 0)."""
+def read_holder(storage: Storage, uri: str, as_input: bool = False) -> Holder | None:
+    """The holder of the lease at ``uri``, None when there is none; a damaged one (unreadable, too large) is
+    ``DAMAGED`` (token 0), said in one WARNING. Read as ipaflow's own file (bounded, one GET: an unreachable
+    store is one outage, ``ipaflow.core.outages``), or ``as_input`` (the first look, before the run holds it)."""
     try:
-        data = storage.read_bytes(uri)
+        data = storage.read_input(uri, MAX_LEASE_BYTES) if as_input else storage.read_bytes(uri)
         if len(data) > MAX_LEASE_BYTES:
-            return DAMAGED
+            raise InputRefused(f"larger than {MAX_LEASE_BYTES} bytes")
         return parse_holder(data)
     except FileNotFoundError:
         return None
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, InputRefused) as exc:
+        log.warning("the lease %s is damaged (%s); taking it as expired", storage.redact(uri), exc)
         return DAMAGED
 
 
@@ -284,19 +286,9 @@ class OutputLease:
 
     # -- reading and writing the file -----------------------------------------------------------------------
     def _holder(self, renewing: bool = False) -> Holder | None:
-        """The lease's holder, None when there is no lease; an unreadable lease counts as an expired one.
-        ``renewing``: read as ipaflow's own file (the heartbeat), so that an unreachable store is one outage
-        said every 30 s (``ipaflow.core.outages.Outage``), not a warning per beat."""
-        try:
-            data = self.storage.read_bytes(self.uri) if renewing else self.storage.read_input(self.uri, MAX_LEASE_BYTES)
-            if len(data) > MAX_LEASE_BYTES:
-                raise InputRefused(f"larger than {MAX_LEASE_BYTES} bytes")
-            return parse_holder(data)
-        except FileNotFoundError:
-            return None
-        except (ValueError, KeyError, TypeError, InputRefused) as exc:
-            log.warning("the lease %s is damaged (%s); taking it as expired", self.storage.redact(self.uri), exc)
-            return DAMAGED
+        """The lease's holder (``read_holder``); ``renewing``: read as ipaflow's own file (the heartbeat), so
+        that an unreachable store is one outage said every 30 s, not a warning per beat."""
+        return read_holder(self.storage, self.uri, as_input=not renewing)
 
     def fence(self, storage: Storage | None = None) -> Fence:
         """This run's fence (``Fence``); ``storage`` reads the lease (default: the lease's own)."""
