@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from ipaflow.core.deadlines import timed
 from ipaflow.core.errors import UserError
-from ipaflow.core.storage import Storage
+from ipaflow.core.storage import Storage, is_local
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 GLOB_CHARACTERS = "*?["
@@ -251,7 +251,7 @@ def open_file(file: ManifestFile, storage: Storage):
     store each request is bounded. A file that changed since it was pinned raises ManifestError, at the open or
     at the read that meets the change."""
     fs, path = storage.fs(file.uri)
-    if type(fs).__name__ == "LocalFileSystem" and len(file.identity) > 1 and ":" in str(file.identity[1]):
+    if is_local(file.uri) and len(file.identity) > 1 and ":" in str(file.identity[1]):
         try:
             return io.BufferedReader(_PinnedLocal(file, path, storage.redact))
         except FileNotFoundError:
