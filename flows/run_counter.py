@@ -40,6 +40,11 @@ class ReasonGroup:
     sample: list[str] = field(default_factory=list)
 
 
+def _group_key(problem) -> tuple[str, str]:
+    """The group a problem counts in: its column and its reason with the varying parts (paths, numbers) masked."""
+    return problem.column, _VARYING.sub("…", problem.reason)
+
+
 class FailureGroups:
     """Failed rows grouped by problem: the same column and the same reason but for quoted values, paths, URIs
     and numbers ("ip_image: not found: <path>" is one group, whatever the path). Each group shows its first
@@ -51,7 +56,7 @@ class FailureGroups:
     def add(self, failed: FailedRow, redact: Callable[[str], str], label: str | None = None) -> None:
         """Count ``failed`` under each of its problems; ``label`` names it in the samples (default: its id)."""
         for problem in failed.problems:
-            key = (problem.column, _VARYING.sub("…", problem.reason))
+            key = _group_key(problem)
             group = self.groups.setdefault(key, ReasonGroup(problem.column, redact(problem.reason)))
             group.rows += 1
             group.specs.add(failed.spec or UNKNOWN_SPEC)
@@ -61,7 +66,7 @@ class FailureGroups:
     def discard(self, failed: FailedRow, label: str | None = None) -> None:
         """Take back a row ``add`` counted (a retried shard rendered it after all)."""
         for problem in failed.problems:
-            key = (problem.column, _VARYING.sub("…", problem.reason))
+            key = _group_key(problem)
             group = self.groups.get(key)
             if group is None:
                 continue
