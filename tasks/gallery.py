@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from ipaflow.core.storage import Storage, join
 from ipaflow.specs.outputs import relative_to, split_member
-from ipaflow.tasks.metadata_schema import output_fields
+from ipaflow.tasks.metadata_schema import CORE_SCHEMA, output_fields
 from ipaflow.tasks.video import is_film
 
 SAMPLES_PER_SPEC = 24
@@ -100,9 +100,7 @@ class GallerySample:
         sample = cls()
         if records:
             rows = [{c: r.get(c) for c in cls.COLUMNS} for r in records]
-            schema = pa.schema([("id", pa.string()), ("spec", pa.string()), ("status", pa.string()),
-                                ("error", pa.string()), ("outputs", pa.list_(pa.string())), ("params", pa.string()),
-                                ("ip_similarities", pa.list_(pa.list_(pa.float64())))])
+            schema = pa.schema([CORE_SCHEMA.field(name) for name in cls.COLUMNS])  # the records' own types
             sample.add(pa.Table.from_pylist(rows, schema=schema))
         return sample
 
