@@ -27,6 +27,7 @@ from ipaflow.core.errors import UserError
 OPERATORS = {"<": pc.less, "<=": pc.less_equal, ">": pc.greater, ">=": pc.greater_equal, "==": pc.equal,
              "!=": pc.not_equal}
 MAX_FILTER = 4096  # characters
+MAX_DEPTH = 32  # nested parentheses (the parser recurses per level)
 _TOKEN = re.compile(r"""
     (?P<space>\s+)
   | (?P<number>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)
@@ -94,7 +95,7 @@ def _literal(token: Token) -> object:
 
 class _Parser:
     def __init__(self, tokens: list[Token]):
-        self.tokens, self.position = tokens, 0
+        self.tokens, self.position, self.depth = tokens, 0, 0
 
     def peek(self) -> Token:
         return self.tokens[self.position]
@@ -117,7 +118,11 @@ class _Parser:
     def comparison(self) -> object:
         token = self.take()
         if token.kind == "paren" and token.text == "(":
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise FilterError(f"--where: more than {MAX_DEPTH} nested parentheses at character {token.at}")
             inner = self.either()
+            self.depth -= 1
             closing = self.take()
             if closing.text != ")":
                 raise FilterError(f"--where: expected ')' at character {closing.at}, got {closing.text or 'the end'!r}")

@@ -60,6 +60,7 @@ def test_filters_keep_the_matching_records(text, ids):
     ("seed == 'one'", "seed holds a number; 'one' cannot be compared with it"),
     ("status > 2", "status holds text; 2 cannot be compared with it"),
     ("finished_at > 'yesterday'", "finished_at holds times; 'yesterday' is not an ISO time"),
+    ("(" * 1500 + "seed == 1" + ")" * 1500, "more than 32 nested parentheses at character 33"),
 ])
 def test_a_bad_filter_is_one_clear_error(text, said):
     with pytest.raises(FilterError) as caught:
